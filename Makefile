@@ -1,0 +1,41 @@
+# sam-backend: `make up` starts the product, `make test` runs every test. Each installs what it needs.
+PYTHON ?= python3
+VENV := .venv
+LS_VENV := .venv-ls
+BIN := $(VENV)/bin
+LS_VERSION := 1.23.2
+
+.PHONY: up serve test lint unit bench clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+$(LS_VENV)/bin/.installed:
+	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LS_VENV)/bin/python -m pip install -q 'label-studio==$(LS_VERSION)'
+	touch $@
+
+up: $(BIN)/.installed $(LS_VENV)/bin/.installed
+	LABEL_STUDIO_BIN=$(LS_VENV)/bin/label-studio $(BIN)/sam-backend up
+
+serve: $(BIN)/.installed
+	$(BIN)/sam-backend serve
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check sam_backend tests benchmarks
+
+unit: $(BIN)/.installed
+	$(BIN)/pytest -q -m "not integration"
+
+test: $(BIN)/.installed $(LS_VENV)/bin/.installed lint
+	LABEL_STUDIO_BIN=$(CURDIR)/$(LS_VENV)/bin/label-studio $(BIN)/pytest -q -ra
+
+bench: $(BIN)/.installed
+	$(BIN)/sam-backend -v bench --random-weights
+
+clean:
+	rm -rf $(VENV) $(LS_VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,163 @@
+"""Settings read once from the environment.
+
+`Settings.from_env()` validates every value and raises `ConfigError` naming the variable, what
+was expected and what arrived, so a bad deployment fails at start rather than on the first click.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ENGINES = ("sam", "grabcut")
+MODEL_TYPES = ("vit_b", "vit_l", "vit_h")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+class ConfigError(ValueError):
+    """A setting has a value the backend cannot use."""
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    """Mask clean-up parameters; areas in pixels of the original image."""
+
+    enabled: bool = True
+    box_margin_px: int = 8
+    max_hole_px: int = 256
+    min_island_px: int = 256
+    keep_clicked: bool = True
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the backend reads from its environment (see README for the table)."""
+
+    engine: str = "sam"
+    model_type: str = "vit_b"
+    checkpoint_dir: Path = Path("checkpoints")
+    checkpoint: Path | None = None
+    checkpoint_sha256: str | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    cache_mb: int = 1024
+    refine: RefineSettings = field(default_factory=RefineSettings)
+    label_studio_url: str | None = None
+    label_studio_api_key: str | None = field(default=None, repr=False)
+    basic_auth_user: str | None = None
+    basic_auth_pass: str | None = field(default=None, repr=False)
+    metadata_db: Path = Path("annotations.db")
+    local_files_root: Path | None = None
+    allowed_hosts: tuple[str, ...] = ()
+    max_image_bytes: int = 50 * 1024 * 1024
+    max_image_pixels: int = 50_000_000
+    fetch_timeout_s: float = 20.0
+    precompute_queue: int = 16
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """The checkpoint to load: `SAM_CHECKPOINT`, else the official file name in the checkpoint dir."""
+        if self.checkpoint is not None:
+            return self.checkpoint
+        from sam_backend.download import CHECKPOINTS
+
+        return self.checkpoint_dir / CHECKPOINTS[self.model_type].filename
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate settings; `env` defaults to `os.environ`."""
+        env = os.environ if env is None else env
+        r = _Reader(env)
+        refine = RefineSettings(
+            enabled=r.boolean("SAM_REFINE", True),
+            box_margin_px=r.integer("SAM_BOX_MARGIN_PX", 8, minimum=0),
+            max_hole_px=r.integer("SAM_FILL_HOLES_PX", 256, minimum=0),
+            min_island_px=r.integer("SAM_MIN_ISLAND_PX", 256, minimum=0),
+            keep_clicked=r.boolean("SAM_KEEP_CLICKED", True),
+        )
+        checkpoint = r.text("SAM_CHECKPOINT")
+        digest = r.text("SAM_CHECKPOINT_SHA256")
+        if digest is not None and (len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower())):
+            raise ConfigError(f"SAM_CHECKPOINT_SHA256: expected 64 hex digits, got {digest!r}")
+        url = r.text("LABEL_STUDIO_URL")
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ConfigError(f"LABEL_STUDIO_URL: expected an http(s) URL, got {url!r}")
+        root = r.text("LOCAL_FILES_DOCUMENT_ROOT")
+        hosts = tuple(h.strip().lower() for h in (r.text("SAM_ALLOWED_HOSTS") or "").split(",") if h.strip())
+        return cls(
+            engine=r.choice("SAM_ENGINE", "sam", ENGINES),
+            model_type=r.choice("SAM_MODEL_TYPE", "vit_b", MODEL_TYPES),
+            checkpoint_dir=Path(r.text("SAM_CHECKPOINT_DIR") or "checkpoints"),
+            checkpoint=Path(checkpoint) if checkpoint else None,
+            checkpoint_sha256=digest.lower() if digest else None,
+            device=r.choice("SAM_DEVICE", "auto", DEVICES),
+            precision=r.choice("SAM_PRECISION", "auto", PRECISIONS),
+            cache_mb=r.integer("SAM_CACHE_MB", 1024, minimum=0),
+            refine=refine,
+            label_studio_url=url.rstrip("/") if url else None,
+            label_studio_api_key=r.text("LABEL_STUDIO_API_KEY"),
+            basic_auth_user=r.text("BASIC_AUTH_USER"),
+            basic_auth_pass=r.text("BASIC_AUTH_PASS"),
+            metadata_db=Path(r.text("SAM_METADATA_DB") or "annotations.db"),
+            local_files_root=Path(root).resolve() if root else None,
+            allowed_hosts=hosts,
+            max_image_bytes=r.integer("SAM_MAX_IMAGE_MB", 50, minimum=1) * 1024 * 1024,
+            max_image_pixels=r.integer("SAM_MAX_IMAGE_PIXELS", 50_000_000, minimum=1),
+            fetch_timeout_s=r.number("SAM_FETCH_TIMEOUT_S", 20.0, minimum=0.1),
+            precompute_queue=r.integer("SAM_PRECOMPUTE_QUEUE", 16, minimum=0),
+        )
+
+
+class _Reader:
+    """Typed access to an environment mapping with errors that name the variable."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def text(self, name: str) -> str | None:
+        value = self.env.get(name)
+        return value.strip() if value is not None and value.strip() else None
+
+    def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
+        value = (self.text(name) or default).lower()
+        if value not in options:
+            raise ConfigError(f"{name}: expected one of {', '.join(options)}, got {value!r}")
+        return value
+
+    def integer(self, name: str, default: int, minimum: int | None = None) -> int:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}: expected an integer, got {raw!r}") from None
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"{name}: expected an integer >= {minimum}, got {value}")
+        return value
+
+    def number(self, name: str, default: float, minimum: float | None = None) -> float:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+        if value != value or (minimum is not None and value < minimum):
+            raise ConfigError(f"{name}: expected a number >= {minimum}, got {raw!r}")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        low = raw.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}: expected true/false (1/0, yes/no, on/off), got {raw!r}")

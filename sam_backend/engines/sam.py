@@ -1,0 +1,361 @@
+"""Segment Anything engine (segment-anything's ViT-B/L/H models).
+
+The architecture is read off the checkpoint's tensor shapes (embed dim, depth, heads, global
+attention blocks, image size), so the official ViT-B/L/H files and smaller SAM-shaped checkpoints
+load through one path: `torch.load(weights_only=True)` then a strict `load_state_dict`.
+
+`embed` runs the image encoder once per image (bf16 autocast where the hardware runs bf16
+natively, see `resolve_precision`); `predict` runs the prompt encoder and mask decoder on the
+cached features, which costs tens of milliseconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from segment_anything import SamPredictor, sam_model_registry
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+from sam_backend.engines import Embedding, EngineError, MaskPrediction
+
+if TYPE_CHECKING:
+    from sam_backend.config import Settings
+    from sam_backend.prompts import ObjectPrompt
+
+log = logging.getLogger(__name__)
+
+# (encoder embed dim, depth) of the official checkpoints.
+OFFICIAL_SHAPES = {(768, 12): "vit_b", (1024, 24): "vit_l", (1280, 32): "vit_h"}
+
+
+@dataclass(frozen=True)
+class SamArchitecture:
+    """Hyper-parameters of a SAM model, as `segment_anything.build_sam` spells them."""
+
+    img_size: int
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+    global_attn_indexes: tuple[int, ...]
+    window_size: int
+    prompt_dim: int
+    mask_in_chans: int
+    decoder_depth: int
+    decoder_mlp_dim: int
+    decoder_heads: int
+    iou_head_depth: int
+    iou_head_hidden_dim: int
+    num_multimask_outputs: int
+
+    @property
+    def name(self) -> str:
+        """`vit_b`, `vit_l`, `vit_h`, or `custom-<dim>x<depth>@<img_size>`."""
+        official = OFFICIAL_SHAPES.get((self.embed_dim, self.depth))
+        if official and self.img_size == 1024:
+            return official
+        return f"custom-{self.embed_dim}x{self.depth}@{self.img_size}"
+
+    def build(self) -> Sam:
+        """A SAM with random weights and this architecture, in eval mode."""
+        grid = self.img_size // self.patch_size
+        sam = Sam(
+            image_encoder=ImageEncoderViT(
+                img_size=self.img_size,
+                patch_size=self.patch_size,
+                embed_dim=self.embed_dim,
+                depth=self.depth,
+                num_heads=self.num_heads,
+                mlp_ratio=self.mlp_ratio,
+                out_chans=self.prompt_dim,
+                qkv_bias=True,
+                norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                use_rel_pos=True,
+                window_size=self.window_size,
+                global_attn_indexes=self.global_attn_indexes,
+            ),
+            prompt_encoder=PromptEncoder(
+                embed_dim=self.prompt_dim,
+                image_embedding_size=(grid, grid),
+                input_image_size=(self.img_size, self.img_size),
+                mask_in_chans=self.mask_in_chans,
+            ),
+            mask_decoder=MaskDecoder(
+                num_multimask_outputs=self.num_multimask_outputs,
+                transformer=TwoWayTransformer(
+                    depth=self.decoder_depth,
+                    embedding_dim=self.prompt_dim,
+                    mlp_dim=self.decoder_mlp_dim,
+                    num_heads=self.decoder_heads,
+                ),
+                transformer_dim=self.prompt_dim,
+                iou_head_depth=self.iou_head_depth,
+                iou_head_hidden_dim=self.iou_head_hidden_dim,
+            ),
+            pixel_mean=[123.675, 116.28, 103.53],
+            pixel_std=[58.395, 57.12, 57.375],
+        )
+        return sam.eval()
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> SamArchitecture:
+        """Read the architecture off a SAM state dict's tensor shapes."""
+        try:
+            pos = state["image_encoder.pos_embed"]  # (1, grid, grid, embed_dim)
+            patch = state["image_encoder.patch_embed.proj.weight"].shape[-1]
+            grid, embed_dim = pos.shape[1], pos.shape[3]
+            depth = 1 + max(_indices(state, r"image_encoder\.blocks\.(\d+)\."))
+            head_dim = state["image_encoder.blocks.0.attn.rel_pos_h"].shape[1]
+            rel = [state[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape[0] for i in range(depth)]
+            global_idx = tuple(i for i, n in enumerate(rel) if n == 2 * grid - 1)
+            windowed = [n for n in rel if n != 2 * grid - 1]
+            mlp_hidden = state["image_encoder.blocks.0.mlp.lin1.weight"].shape[0]
+            prompt_dim = state["image_encoder.neck.0.weight"].shape[0]
+            mask_in = state["prompt_encoder.mask_downscaling.3.weight"].shape[0]
+            dec_depth = 1 + max(_indices(state, r"mask_decoder\.transformer\.layers\.(\d+)\."))
+            dec_mlp = state["mask_decoder.transformer.layers.0.mlp.lin1.weight"].shape[0]
+            iou_depth = 1 + max(_indices(state, r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\."))
+            iou_hidden = state["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0]
+            mask_tokens = state["mask_decoder.mask_tokens.weight"].shape[0]
+        except (KeyError, IndexError, ValueError) as exc:
+            raise EngineError(f"not a SAM checkpoint: expected segment-anything tensor names, missing {exc}") from None
+        return cls(
+            img_size=int(grid * patch),
+            patch_size=int(patch),
+            embed_dim=int(embed_dim),
+            depth=int(depth),
+            num_heads=int(embed_dim // head_dim),
+            mlp_ratio=mlp_hidden / embed_dim,
+            global_attn_indexes=global_idx,
+            window_size=(windowed[0] + 1) // 2 if windowed else 14,
+            prompt_dim=int(prompt_dim),
+            mask_in_chans=int(mask_in),
+            decoder_depth=int(dec_depth),
+            decoder_mlp_dim=int(dec_mlp),
+            decoder_heads=8,  # not visible in tensor shapes; every published SAM uses 8
+            iou_head_depth=int(iou_depth),
+            iou_head_hidden_dim=int(iou_hidden),
+            num_multimask_outputs=int(mask_tokens - 1),
+        )
+
+
+def _indices(state: dict[str, torch.Tensor], pattern: str) -> set[int]:
+    rx = re.compile(pattern)
+    found = {int(m.group(1)) for k in state if (m := rx.match(k))}
+    if not found:
+        raise KeyError(pattern)
+    return found
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` → cuda, then mps, then cpu; a named device must be available."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EngineError("SAM_DEVICE=cuda but torch sees no CUDA device; use SAM_DEVICE=auto or cpu")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise EngineError("SAM_DEVICE=mps but MPS is not available; use SAM_DEVICE=auto or cpu")
+    return torch.device(device)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU has AVX-512 BF16 or AMX instructions (bf16 matmul at full speed)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` → `bf16` on a GPU with bf16 or a CPU with native bf16, else `fp32`."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "fp32"
+
+
+@dataclass(frozen=True)
+class _SamImage:
+    features: torch.Tensor  # (1, prompt_dim, grid, grid) float32 on the model's device
+    original_size: tuple[int, int]  # (H, W)
+    input_size: tuple[int, int]  # (h, w) after resizing the longest side to img_size
+
+
+class SamEngine:
+    """Segment Anything behind the `Engine` protocol; safe to share across threads."""
+
+    def __init__(self, model: Sam, *, device: torch.device, precision: str, weights_id: str) -> None:
+        self.model = model.to(device).eval()
+        self.device = device
+        self.precision = precision
+        self.architecture_name = weights_id.split("/")[0]
+        self.engine_id = f"sam/{weights_id}/{precision}"
+        self._encode_lock = threading.Lock()  # one encode at a time bounds peak memory
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SamEngine:
+        """Load the configured checkpoint, verifying its SHA-256 where a digest is known."""
+        from sam_backend.download import CHECKPOINTS
+
+        path = settings.checkpoint_path
+        expected = settings.checkpoint_sha256
+        official = CHECKPOINTS[settings.model_type]
+        if expected is None and path.name == official.filename:
+            expected = official.sha256
+        return cls.from_checkpoint(
+            path, model_type=settings.model_type if settings.checkpoint is None else None,
+            device=settings.device, precision=settings.precision, expected_sha256=expected,
+        )
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: Path,
+        *,
+        model_type: str | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+        expected_sha256: str | None = None,
+    ) -> SamEngine:
+        """Load weights with `torch.load(weights_only=True)`; the architecture comes from the tensors."""
+        from sam_backend.download import verify_checkpoint
+
+        path = Path(path)
+        if not path.is_file():
+            hint = f"sam-backend download {model_type or 'vit_b'}"
+            raise EngineError(
+                f"SAM checkpoint not found at {path}. Run `{hint}` to fetch and verify it, "
+                "or set SAM_ENGINE=grabcut to label without weights."
+            )
+        digest = verify_checkpoint(path, expected_sha256) if expected_sha256 else None
+        if digest is None:
+            log.warning("no known SHA-256 for %s: loading it unverified", path)
+        state = _load_state_dict(path)
+        if not isinstance(state, dict):
+            raise EngineError(f"refused to load {path}: expected a state dict, got {type(state).__name__}")
+        arch = SamArchitecture.from_state_dict(state)
+        if model_type is not None and arch.name != model_type:
+            raise EngineError(f"{path} holds a {arch.name} model but SAM_MODEL_TYPE={model_type}")
+        model = arch.build()
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise EngineError(f"{path} does not fit a {arch.name} SAM: {str(exc).splitlines()[0]}") from None
+        dev = resolve_device(device)
+        weights_id = f"{arch.name}/{(digest or _path_id(path))[:12]}"
+        log.info("loaded SAM %s from %s on %s", arch.name, path, dev)
+        return cls(model, device=dev, precision=resolve_precision(precision, dev), weights_id=weights_id)
+
+    @classmethod
+    def random(cls, model_type: str = "vit_b", *, device: str = "auto", precision: str = "auto",
+               seed: int = 0) -> SamEngine:
+        """An official architecture with seeded random weights (for timing; its masks mean nothing)."""
+        torch.manual_seed(seed)
+        model = sam_model_registry[model_type](checkpoint=None)
+        dev = resolve_device(device)
+        return cls(model, device=dev, precision=resolve_precision(precision, dev),
+                   weights_id=f"{model_type}/random{seed}")
+
+    def with_precision(self, precision: str) -> SamEngine:
+        """The same weights with another encoder precision (`fp32` or `bf16`)."""
+        other = SamEngine.__new__(SamEngine)
+        other.__dict__.update(self.__dict__)
+        other.precision = resolve_precision(precision, self.device)
+        other.engine_id = self.engine_id.rsplit("/", 1)[0] + "/" + other.precision
+        return other
+
+    # -- Engine protocol ----------------------------------------------------------------------
+    def embed(self, image: np.ndarray) -> Embedding:
+        """Run the image encoder on an `(H, W, 3) uint8 RGB` image; features stay on the device."""
+        _check_image(image)
+        predictor = SamPredictor(self.model)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        with self._encode_lock, torch.inference_mode(), autocast:
+            predictor.set_image(image, image_format="RGB")
+        features = predictor.features.float()
+        data = _SamImage(features, tuple(predictor.original_size), tuple(predictor.input_size))
+        return Embedding(self.engine_id, (image.shape[0], image.shape[1]), data,
+                         features.numel() * features.element_size())
+
+    def predict(
+        self, embedding: Embedding, prompt: ObjectPrompt, prev_logits: np.ndarray | None = None
+    ) -> MaskPrediction:
+        """Masks for one object. A lone first click asks for 3 candidates (ambiguity); later
+        clicks ask for one, seeded with the previous low-res logits `(256, 256)` (4 × the embedding grid)."""
+        if embedding.engine_id != self.engine_id:
+            raise EngineError(f"embedding from {embedding.engine_id} given to {self.engine_id}")
+        data: _SamImage = embedding.data
+        predictor = SamPredictor(self.model)
+        predictor.features = data.features
+        predictor.original_size = data.original_size
+        predictor.input_size = data.input_size
+        predictor.is_image_set = True
+        has_points = len(prompt.points) > 0
+        multimask = prev_logits is None and prompt.box is None and len(prompt.points) == 1
+        mask_input = None
+        if prev_logits is not None:
+            mask_input = np.asarray(prev_logits, dtype=np.float32)
+            expected = tuple(4 * s for s in self.model.prompt_encoder.image_embedding_size)
+            if mask_input.shape[-2:] != expected:
+                raise EngineError(f"prev_logits: expected {expected}, got {mask_input.shape}")
+            mask_input = mask_input.reshape(1, *expected)
+        with torch.inference_mode():
+            masks, scores, logits = predictor.predict(
+                point_coords=prompt.points if has_points else None,
+                point_labels=prompt.labels if has_points else None,
+                box=prompt.box,
+                mask_input=mask_input,
+                multimask_output=multimask,
+            )
+        return MaskPrediction(masks.astype(bool), scores.astype(np.float32), logits.astype(np.float32))
+
+
+def _load_state_dict(path: Path) -> object:
+    """`torch.load(weights_only=True)`, memory-mapped where the file format allows it."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unpickling failure means the file is refused
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise EngineError(
+            f"refused to load {path}: expected a plain tensor checkpoint "
+            f"({exc.__class__.__name__}: {first})"
+        ) from None
+
+
+def _check_image(image: np.ndarray) -> None:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise EngineError(f"image: expected (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
+
+
+def _path_id(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()

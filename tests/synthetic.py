@@ -1,0 +1,45 @@
+"""Tiny synthetic scenes with known masks, for quality tests of engines, refinement and export."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def textured_background(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """`(H, W, 3) uint8 RGB`: greyish blotches plus per-pixel noise."""
+    rng = np.random.default_rng(seed)
+    low = rng.integers(70, 150, size=(max(2, h // 16), max(2, w // 16), 3)).astype(np.uint8)
+    base = cv2.resize(low, (w, h), interpolation=cv2.INTER_CUBIC).astype(np.int16)
+    noise = rng.normal(0, 12, size=(h, w, 3))
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def disc_scene(h: int = 240, w: int = 320, seed: int = 0) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
+    """A saturated orange disc on texture; returns image, `(H, W) bool` mask, `(cx, cy, r)`."""
+    image = textured_background(h, w, seed)
+    cx, cy, r = int(w * 0.45), int(h * 0.55), int(min(h, w) * 0.22)
+    mask = np.zeros((h, w), np.uint8)
+    cv2.circle(mask, (cx, cy), r, 1, -1)
+    rng = np.random.default_rng(seed + 1)
+    colour = np.clip(np.array([230, 120, 30]) + rng.normal(0, 10, size=(h, w, 3)), 0, 255).astype(np.uint8)
+    image[mask > 0] = colour[mask > 0]
+    return image, mask.astype(bool), (cx, cy, r)
+
+
+def rect_scene(h: int = 240, w: int = 320, seed: int = 2) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
+    """A blue rectangle on texture; returns image, mask, and its `XYXY` box in pixels."""
+    image = textured_background(h, w, seed)
+    x1, y1, x2, y2 = int(w * 0.3), int(h * 0.25), int(w * 0.7), int(h * 0.7)
+    mask = np.zeros((h, w), bool)
+    mask[y1:y2, x1:x2] = True
+    rng = np.random.default_rng(seed + 1)
+    colour = np.clip(np.array([40, 70, 220]) + rng.normal(0, 10, size=(h, w, 3)), 0, 255).astype(np.uint8)
+    image[mask] = colour[mask]
+    return image, mask, (x1, y1, x2, y2)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two bool masks (1.0 for two empty masks)."""
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
