@@ -1,5 +1,8 @@
 """Embedding cache: an LRU bounded in bytes, thread-safe, single-flight.
 
+The same class also bounds the backend's smaller memories (low-res logits per object, image
+digests per URL) with another `size_of`.
+
 Keys are `(engine_id, sha256 of the image bytes)`. However many threads ask for one key at
 once, one of them computes and the others wait for its result; a failure is handed to every
 waiter and nothing is stored, so the next request tries again.
@@ -84,6 +87,13 @@ class EmbeddingCache(Generic[V]):
             self._data.move_to_end(key)
             self._hits += 1
             return self._data[key][0]
+
+    def put(self, key: Hashable, value: V) -> None:
+        """Store `value` under `key` (replacing an older one), evicting as needed."""
+        with self._lock:
+            if key in self._data:
+                self._bytes -= self._data.pop(key)[1]
+            self._store(key, value)
 
     def __contains__(self, key: Hashable) -> bool:
         with self._lock:

@@ -82,3 +82,33 @@ def bench(as_json: bool, model_type: str | None, random_weights: bool, repeats: 
     else:
         for key, value in result.items():
             click.echo(f"{key:>22}  {value}")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 in a container).")
+@click.option("--port", default=9090, show_default=True)
+@click.option("--workers", default=1, show_default=True, help="Processes; each holds its own model and cache.")
+@click.option("--threads", default=8, show_default=True, help="Threads per process (health answers while encoding).")
+def serve(host: str, port: int, workers: int, threads: int) -> None:
+    """Serve the ML backend with gunicorn (threads)."""
+    from gunicorn.app.base import BaseApplication
+
+    from sam_backend.server import create_app, install_redaction
+
+    settings = _settings()
+    logging.getLogger().setLevel(logging.INFO)
+    install_redaction(settings)
+
+    class _App(BaseApplication):
+        def load_config(self) -> None:
+            for key, value in {"bind": f"{host}:{port}", "workers": workers, "threads": threads,
+                               "worker_class": "gthread", "timeout": 300, "graceful_timeout": 10,
+                               "accesslog": None, "loglevel": "info"}.items():
+                self.cfg.set(key, value)
+
+        def load(self):  # noqa: ANN202 - gunicorn's signature
+            install_redaction(settings)
+            return create_app(settings)
+
+    click.echo(f"sam-backend {settings.engine} listening on http://{host}:{port}", err=True)
+    _App().run()

@@ -42,13 +42,11 @@ def fill_holes(mask: np.ndarray, max_hole_px: int) -> np.ndarray:
         return mask.copy()
     n, labels, stats = _components(~mask, 4)
     h, w = mask.shape
-    out = mask.copy()
-    for i in range(1, n):
-        x, y, bw, bh, area = stats[i]
-        touches_border = x == 0 or y == 0 or x + bw == w or y + bh == h
-        if not touches_border and area < max_hole_px:
-            out[labels == i] = True
-    return out
+    x, y, bw, bh, area = (stats[:, i] for i in range(5))
+    touches_border = (x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)
+    fill = ~touches_border & (area < max_hole_px)
+    fill[0] = False  # label 0 is the mask itself
+    return mask | fill[labels]
 
 
 def _clicked_labels(labels: np.ndarray, points: np.ndarray | None) -> set[int]:
