@@ -10,6 +10,7 @@ the image's embedding on a background worker, so the first click finds it cached
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import secrets
@@ -130,10 +131,8 @@ class EngineHolder:
         threading.Thread(target=self._try_get, name="engine-load", daemon=True).start()
 
     def _try_get(self) -> None:
-        try:
+        with contextlib.suppress(EngineError):
             self.get()
-        except EngineError:
-            pass
 
     @property
     def ready(self) -> bool:

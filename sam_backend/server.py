@@ -58,8 +58,13 @@ def install_redaction(settings: Settings) -> None:
         handler.addFilter(flt)
 
 
-def _error(message: str, status: int) -> tuple[Response, int]:
-    return jsonify({"errors": [message], "status": status}), status
+def _error(message: str, status: int) -> Response:
+    """`{"errors": [message]}` with the message also as the HTTP reason phrase: Label Studio drops the
+    body of a non-200 answer and shows only `str(HTTPError)`, which carries the reason phrase."""
+    resp = jsonify({"errors": [message], "status": status})
+    reason = "".join(c if 32 <= ord(c) < 127 else "?" for c in message)[:400]
+    resp.status = f"{status} {reason}"
+    return resp
 
 
 def create_app(settings: Settings | None = None, backend: SamBackend | None = None,
@@ -96,9 +101,9 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
             except (ValueError, UnicodeDecodeError):
                 ok = False
         if not ok:
-            resp, status = _error("authentication required: this backend expects HTTP Basic credentials", 401)
+            resp = _error("authentication required: this backend expects HTTP Basic credentials", 401)
             resp.headers["WWW-Authenticate"] = 'Basic realm="sam-backend"'
-            return resp, status
+            return resp
         return None
 
     @app.after_request
@@ -149,25 +154,25 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
 
     @app.errorhandler(RequestError)
     @app.errorhandler(ImageError)
-    def _known(exc: RequestError | ImageError) -> tuple[Response, int]:
+    def _known(exc: RequestError | ImageError) -> Response:
         log.warning("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
         return _error(exc.message, exc.status)
 
     @app.errorhandler(PromptError)
-    def _prompt(exc: PromptError) -> tuple[Response, int]:
+    def _prompt(exc: PromptError) -> Response:
         log.warning("bad prompt: %s", exc)
         return _error(f"prompt: {exc}", 422)
 
     @app.errorhandler(EngineError)
-    def _engine(exc: EngineError) -> tuple[Response, int]:
+    def _engine(exc: EngineError) -> Response:
         return _error(str(exc), 503)
 
     @app.errorhandler(HTTPException)
-    def _http(exc: HTTPException) -> tuple[Response, int]:
+    def _http(exc: HTTPException) -> Response:
         return _error(f"{exc.code} {exc.name}: {exc.description}", exc.code or 500)
 
     @app.errorhandler(Exception)
-    def _unexpected(exc: Exception) -> tuple[Response, int]:
+    def _unexpected(exc: Exception) -> Response:
         error_id = uuid.uuid4().hex[:12]
         log.exception("unexpected error %s on %s %s", error_id, request.method, request.path)
         return _error(f"internal error {error_id}: the request failed; the backend log has the details", 500)

@@ -1,0 +1,148 @@
+"""The real Label Studio server for integration tests: start, log in, personal access token, REST helpers.
+
+Started as a subprocess on 127.0.0.1 with a temporary data dir, `ML_BLOCK_LOCAL_IP=false` and
+`SSRF_PROTECTION_ENABLED=false` (the backend runs on loopback). Legacy API tokens stay disabled,
+as in a fresh 1.23 install; every API call here uses a personal access token.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import requests
+
+from sam_backend.images import LabelStudioAuth
+
+ADMIN_EMAIL = "admin@example.com"
+ADMIN_PASSWORD = "integration-Passw0rd"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def label_studio_bin() -> str | None:
+    """`LABEL_STUDIO_BIN`, else `.venv-ls/bin/label-studio` beside the repo, else PATH."""
+    env = os.environ.get("LABEL_STUDIO_BIN")
+    if env and Path(env).exists():
+        return env
+    local = Path(__file__).resolve().parents[1] / ".venv-ls" / "bin" / "label-studio"
+    if local.exists():
+        return str(local)
+    return shutil.which("label-studio")
+
+
+class LabelStudio:
+    """A running Label Studio and an authenticated API session."""
+
+    def __init__(self, data_dir: Path, port: int | None = None, log_path: Path | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path or data_dir / "label-studio.log"
+        self.proc: subprocess.Popen | None = None
+        self.pat: str | None = None
+        self.api = requests.Session()
+
+    def start(self, timeout_s: float = 240.0) -> LabelStudio:
+        binary = label_studio_bin()
+        if binary is None:
+            raise RuntimeError("label-studio is not installed: run `make test` (it installs it into .venv-ls)")
+        env = dict(os.environ, LABEL_STUDIO_BASE_DATA_DIR=str(self.data_dir), ML_BLOCK_LOCAL_IP="false",
+                   SSRF_PROTECTION_ENABLED="false", LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK="true",
+                   SENTRY_DSN="", FRONTEND_SENTRY_DSN="", COLLECT_ANALYTICS="false")
+        log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the process's life
+        self.proc = subprocess.Popen(
+            [binary, "start", "--no-browser", "--internal-host", "127.0.0.1", "--host", self.url,
+             "--port", str(self.port), "--data-dir", str(self.data_dir), "--username", ADMIN_EMAIL,
+             "--password", ADMIN_PASSWORD],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Label Studio exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        else:
+            raise RuntimeError(f"Label Studio did not answer /health in {timeout_s:.0f} s; see {self.log_path}")
+        self.pat = self.create_personal_access_token()
+        auth = LabelStudioAuth(self.pat, requests.Session(), 10.0)
+        self.api.auth = lambda r: (r.headers.update(auth.header(self.url)), r)[1]
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def login(self) -> requests.Session:
+        """A browser-like session (cookies + CSRF) logged in as the admin."""
+        s = requests.Session()
+        s.get(self.url + "/user/login/", timeout=10)
+        r = s.post(self.url + "/user/login/", data={"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD,
+                                                     "csrfmiddlewaretoken": s.cookies.get("csrftoken")},
+                   headers={"Referer": self.url + "/user/login/"}, allow_redirects=False, timeout=10)
+        if r.status_code != 302:
+            raise RuntimeError(f"login failed: HTTP {r.status_code}")
+        return s
+
+    def create_personal_access_token(self) -> str:
+        s = self.login()
+        headers = {"X-CSRFToken": s.cookies.get("csrftoken"), "Referer": self.url}
+        r = s.post(self.url + "/api/token/", headers=headers, timeout=10)
+        if r.status_code == 201:
+            return r.json()["token"]
+        raise RuntimeError(f"could not create a personal access token: HTTP {r.status_code} {r.text[:200]}")
+
+    def legacy_token(self) -> str:
+        r = self.api.get(self.url + "/api/current-user/token", timeout=10)
+        r.raise_for_status()
+        return r.json()["token"]
+
+    # -- REST helpers -------------------------------------------------------------------------
+    def call(self, method: str, path: str, **kwargs) -> requests.Response:
+        r = self.api.request(method, self.url + path, timeout=kwargs.pop("timeout", 120), **kwargs)
+        if r.status_code >= 400:
+            raise RuntimeError(f"{method} {path}: HTTP {r.status_code} {r.text[:300]}")
+        return r
+
+    def create_project(self, title: str, label_config: str) -> int:
+        return self.call("POST", "/api/projects/", json={"title": title, "label_config": label_config}).json()["id"]
+
+    def upload(self, project: int, files: dict[str, bytes]) -> list[int]:
+        """Upload image files; returns the new task ids in upload order."""
+        before = {t["id"] for t in self.tasks(project)}
+        multipart = [("file", (name, data, "application/octet-stream")) for name, data in files.items()]
+        self.call("POST", f"/api/projects/{project}/import", files=multipart)
+        return sorted(t["id"] for t in self.tasks(project) if t["id"] not in before)
+
+    def tasks(self, project: int) -> list[dict]:
+        r = self.call("GET", "/api/tasks/", params={"project": project, "page_size": 1000})
+        data = r.json()
+        return data["tasks"] if isinstance(data, dict) else data
+
+    def task(self, task_id: int) -> dict:
+        return self.call("GET", f"/api/tasks/{task_id}/").json()
+
+    def add_ml_backend(self, project: int, url: str, interactive: bool = True, **extra) -> int:
+        body = {"url": url, "project": project, "is_interactive": interactive, "title": "sam-backend", **extra}
+        return self.call("POST", "/api/ml/", json=body).json()["id"]
+
+    def interactive(self, ml_id: int, task_id: int, result: list[dict]) -> dict:
+        return self.call("POST", f"/api/ml/{ml_id}/interactive-annotating",
+                         json={"task": task_id, "context": {"result": result}}).json()

@@ -1,0 +1,255 @@
+"""End to end through the real Label Studio 1.23.2: projects from label_config/, uploaded images,
+the backend registered as interactive, and `POST /api/ml/{id}/interactive-annotating`.
+
+Label Studio runs as a subprocess (tests/labelstudio.py); the backend runs in this process on a
+werkzeug server thread on 127.0.0.1, so a "restart" is a new app and a new backend on the same port.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import cv2
+import numpy as np
+import pytest
+import requests
+from conftest import ROOT
+from label_studio_sdk.converter.brush import decode_rle
+from labelstudio import LabelStudio, free_port
+from PIL import Image
+from synthetic import iou, textured_background
+from werkzeug.serving import make_server
+
+from sam_backend.config import Settings
+from sam_backend.engines.grabcut import GrabCutEngine
+from sam_backend.model import SamBackend
+from sam_backend.server import create_app
+from sam_backend.store import AsyncRecorder, Store
+
+pytestmark = pytest.mark.integration
+
+W, H = 640, 480
+CENTER, RADIUS = (250, 200), 80
+
+
+def scene() -> tuple[np.ndarray, np.ndarray]:
+    image = textured_background(H, W, seed=5)
+    mask = np.zeros((H, W), np.uint8)
+    cv2.circle(mask, CENTER, RADIUS, 1, -1)
+    image[mask > 0] = (230, 120, 30)
+    return image, mask.astype(bool)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def exif_rotated_jpeg(image: np.ndarray) -> bytes:
+    """Pixels stored rotated 90° counter-clockwise with EXIF orientation 6 (display: rotate 90° clockwise)."""
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(image, 1)))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", quality=95, exif=exif)
+    return buf.getvalue()
+
+
+class BackendThread:
+    """The real Flask app on a real socket; `restart()` builds a fresh backend (no /setup call)."""
+
+    def __init__(self, settings: Settings, engine_factory) -> None:
+        self.settings = settings
+        self.engine_factory = engine_factory
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = None
+
+    def start(self) -> BackendThread:
+        self.recorder = AsyncRecorder(Store(self.settings.metadata_db))
+        self.backend = SamBackend(self.settings, engine_factory=self.engine_factory, recorder=self.recorder)
+        app = create_app(self.settings, backend=self.backend)
+        self.server = make_server("127.0.0.1", self.port, app, threaded=True)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture(scope="module")
+def ls(tmp_path_factory):
+    server = LabelStudio(tmp_path_factory.mktemp("ls-data")).start()
+    yield server
+    server.stop()
+
+
+def backend_for(ls: LabelStudio, tmp_path, engine_factory=GrabCutEngine, api_key: str | None = None):
+    settings = Settings.from_env({"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": api_key or ls.pat,
+                                  "SAM_ENGINE": "grabcut", "SAM_METADATA_DB": str(tmp_path / "sidecar.db")})
+    return BackendThread(settings, engine_factory).start()
+
+
+def keypoint(x, y, positive=True, name="kp", w=W, h=H):
+    return {"original_width": w, "original_height": h, "image_rotation": 0, "is_positive": positive,
+            "value": {"x": x / w * 100, "y": y / h * 100, "width": 0.3, "keypointlabels": ["Object"],
+                      "labels": ["Object"]},
+            "id": f"k{x}_{y}", "from_name": name, "to_name": "image", "type": "keypointlabels", "origin": "manual"}
+
+
+def rectangle(x1, y1, x2, y2, w=W, h=H):
+    return {"original_width": w, "original_height": h, "image_rotation": 0,
+            "value": {"x": x1 / w * 100, "y": y1 / h * 100, "width": (x2 - x1) / w * 100,
+                      "height": (y2 - y1) / h * 100, "rotation": 0, "rectanglelabels": ["Object"]},
+            "id": f"r{x1}", "from_name": "box", "to_name": "image", "type": "rectanglelabels", "origin": "manual"}
+
+
+def region_mask(result: dict) -> np.ndarray:
+    h, w = result["original_height"], result["original_width"]
+    if result["type"] == "brushlabels":
+        return decode_rle(result["value"]["rle"]).reshape(h, w, 4)[:, :, 3] > 0
+    pts = np.array(result["value"]["points"]) / 100 * [w, h]
+    out = np.zeros((h, w), np.uint8)
+    cv2.fillPoly(out, [np.round(pts).astype(np.int32)], 1)
+    return out.astype(bool)
+
+
+def setup_project(ls: LabelStudio, config_file: str, files: dict[str, bytes], backend: BackendThread):
+    project = ls.create_project(config_file, (ROOT / "label_config" / config_file).read_text())
+    tasks = ls.upload(project, files)
+    ml = ls.add_ml_backend(project, backend.url)
+    return project, tasks, ml
+
+
+CX, CY = CENTER
+CASES = {
+    "keypoint": [keypoint(CX, CY)],
+    "keypoint+negative": [keypoint(CX, CY), keypoint(CX + RADIUS + 40, CY, positive=False)],
+    "rectangle": [rectangle(CX - RADIUS - 10, CY - RADIUS - 10, CX + RADIUS + 10, CY + RADIUS + 10)],
+    "rectangle+points": [rectangle(CX - RADIUS - 10, CY - RADIUS - 10, CX + RADIUS + 10, CY + RADIUS + 10),
+                         keypoint(CX + 20, CY + 10)],
+}
+
+
+@pytest.mark.parametrize("config_file", ["points-and-boxes-brush.xml", "points-and-boxes-polygon.xml"])
+def test_interactive_masks_through_label_studio(ls, tmp_path, config_file):
+    image, truth = scene()
+    backend = backend_for(ls, tmp_path)
+    try:
+        _, [task], ml = setup_project(ls, config_file, {"disc.png": png_bytes(image)}, backend)
+        kind = "brushlabels" if "brush" in config_file else "polygonlabels"
+        for name, context in CASES.items():
+            answer = ls.interactive(ml, task, context)
+            assert "errors" not in answer, (name, answer)
+            [region] = answer["data"]["result"]
+            assert region["type"] == kind and region["original_width"] == W and region["original_height"] == H
+            assert iou(region_mask(region), truth) >= 0.8, name
+        backend.recorder.flush()
+        rows = Store(tmp_path / "sidecar.db").history(task=task)
+        assert len(rows) == len(CASES) and all(r["image_url"].startswith("/data/upload/") for r in rows)
+    finally:
+        backend.stop()
+
+
+def test_exif_rotated_jpeg(ls, tmp_path):
+    image, truth = scene()  # the displayed (upright) frame
+    backend = backend_for(ls, tmp_path)
+    try:
+        _, [task], ml = setup_project(ls, "points-and-boxes-brush.xml", {"rotated.jpg": exif_rotated_jpeg(image)},
+                                      backend)
+        answer = ls.interactive(ml, task, [keypoint(CX, CY)])
+        [region] = answer["data"]["result"]
+        assert (region["original_width"], region["original_height"]) == (W, H)
+        mask = region_mask(region)
+        # JPEG noise costs GrabCut some of the disc; a wrong orientation would put the mask elsewhere.
+        assert iou(mask, truth) >= 0.7 and (mask & truth).sum() / mask.sum() >= 0.95
+    finally:
+        backend.stop()
+
+
+def test_tiny_sam_gives_a_mask_of_the_image_size(ls, tmp_path, tiny_checkpoint):
+    from sam_backend.engines.sam import SamEngine
+
+    image, _ = scene()
+    backend = backend_for(ls, tmp_path, engine_factory=lambda: SamEngine.from_checkpoint(tiny_checkpoint,
+                                                                                          device="cpu"))
+    try:
+        _, [task], ml = setup_project(ls, "points-and-boxes-brush.xml", {"tiny.png": png_bytes(image)}, backend)
+        for context in CASES.values():
+            answer = ls.interactive(ml, task, context)
+            assert "errors" not in answer, answer
+            for region in answer["data"]["result"]:  # random weights may give an empty mask: no region then
+                assert region_mask(region).shape == (H, W)
+                assert region["value"]["brushlabels"] == ["Object"]
+    finally:
+        backend.stop()
+
+
+def test_legacy_token_is_refused_with_a_clear_message(ls, tmp_path):
+    image, _ = scene()
+    backend = backend_for(ls, tmp_path, api_key=ls.legacy_token())
+    try:
+        _, [task], ml = setup_project(ls, "points-and-boxes-brush.xml", {"legacy.png": png_bytes(image)}, backend)
+        answer = ls.interactive(ml, task, [keypoint(CX, CY)])
+        [message] = answer["errors"]
+        assert "401" in message and "personal access token" in message
+        assert ls.legacy_token() not in message and ls.pat not in message
+    finally:
+        backend.stop()
+
+
+def test_backend_restart_between_two_calls(ls, tmp_path):
+    image, truth = scene()
+    backend = backend_for(ls, tmp_path)
+    try:
+        _, [task], ml = setup_project(ls, "points-and-boxes-brush.xml", {"restart.png": png_bytes(image)}, backend)
+        first = ls.interactive(ml, task, [keypoint(CX, CY)])
+        backend.restart()  # new process state: no /setup, empty caches
+        second = ls.interactive(ml, task, [keypoint(CX, CY)])
+        assert "errors" not in second, second
+        assert iou(region_mask(second["data"]["result"][0]), region_mask(first["data"]["result"][0])) == 1.0
+        assert iou(region_mask(second["data"]["result"][0]), truth) >= 0.8
+    finally:
+        backend.stop()
+
+
+def test_opening_a_task_precomputes(ls, tmp_path):
+    image, _ = scene()
+    backend = backend_for(ls, tmp_path)
+    try:
+        project, [task], ml = setup_project(ls, "points-and-boxes-brush.xml", {"open.png": png_bytes(image)},
+                                            backend)
+        # What Label Studio sends when a task is opened: /predict without context.
+        body = {"tasks": [ls.task(task)], "label_config": (ROOT / "label_config" / "points-and-boxes-brush.xml")
+                .read_text(), "project": f"{project}.0", "params": {"context": None}}
+        resp = requests.post(backend.url + "/predict", json=body, timeout=5)
+        assert resp.json()["results"] == []
+        assert backend.backend.wait_precomputed(30)
+        ls.interactive(ml, task, [keypoint(CX, CY)])
+        assert backend.backend.cache.stats().misses == 1  # encoded once, in the background
+        backend.recorder.flush()
+        [row] = Store(tmp_path / "sidecar.db").history(task=task)
+        assert row["cache_hit"] is True
+    finally:
+        backend.stop()
+
+
+def test_access_token_is_renewed_before_it_expires(ls):
+    from sam_backend.images import LabelStudioAuth
+
+    auth = LabelStudioAuth(ls.pat, requests.Session(), 10.0)
+    first = auth.header(ls.url)
+    assert auth.header(ls.url) == first  # still valid: no refresh
+    auth._expires = 0.0  # as if five minutes had passed
+    second = auth.header(ls.url)
+    assert second != first and second["Authorization"].startswith("Bearer ")
+    assert requests.get(ls.url + "/api/projects/", headers=second, timeout=10).status_code == 200
