@@ -112,3 +112,94 @@ def serve(host: str, port: int, workers: int, threads: int) -> None:
 
     click.echo(f"sam-backend {settings.engine} listening on http://{host}:{port}", err=True)
     _App().run()
+
+
+@main.command()
+@click.option("--task", type=int, default=None, help="Only this task id.")
+@click.option("--project", default=None, help="Only this project id.")
+@click.option("--since", default=None, help="Only rows created at or after this ISO 8601 time (UTC).")
+@click.option("--limit", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--db", type=click.Path(path_type=Path), default=None, help="Default: SAM_METADATA_DB.")
+def history(task: int | None, project: str | None, since: str | None, limit: int | None, as_json: bool,
+            db: Path | None) -> None:
+    """Interactions recorded by the backend (sidecar SQLite)."""
+    from sam_backend.store import Store
+
+    path = db or _settings().metadata_db
+    if not path.exists():
+        raise click.ClickException(f"{path} does not exist: no interaction was recorded yet (SAM_METADATA_DB)")
+    rows = Store(path).history(task=task, project=project, since=since, limit=limit)
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    header = f"{'id':>6}  {'created_at (UTC)':<29} {'project':>7} {'task':>6}  {'label':<16} {'score':>6} " \
+             f"{'area px':>9} {'ms':>7} {'hit':>4}"
+    click.echo(header)
+    for r in rows:
+        click.echo(f"{r['id']:>6}  {r['created_at']:<29} {r['project'] or '-':>7} {r['task_id'] or '-':>6}  "
+                   f"{(r['label'] or '-')[:16]:<16} {r['score'] or 0:>6.3f} {r['mask_area'] or 0:>9} "
+                   f"{r['latency_ms'] or 0:>7.1f} {'yes' if r['cache_hit'] else 'no':>4}")
+    click.echo(f"{len(rows)} interaction(s)", err=True)
+
+
+@main.command(name="export")
+@click.argument("source", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--project", type=int, default=None, help="Read project N from Label Studio instead of a file.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Labeling config XML (categories in its order); with --project it comes from the API.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
+              help="Output folder, or a .zip file (or use --zip).")
+@click.option("--zip", "as_zip", is_flag=True, help="Write one ZIP instead of a folder.")
+@click.option("--polygons", is_flag=True, help="COCO polygons instead of RLE (holes are lost: a warning says where).")
+@click.option("--tolerance", default=0.5, show_default=True, help="Polygon simplification tolerance in pixels.")
+@click.option("--masks/--no-masks", default=True, show_default=True, help="PNG masks (per object, instance, semantic).")
+@click.option("--crops/--no-crops", default=False, show_default=True, help="Objects cut out on transparent background "
+              "(downloads the images).")
+@click.option("--yolo/--no-yolo", default=True, show_default=True, help="YOLO-seg labels and data.yaml.")
+@click.option("--jobs", default=0, help="Worker processes (0: one per CPU).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def export_cmd(source: Path | None, project: int | None, config_path: Path | None, out: Path, as_zip: bool,
+               polygons: bool, tolerance: float, masks: bool, crops: bool, yolo: bool, jobs: int, overwrite: bool,
+               quiet: bool) -> None:
+    """Label Studio annotations → COCO (RLE or polygons), PNG masks, crops, YOLO-seg."""
+    from sam_backend.export import (
+        ExportError,
+        ExportOptions,
+        categories_from_config,
+        categories_from_tasks,
+        export,
+        fetch_project,
+        load_tasks,
+    )
+
+    if (source is None) == (project is None):
+        raise click.UsageError("give either a Label Studio JSON export file or --project N")
+    settings = _settings()
+    try:
+        if project is not None:
+            if not settings.label_studio_url:
+                raise click.ClickException("--project needs LABEL_STUDIO_URL")
+            tasks, config = fetch_project(settings.label_studio_url, settings.label_studio_api_key, project)
+        else:
+            tasks, config = load_tasks(source), None
+        if config_path is not None:
+            config = config_path.read_text()
+        if config:
+            categories = categories_from_config(config)
+        else:
+            categories = categories_from_tasks(tasks)
+            logging.getLogger(__name__).warning("no --config: categories taken from the annotations (%s)",
+                                                ", ".join(categories))
+        zip_path = out if (as_zip or out.suffix == ".zip") else None
+        if zip_path is not None and zip_path.suffix != ".zip":
+            zip_path = zip_path.with_suffix(".zip")
+        options = ExportOptions(polygons=polygons, tolerance_px=tolerance, masks=masks, crops=crops, yolo=yolo,
+                                jobs=jobs, progress=not quiet)
+        summary = export(tasks, categories, out, options, fetch_settings=settings, zip_path=zip_path,
+                         overwrite=overwrite)
+    except ExportError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(summary.to_json(), indent=1))
