@@ -10,7 +10,9 @@ from sam_backend.model import mask_to_brush
 CONFIG = """<View>
   <Image name="image" value="$image"/>
   <BrushLabels name="tag" toName="image"><Label value="Cat"/><Label value="Dog"/></BrushLabels>
-  <PolygonLabels name="poly" toName="image"><Label value="Cat"/><Label value="Dog"/><Label value="Bird"/></PolygonLabels>
+  <PolygonLabels name="poly" toName="image">
+    <Label value="Cat"/><Label value="Dog"/><Label value="Bird"/>
+  </PolygonLabels>
   <RectangleLabels name="box" toName="image"><Label value="Cat"/></RectangleLabels>
   <KeyPointLabels name="kp" toName="image"><Label value="Nose"/></KeyPointLabels>
 </View>"""

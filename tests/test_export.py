@@ -66,7 +66,8 @@ def test_coco_loads_and_evaluates_to_ap_1(tmp_path):
 
 def test_polygons_on_hole_free_shapes_and_a_warning_for_holes(tmp_path):
     ring, parts, corner = tricky_masks()
-    tasks = [task(1, [brush(parts, "Cat", "a")]), task(2, [brush(corner, "Dog", "b")]), task(3, [brush(ring, "Cat", "c")])]
+    tasks = [task(1, [brush(parts, "Cat", "a")]), task(2, [brush(corner, "Dog", "b")]),
+             task(3, [brush(ring, "Cat", "c")])]
     out, coco, summary = run(tasks, tmp_path, polygons=True)
     for ann, original in zip(coco["annotations"][:2], (parts, corner), strict=True):
         assert isinstance(ann["segmentation"], list) and len(ann["segmentation"]) >= 1
@@ -83,7 +84,8 @@ def test_polygon_rectangle_and_keypoint_regions(tmp_path):
     poly, box, kp = coco["annotations"]
     assert [a["category_id"] for a in coco["annotations"]] == [3, 1, 4]
     assert poly["area"] > 0 and isinstance(poly["segmentation"], dict)
-    assert box["segmentation"] == [] and box["bbox"] == pytest.approx([10, 10, 50, 40]) and box["area"] == pytest.approx(2000)
+    assert box["segmentation"] == [] and box["bbox"] == pytest.approx([10, 10, 50, 40])
+    assert box["area"] == pytest.approx(2000)
     assert kp["keypoints"] == pytest.approx([30, 40, 2]) and kp["num_keypoints"] == 1
     assert summary.by_type == {"polygonlabels": 1, "rectanglelabels": 1, "keypointlabels": 1}
 
