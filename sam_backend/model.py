@@ -23,7 +23,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-from label_studio_sdk.converter.brush import mask2rle
 from label_studio_sdk.label_interface import LabelInterface
 
 from sam_backend import __version__
@@ -34,6 +33,7 @@ from sam_backend.images import ImageError, ImageFetcher, LoadedImage, safe_url
 from sam_backend.metrics import Metrics
 from sam_backend.prompts import ObjectPrompt, PromptError, parse_context
 from sam_backend.refine import refine
+from sam_backend.rle import encode_brush
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,9 @@ def parse_label_config(config: str) -> LabelConfig:
 
 
 def mask_to_brush(mask: np.ndarray) -> list[int]:
-    """`(H, W) bool` → Label Studio brush RLE (row-major RGBA, label-studio-sdk encoder)."""
-    return [int(v) for v in mask2rle(mask.astype(np.uint8) * 255)]
+    """`(H, W) bool` → Label Studio brush RLE (row-major RGBA); byte-identical to label-studio-sdk's
+    `mask2rle`, vectorised (see `sam_backend.rle` for why)."""
+    return encode_brush(mask)
 
 
 def mask_to_polygon(mask: np.ndarray, tolerance_px: float = 1.0) -> list[list[float]]:
