@@ -203,3 +203,38 @@ def export_cmd(source: Path | None, project: int | None, config_path: Path | Non
     except ExportError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(summary.to_json(), indent=1))
+
+
+@main.command()
+@click.option("--project", type=int, default=None, help="Also download one task image of this project.")
+def doctor(project: int | None) -> None:
+    """Check Label Studio, the token, a task image, the checkpoint and the engine; each line OK or the fix."""
+    from sam_backend.doctor import run_checks
+
+    failed = 0
+    for check in run_checks(_settings(), project=project):
+        click.echo(check.line())
+        failed += not check.ok
+    if failed:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.option("--state", type=click.Path(path_type=Path), default=Path(".sam-up"), show_default=True,
+              help="Folder for Label Studio's data, the credentials and the sidecar.")
+@click.option("--ls-port", default=8080, show_default=True, help="Label Studio port (127.0.0.1).")
+@click.option("--port", default=9090, show_default=True, help="Backend port (127.0.0.1).")
+def up(state: Path, ls_port: int, port: int) -> None:
+    """Start Label Studio and the backend, connected, with a demo project; Ctrl-C stops both."""
+    from sam_backend.up import run_up
+
+    logging.getLogger().setLevel(logging.INFO)
+    _settings()
+    try:
+        raise SystemExit(run_up(state, ls_port, port))
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,7 @@
 """End to end through the real Label Studio 1.23.2: projects from label_config/, uploaded images,
 the backend registered as interactive, and `POST /api/ml/{id}/interactive-annotating`.
 
-Label Studio runs as a subprocess (tests/labelstudio.py); the backend runs in this process on a
+Label Studio runs as a subprocess (sam_backend/labelstudio.py); the backend runs in this process on a
 werkzeug server thread on 127.0.0.1, so a "restart" is a new app and a new backend on the same port.
 """
 
@@ -16,13 +16,13 @@ import pytest
 import requests
 from conftest import ROOT
 from label_studio_sdk.converter.brush import decode_rle
-from labelstudio import LabelStudio, free_port
 from PIL import Image
 from synthetic import iou, textured_background
 from werkzeug.serving import make_server
 
 from sam_backend.config import Settings
 from sam_backend.engines.grabcut import GrabCutEngine
+from sam_backend.labelstudio import LabelStudio, free_port
 from sam_backend.model import SamBackend
 from sam_backend.server import create_app
 from sam_backend.store import AsyncRecorder, Store
@@ -88,7 +88,7 @@ class BackendThread:
 
 @pytest.fixture(scope="module")
 def ls(tmp_path_factory):
-    server = LabelStudio(tmp_path_factory.mktemp("ls-data")).start()
+    server = LabelStudio(tmp_path_factory.mktemp("ls-data"), "admin@example.com", "integration-Passw0rd").start()
     yield server
     server.stop()
 
@@ -253,3 +253,24 @@ def test_access_token_is_renewed_before_it_expires(ls):
     second = auth.header(ls.url)
     assert second != first and second["Authorization"].startswith("Bearer ")
     assert requests.get(ls.url + "/api/projects/", headers=second, timeout=10).status_code == 200
+
+
+def test_doctor_from_the_users_side(ls, tmp_path):
+    from sam_backend.doctor import run_checks
+
+    image, _ = scene()
+    backend = backend_for(ls, tmp_path)
+    try:
+        project, _, _ = setup_project(ls, "points-and-boxes-brush.xml", {"doctor.png": png_bytes(image)}, backend)
+    finally:
+        backend.stop()
+    settings = Settings.from_env({"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.pat, "SAM_ENGINE": "grabcut"})
+    checks = list(run_checks(settings, project=project))
+    assert [c.name for c in checks] == ["Label Studio", "API key", "task image", "engine"]
+    assert all(c.ok for c in checks), [c.line() for c in checks]
+    assert "640x480" in checks[2].detail
+    bad = Settings.from_env({"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.legacy_token(),
+                             "SAM_CHECKPOINT_DIR": str(tmp_path)})
+    lines = {c.name: c for c in run_checks(bad)}
+    assert not lines["API key"].ok and "personal access token" in lines["API key"].detail
+    assert not lines["checkpoint"].ok and "sam-backend download vit_b" in lines["checkpoint"].detail

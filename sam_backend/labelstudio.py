@@ -1,12 +1,14 @@
-"""The real Label Studio server for integration tests: start, log in, personal access token, REST helpers.
+"""A local Label Studio: start it, log in, get a personal access token, and the REST calls we need.
 
-Started as a subprocess on 127.0.0.1 with a temporary data dir, `ML_BLOCK_LOCAL_IP=false` and
-`SSRF_PROTECTION_ENABLED=false` (the backend runs on loopback). Legacy API tokens stay disabled,
-as in a fresh 1.23 install; every API call here uses a personal access token.
+Used by `sam-backend up` and by the integration tests. Label Studio runs as a subprocess bound to
+127.0.0.1 with its own data dir, `ML_BLOCK_LOCAL_IP=false` and `SSRF_PROTECTION_ENABLED=false`
+(the backend runs on loopback). Legacy API tokens stay disabled, as in a fresh 1.23 install;
+every API call uses a personal access token.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -18,8 +20,7 @@ import requests
 
 from sam_backend.images import LabelStudioAuth
 
-ADMIN_EMAIL = "admin@example.com"
-ADMIN_PASSWORD = "integration-Passw0rd"
+log = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -29,7 +30,7 @@ def free_port() -> int:
 
 
 def label_studio_bin() -> str | None:
-    """`LABEL_STUDIO_BIN`, else `.venv-ls/bin/label-studio` beside the repo, else PATH."""
+    """`LABEL_STUDIO_BIN`, else `.venv-ls/bin/label-studio` in the checkout, else PATH."""
     env = os.environ.get("LABEL_STUDIO_BIN")
     if env and Path(env).exists():
         return env
@@ -42,8 +43,11 @@ def label_studio_bin() -> str | None:
 class LabelStudio:
     """A running Label Studio and an authenticated API session."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, log_path: Path | None = None) -> None:
+    def __init__(self, data_dir: Path, email: str, password: str, port: int | None = None,
+                 log_path: Path | None = None) -> None:
         self.data_dir = data_dir
+        self.email = email
+        self.password = password
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path or data_dir / "label-studio.log"
@@ -51,19 +55,21 @@ class LabelStudio:
         self.pat: str | None = None
         self.api = requests.Session()
 
-    def start(self, timeout_s: float = 240.0) -> LabelStudio:
+    def start(self, timeout_s: float = 240.0, pat: str | None = None) -> LabelStudio:
+        """Start the server, wait for /health, and authenticate with `pat` (else a new token)."""
         binary = label_studio_bin()
         if binary is None:
-            raise RuntimeError("label-studio is not installed: run `make test` (it installs it into .venv-ls)")
+            raise RuntimeError("label-studio is not installed: `make up` or `make test` install it into .venv-ls")
         env = dict(os.environ, LABEL_STUDIO_BASE_DATA_DIR=str(self.data_dir), ML_BLOCK_LOCAL_IP="false",
                    SSRF_PROTECTION_ENABLED="false", LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK="true",
                    SENTRY_DSN="", FRONTEND_SENTRY_DSN="", COLLECT_ANALYTICS="false")
-        log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the process's life
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        out = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the process's life
         self.proc = subprocess.Popen(
             [binary, "start", "--no-browser", "--internal-host", "127.0.0.1", "--host", self.url,
-             "--port", str(self.port), "--data-dir", str(self.data_dir), "--username", ADMIN_EMAIL,
-             "--password", ADMIN_PASSWORD],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+             "--port", str(self.port), "--data-dir", str(self.data_dir), "--username", self.email,
+             "--password", self.password],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -77,12 +83,13 @@ class LabelStudio:
             time.sleep(0.5)
         else:
             raise RuntimeError(f"Label Studio did not answer /health in {timeout_s:.0f} s; see {self.log_path}")
-        self.pat = self.create_personal_access_token()
+        self.pat = pat or self.create_personal_access_token()
         auth = LabelStudioAuth(self.pat, requests.Session(), 10.0)
         self.api.auth = lambda r: (r.headers.update(auth.header(self.url)), r)[1]
         return self
 
     def stop(self) -> None:
+        """Terminate the server (SIGTERM, then SIGKILL after 20 s)."""
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -94,7 +101,7 @@ class LabelStudio:
         """A browser-like session (cookies + CSRF) logged in as the admin."""
         s = requests.Session()
         s.get(self.url + "/user/login/", timeout=10)
-        r = s.post(self.url + "/user/login/", data={"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD,
+        r = s.post(self.url + "/user/login/", data={"email": self.email, "password": self.password,
                                                      "csrfmiddlewaretoken": s.cookies.get("csrftoken")},
                    headers={"Referer": self.url + "/user/login/"}, allow_redirects=False, timeout=10)
         if r.status_code != 302:
@@ -107,6 +114,9 @@ class LabelStudio:
         r = s.post(self.url + "/api/token/", headers=headers, timeout=10)
         if r.status_code == 201:
             return r.json()["token"]
+        if r.status_code == 409:
+            raise RuntimeError("this user already has a personal access token and Label Studio shows it only once; "
+                               "revoke it in Account & Settings or pass the saved one")
         raise RuntimeError(f"could not create a personal access token: HTTP {r.status_code} {r.text[:200]}")
 
     def legacy_token(self) -> str:
@@ -138,6 +148,13 @@ class LabelStudio:
 
     def task(self, task_id: int) -> dict:
         return self.call("GET", f"/api/tasks/{task_id}/").json()
+
+    def projects(self) -> list[dict]:
+        data = self.call("GET", "/api/projects/", params={"page_size": 1000}).json()
+        return data["results"] if isinstance(data, dict) else data
+
+    def ml_backends(self, project: int) -> list[dict]:
+        return self.call("GET", "/api/ml/", params={"project": project}).json()
 
     def add_ml_backend(self, project: int, url: str, interactive: bool = True, **extra) -> int:
         body = {"url": url, "project": project, "is_interactive": interactive, "title": "sam-backend", **extra}

@@ -1,0 +1,20 @@
+# sam-backend: the Label Studio ML backend. CPU by default; the gpu profile in docker-compose.yml
+# passes the GPU through (the torch wheel from PyPI carries CUDA).
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+RUN apt-get update && apt-get install -y --no-install-recommends curl libgl1 libglib2.0-0 \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY sam_backend ./sam_backend
+COPY label_config ./label_config
+COPY checkpoints/README.md ./checkpoints/README.md
+RUN pip install .
+
+# The checkpoint lives in a volume: downloaded and verified at first start, reused afterwards.
+ENV SAM_CHECKPOINT_DIR=/data/checkpoints SAM_METADATA_DB=/data/annotations.db
+VOLUME ["/data"]
+EXPOSE 9090
+HEALTHCHECK --interval=15s --timeout=3s --start-period=60s CMD curl -fsS http://127.0.0.1:9090/health || exit 1
+CMD ["sh", "-c", "if [ \"${SAM_ENGINE:-sam}\" = sam ]; then sam-backend download \"${SAM_MODEL_TYPE:-vit_b}\" --dest \"$SAM_CHECKPOINT_DIR\"; fi && exec sam-backend serve --host 0.0.0.0 --port 9090 --threads 8"]

@@ -1,0 +1,79 @@
+"""docker-compose.yml and Dockerfile agree with the backend's settings (Docker cannot run here)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from sam_backend.config import Settings
+
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+class Recording(dict):
+    """A mapping that remembers every variable `Settings.from_env` asks for."""
+
+    def __init__(self):
+        super().__init__()
+        self.asked: set[str] = set()
+
+    def get(self, key, default=None):
+        self.asked.add(key)
+        return super().get(key, default)
+
+
+def settings_variables() -> set[str]:
+    env = Recording()
+    Settings.from_env(env)
+    return env.asked
+
+
+def test_label_studio_service():
+    ls = COMPOSE["services"]["label-studio"]
+    assert ls["image"] == "heartexlabs/label-studio:1.23.2"
+    assert ls["environment"]["ML_BLOCK_LOCAL_IP"] == "false" and ls["environment"]["SSRF_PROTECTION_ENABLED"] == "false"
+    assert ls["ports"] == ["127.0.0.1:8080:8080"] and "healthcheck" in ls
+    assert any(v.endswith(":/label-studio/data") for v in ls["volumes"])
+
+
+@pytest.mark.parametrize("name", ["sam-backend", "sam-backend-gpu"])
+def test_backend_services_match_settings(name):
+    svc = COMPOSE["services"][name]
+    env = svc["environment"]
+    known = settings_variables()
+    assert set(env) <= known, f"unknown variables: {set(env) - known}"
+    assert env["LABEL_STUDIO_URL"] == "http://label-studio:8080"
+    assert env["LABEL_STUDIO_API_KEY"].startswith("${LABEL_STUDIO_API_KEY")
+    Settings.from_env({k: v for k, v in env.items() if not str(v).startswith("$")})  # every literal value is valid
+    assert svc["ports"] == ["127.0.0.1:9090:9090"] and "9090" in svc["healthcheck"]["test"][1]
+    assert svc["depends_on"]["label-studio"]["condition"] == "service_healthy"
+    volume = next(v for v in svc["volumes"] if v.startswith("sam-data:"))
+    assert env["SAM_CHECKPOINT_DIR"].startswith(volume.split(":")[1])
+    assert set(COMPOSE["volumes"]) >= {"sam-data", "label-studio-data"}
+
+
+def test_gpu_profile_reserves_a_gpu():
+    gpu = COMPOSE["services"]["sam-backend-gpu"]
+    assert gpu["profiles"] == ["gpu"] and gpu["environment"]["SAM_DEVICE"] == "cuda"
+    [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert COMPOSE["services"]["sam-backend"]["profiles"] == ["cpu"]
+
+
+def test_dockerfile_serves_on_the_compose_port_and_downloads_into_the_volume():
+    text = (ROOT / "Dockerfile").read_text()
+    assert "EXPOSE 9090" in text and "--port 9090" in text and "--host 0.0.0.0" in text
+    assert "sam-backend download" in text and "SAM_CHECKPOINT_DIR=/data/checkpoints" in text
+    assert "HEALTHCHECK" in text
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Debian's docker-compose is not installed")
+def test_docker_compose_validates_the_file():
+    for profile in ("cpu", "gpu"):
+        result = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "--profile", profile,
+                                 "config", "-q"], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
