@@ -28,15 +28,18 @@ from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 
 import numpy as np
 import requests
+import urllib3
 from PIL import Image, ImageOps, UnidentifiedImageError
-from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from sam_backend.config import Settings
+from sam_backend.netguard import AddressPolicy, BlockedAddress, guarded_adapter
 
 log = logging.getLogger(__name__)
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "MPO")
+MAX_REDIRECTS = 3
+MAX_RETRIES = 2  # on 429 and 5xx only, with backoff
 _REFRESH_MARGIN_S = 30.0
 
 
@@ -84,7 +87,10 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             return _to_rgb(img)
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image: refused before decoding: {str(exc).split(',')[0]} (SAM_MAX_IMAGE_PIXELS is "
+                         f"{max_pixels})", status=413) from None
+    except UnidentifiedImageError:
         raise ImageError(_describe_bad_bytes(data)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"image: cannot decode ({exc.__class__.__name__}: {str(exc)[:120]}); "
@@ -188,14 +194,34 @@ class ImageFetcher:
     def __init__(self, settings: Settings, session: requests.Session | None = None) -> None:
         self.settings = settings
         self.session = session or requests.Session()
-        retry = Retry(total=2, connect=1, read=0, status=2, backoff_factor=0.3,
+        self.session.trust_env = False  # an environment proxy would fetch on our behalf, past the address policy
+        retry = Retry(total=MAX_RETRIES, connect=1, read=0, status=MAX_RETRIES, backoff_factor=0.3,
                       status_forcelist=(429, 500, 502, 503, 504), allowed_methods=("GET", "POST"),
-                      respect_retry_after_header=True, raise_on_status=False)
-        adapter = HTTPAdapter(max_retries=retry, pool_maxsize=16)
+                      respect_retry_after_header=True, raise_on_status=False, redirect=False)
+        self.policy = AddressPolicy(settings.allowed_hosts)
+        adapter = guarded_adapter(self.policy, max_retries=retry, pool_maxsize=16)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.auth = LabelStudioAuth(settings.label_studio_api_key, self.session, settings.fetch_timeout_s)
-        self.setup_hostname: str | None = None
+        self._setup_hostname: str | None = None
+        self._exempt(settings.label_studio_url)
+
+    def _exempt(self, url: str | None) -> None:
+        if url:
+            parts = urlsplit(url)
+            if parts.hostname:
+                self.policy.exempt.add((parts.hostname.lower(), parts.port or _default_port(parts.scheme)))
+
+    @property
+    def setup_hostname(self) -> str | None:
+        return self._setup_hostname
+
+    @setup_hostname.setter
+    def setup_hostname(self, url: str | None) -> None:
+        """The `hostname` from `/setup`: used (and exempted from the address policy) only without LABEL_STUDIO_URL."""
+        self._setup_hostname = url
+        if not self.settings.label_studio_url:
+            self._exempt(url)
 
     @property
     def label_studio_url(self) -> str | None:
@@ -221,10 +247,10 @@ class ImageFetcher:
             return self._http(self._ls_url(url))
         if parts.scheme == "" and url.startswith("/data/"):
             return self._http(self._ls_url(url))
-        if parts.scheme in ("", "file") and self.settings.local_files_root is not None:
-            return self._local(unquote(parts.path) if parts.scheme == "file" else url)
-        raise ImageError(f"task image {url!r}: expected an http(s) URL, a Label Studio /data/ path, or a path under "
-                         "LOCAL_FILES_DOCUMENT_ROOT", status=400)
+        if parts.scheme == "" and self.settings.local_files_root is not None:
+            return self._local(url)
+        raise ImageError(f"task image {safe_url(url)!r}: expected an http(s) URL, a Label Studio /data/ path, or a "
+                         "path under LOCAL_FILES_DOCUMENT_ROOT", status=400)
 
     def _ls_url(self, path: str) -> str:
         base = self.label_studio_url
@@ -242,13 +268,7 @@ class ImageFetcher:
             b.scheme, b.hostname, b.port or _default_port(b.scheme))
 
     def _http(self, url: str) -> bytes:
-        to_ls = self._is_label_studio(url)
-        headers = self.auth.header(self.label_studio_url) if to_ls else {}
-        resp = self._get(url, headers)
-        if resp.status_code == 401 and to_ls and self.auth.configured:
-            resp.close()
-            self.auth.invalidate()  # an access token may have been revoked early: renew once
-            resp = self._get(url, self.auth.header(self.label_studio_url))
+        resp, url, to_ls = self._get_following(url)
         with resp:
             if resp.status_code != 200:
                 raise ImageError(_status_message(resp.status_code, safe_url(url), to_ls, self.auth.configured),
@@ -260,7 +280,8 @@ class ImageFetcher:
             buf = bytearray()
             deadline = time.monotonic() + 4 * self.settings.fetch_timeout_s
             try:
-                for chunk in resp.iter_content(64 * 1024):
+                # read1 returns whatever has arrived, so a server trickling bytes meets the deadline.
+                while chunk := resp.raw.read1(64 * 1024, decode_content=True):
                     buf += chunk
                     if len(buf) > self.settings.max_image_bytes:
                         raise ImageError(f"image {safe_url(url)}: over the limit of "
@@ -268,15 +289,39 @@ class ImageFetcher:
                     if time.monotonic() > deadline:
                         raise ImageError(f"image {safe_url(url)}: download took longer than "
                                          f"{4 * self.settings.fetch_timeout_s:.0f} s", status=504)
-            except requests.RequestException as exc:
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
                 raise ImageError(f"image {safe_url(url)}: download broke off ({exc.__class__.__name__})",
                                  status=502) from None
+            if declared and declared.isdigit() and len(buf) != int(declared):
+                raise ImageError(f"image {safe_url(url)}: got {len(buf)} of {declared} bytes; the download broke off",
+                                 status=502)
             return bytes(buf)
+
+    def _get_following(self, url: str) -> tuple[requests.Response, str, bool]:
+        """GET with up to MAX_REDIRECTS redirects followed by hand: each hop is checked (scheme, address
+        policy at connect) and gets the Label Studio credentials only if it is the Label Studio host."""
+        for _ in range(MAX_REDIRECTS + 1):
+            if urlsplit(url).scheme not in ("http", "https"):
+                raise ImageError(f"image {safe_url(url)}: only http and https URLs are fetched", status=400)
+            to_ls = self._is_label_studio(url)
+            resp = self._get(url, self.auth.header(self.label_studio_url) if to_ls else {})
+            if resp.status_code == 401 and to_ls and self.auth.configured:
+                resp.close()
+                self.auth.invalidate()  # an access token may have been revoked early: renew once
+                resp = self._get(url, self.auth.header(self.label_studio_url))
+            if resp.status_code in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
+                resp.close()
+                url = urljoin(url, resp.headers["Location"])
+                continue
+            return resp, url, to_ls
+        raise ImageError(f"image {safe_url(url)}: more than {MAX_REDIRECTS} redirects", status=502)
 
     def _get(self, url: str, headers: dict[str, str]) -> requests.Response:
         try:
             return self.session.get(url, headers=headers, stream=True, allow_redirects=False,
                                     timeout=(min(5.0, self.settings.fetch_timeout_s), self.settings.fetch_timeout_s))
+        except BlockedAddress as exc:
+            raise ImageError(f"image {safe_url(url)} refused: {exc}", status=403) from None
         except requests.Timeout:
             raise ImageError(f"image {safe_url(url)}: no answer within {self.settings.fetch_timeout_s:.0f} s "
                              "(SAM_FETCH_TIMEOUT_S)", status=504) from None
@@ -320,8 +365,6 @@ def _status_message(status: int, url: str, to_ls: bool, has_key: bool) -> str:
                     "(Account & Settings → Personal Access Token)")
         return (f"Label Studio answered {status} for {url}: LABEL_STUDIO_API_KEY was not accepted (a legacy token "
                 "while legacy tokens are disabled? use a personal access token)")
-    if status in (301, 302, 303, 307, 308):
-        return f"image {url}: HTTP {status} redirect; redirects are not followed, give the final URL"
     if status == 404:
         return f"image {url}: not found (HTTP 404)"
     return f"image {url}: HTTP {status}"

@@ -18,10 +18,10 @@ def test_defaults():
 def test_values_are_read():
     s = Settings.from_env({"SAM_ENGINE": "GrabCut", "SAM_MODEL_TYPE": "vit_h", "SAM_CACHE_MB": "64",
                            "SAM_REFINE": "off", "SAM_ALLOWED_HOSTS": "a.example, B.example",
-                           "LABEL_STUDIO_URL": "http://127.0.0.1:8080/", "LABEL_STUDIO_API_KEY": "k"})
+                           "LABEL_STUDIO_URL": "http://127.0.0.1:8080/", "LABEL_STUDIO_API_KEY": "SECRET-KEY-123"})
     assert s.engine == "grabcut" and s.model_type == "vit_h" and s.cache_mb == 64 and not s.refine.enabled
     assert s.allowed_hosts == ("a.example", "b.example") and s.label_studio_url == "http://127.0.0.1:8080"
-    assert "k" not in repr(s)
+    assert "SECRET-KEY-123" not in repr(s)
 
 
 @pytest.mark.parametrize(("env", "needle"), [

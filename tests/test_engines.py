@@ -116,9 +116,7 @@ def test_not_a_sam_state_dict_is_refused(tmp_path):
 
 
 def test_wrong_digest_is_refused(tiny_checkpoint):
-    from sam_backend.download import ChecksumError
-
-    with pytest.raises(ChecksumError, match="expected 0000"):
+    with pytest.raises(EngineError, match="expected 0000"):
         SamEngine.from_checkpoint(tiny_checkpoint, device="cpu", expected_sha256="0" * 64)
 
 

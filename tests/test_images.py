@@ -107,7 +107,8 @@ def two_servers():
 def test_credentials_go_only_to_the_label_studio_host(two_servers):
     ls, other = two_servers
     legacy = "0123456789abcdef0123456789abcdef01234567"
-    fetcher = ImageFetcher(Settings.from_env({"LABEL_STUDIO_URL": ls, "LABEL_STUDIO_API_KEY": legacy}))
+    fetcher = ImageFetcher(Settings.from_env({"LABEL_STUDIO_URL": ls, "LABEL_STUDIO_API_KEY": legacy,
+                                              "SAM_ALLOWED_HOSTS": "127.0.0.1"}))
     assert fetcher.load("/data/upload/1/a.png").pixels.shape == (20, 30, 3)
     fetcher.load(other + "/b.png")
     assert Recorder.seen == [("/data/upload/1/a.png", f"Token {legacy}"), ("/b.png", None)]
@@ -123,7 +124,7 @@ def test_label_studio_401_says_what_to_do(two_servers):
 def test_declared_size_over_the_cap_is_refused(two_servers):
     Recorder.body = b"x" * (2 * 1024 * 1024)
     try:
-        fetcher = ImageFetcher(Settings.from_env({"SAM_MAX_IMAGE_MB": "1"}))
+        fetcher = ImageFetcher(Settings.from_env({"SAM_MAX_IMAGE_MB": "1", "SAM_ALLOWED_HOSTS": "127.0.0.1"}))
         with pytest.raises(ImageError, match="over the limit") as info:
             fetcher.load(two_servers[1] + "/big.png")
         assert info.value.status == 413

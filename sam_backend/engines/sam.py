@@ -242,7 +242,7 @@ class SamEngine:
         expected_sha256: str | None = None,
     ) -> SamEngine:
         """Load weights with `torch.load(weights_only=True)`; the architecture comes from the tensors."""
-        from sam_backend.download import verify_checkpoint
+        from sam_backend.download import ChecksumError, verify_checkpoint
 
         path = Path(path)
         if not path.is_file():
@@ -251,7 +251,10 @@ class SamEngine:
                 f"SAM checkpoint not found at {path}. Run `{hint}` to fetch and verify it, "
                 "or set SAM_ENGINE=grabcut to label without weights."
             )
-        digest = verify_checkpoint(path, expected_sha256) if expected_sha256 else None
+        try:
+            digest = verify_checkpoint(path, expected_sha256) if expected_sha256 else None
+        except ChecksumError as exc:
+            raise EngineError(str(exc)) from None
         if digest is None:
             log.warning("no known SHA-256 for %s: loading it unverified", path)
         state = _load_state_dict(path)
