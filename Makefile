@@ -19,12 +19,15 @@ $(LS_VENV)/bin/.installed:
 	$(LS_VENV)/bin/python -m pip install -q 'label-studio==$(LS_VERSION)'
 	touch $@
 
-# System packages for the tests (Debian): docker-compose validates docker-compose.yml without an engine.
+# System packages for the tests (Debian): chromium for the browser test, docker-compose to validate
+# docker-compose.yml without an engine.
+APT_PACKAGES := chromium docker-compose
 .apt-installed:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  (command -v docker-compose >/dev/null || (apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null)) \
-	  || echo "note: could not install docker-compose; its test will be skipped"; \
-	else echo "note: not root or no apt-get: system packages not installed, their tests will be skipped"; fi
+	  (command -v chromium >/dev/null && command -v docker-compose >/dev/null) || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null) || \
+	  echo "note: could not install $(APT_PACKAGES); the tests that need them will be skipped"; \
+	else echo "note: not root or no apt-get: $(APT_PACKAGES) not installed, the tests that need them are skipped"; fi
 	touch $@
 
 up: $(BIN)/.installed $(LS_VENV)/bin/.installed

@@ -137,7 +137,9 @@ class LabelStudio:
     def upload(self, project: int, files: dict[str, bytes]) -> list[int]:
         """Upload image files; returns the new task ids in upload order."""
         before = {t["id"] for t in self.tasks(project)}
-        multipart = [("file", (name, data, "application/octet-stream")) for name, data in files.items()]
+        # One field name per file: Label Studio keeps only one file per field name.
+        multipart = [(f"file{i}", (name, data, "application/octet-stream"))
+                     for i, (name, data) in enumerate(files.items())]
         self.call("POST", f"/api/projects/{project}/import", files=multipart)
         return sorted(t["id"] for t in self.tasks(project) if t["id"] not in before)
 

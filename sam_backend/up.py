@@ -31,15 +31,23 @@ DEMO_TITLE = "sam-backend demo"
 CONFIG_FILE = Path(__file__).resolve().parents[1] / "label_config" / "points-and-boxes-brush.xml"
 
 
+HERO = (400, 300, 100)  # sample-1.png: an orange disc (centre x, y and radius in pixels) alone in the middle
+
+
 def sample_images(n: int = 3, width: int = 800, height: int = 600) -> dict[str, bytes]:
-    """Generated scenes (discs, boxes, ellipses on texture) as PNG bytes: objects worth clicking on."""
+    """Generated scenes (discs, boxes, ellipses on texture) as PNG bytes: objects worth clicking on.
+
+    The first holds only `HERO`, so that a demo (and the browser test) knows where one object is.
+    """
     out = {}
     for i in range(n):
         rng = np.random.default_rng(100 + i)
         low = rng.integers(60, 170, size=(height // 24, width // 24, 3)).astype(np.uint8)
         img = cv2.resize(low, (width, height), interpolation=cv2.INTER_CUBIC)
         img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
-        for _ in range(3 + i):
+        if i == 0:
+            cv2.circle(img, HERO[:2], HERO[2], (240, 130, 20), -1)
+        for _ in range(0 if i == 0 else 3 + i):
             colour = tuple(int(c) for c in rng.integers(0, 255, 3))
             cx, cy = int(rng.integers(120, width - 120)), int(rng.integers(120, height - 120))
             kind = rng.integers(0, 3)
