@@ -61,10 +61,14 @@ def bench_prompts(width: int, height: int) -> list[ObjectPrompt]:
 
 
 def _median(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall seconds of `fn`, waiting for queued GPU work so that asynchronous kernels count."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

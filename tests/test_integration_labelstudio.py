@@ -8,6 +8,7 @@ werkzeug server thread on 127.0.0.1, so a "restart" is a new app and a new backe
 from __future__ import annotations
 
 import io
+import json
 import threading
 
 import cv2
@@ -274,3 +275,28 @@ def test_doctor_from_the_users_side(ls, tmp_path):
     lines = {c.name: c for c in run_checks(bad)}
     assert not lines["API key"].ok and "personal access token" in lines["API key"].detail
     assert not lines["checkpoint"].ok and "sam-backend download vit_b" in lines["checkpoint"].detail
+
+
+def test_export_a_project_read_from_label_studio(ls, tmp_path):
+    from pycocotools import mask as mask_utils
+
+    from sam_backend.export import ExportOptions, categories_from_config, export, fetch_project
+
+    image, truth = scene()
+    backend = backend_for(ls, tmp_path)
+    try:
+        project, [task], ml = setup_project(ls, "points-and-boxes-brush.xml", {"export.png": png_bytes(image)},
+                                            backend)
+        [region] = ls.interactive(ml, task, [keypoint(CX, CY)])["data"]["result"]
+    finally:
+        backend.stop()
+    ls.call("POST", f"/api/tasks/{task}/annotations/", json={"result": [region]})
+    tasks, config = fetch_project(ls.url, ls.pat, project)
+    categories = categories_from_config(config)
+    assert categories == ["Object", "Background object"]
+    summary = export(tasks, categories, tmp_path / "out", ExportOptions(progress=False, jobs=1))
+    assert summary.annotations == 1
+    [ann] = json.loads((tmp_path / "out" / "coco.json").read_text())["annotations"]
+    seg = ann["segmentation"]
+    decoded = mask_utils.decode({"size": seg["size"], "counts": seg["counts"].encode()}).astype(bool)
+    assert np.array_equal(decoded, region_mask(region)) and iou(decoded, truth) >= 0.8

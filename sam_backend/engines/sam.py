@@ -263,7 +263,8 @@ class SamEngine:
         arch = SamArchitecture.from_state_dict(state)
         if model_type is not None and arch.name != model_type:
             raise EngineError(f"{path} holds a {arch.name} model but SAM_MODEL_TYPE={model_type}")
-        model = arch.build()
+        # Official architectures come from segment-anything's own registry; others from their shapes.
+        model = sam_model_registry[arch.name](checkpoint=None) if arch.name in sam_model_registry else arch.build()
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
