@@ -33,6 +33,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from urllib3.util.retry import Retry
 
 from sam_backend.config import Settings
+from sam_backend.errors import ClientError
 from sam_backend.netguard import AddressPolicy, BlockedAddress, guarded_adapter
 
 log = logging.getLogger(__name__)
@@ -43,13 +44,10 @@ MAX_RETRIES = 2  # on 429 and 5xx only, with backoff
 _REFRESH_MARGIN_S = 30.0
 
 
-class ImageError(Exception):
-    """The task's image cannot be had; `status` is the HTTP status that fits, `message` is safe to show."""
+class ImageError(ClientError):
+    """The task's image cannot be had (422 unless a more precise status fits)."""
 
-    def __init__(self, message: str, status: int = 422) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
+    default_status = 422
 
 
 @dataclass(frozen=True)

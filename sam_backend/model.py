@@ -29,6 +29,7 @@ from sam_backend import __version__
 from sam_backend.cache import EmbeddingCache
 from sam_backend.config import Settings
 from sam_backend.engines import Embedding, Engine, EngineError, make_engine
+from sam_backend.errors import ClientError
 from sam_backend.images import ImageError, ImageFetcher, LoadedImage, safe_url
 from sam_backend.metrics import Metrics
 from sam_backend.prompts import ObjectPrompt, PromptError, parse_context
@@ -42,13 +43,8 @@ URL_MEMO_ENTRIES = 4096
 URL_MEMO_TTL_S = 600.0
 
 
-class RequestError(Exception):
-    """The request cannot be served; `status` is the HTTP status, `message` is safe to show."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
+class RequestError(ClientError):
+    """The request itself cannot be served (400)."""
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from werkzeug.exceptions import HTTPException
 
 from sam_backend.config import Settings
 from sam_backend.engines import EngineError
-from sam_backend.images import ImageError
+from sam_backend.errors import ClientError
 from sam_backend.model import RequestError, SamBackend
 from sam_backend.prompts import PromptError
 
@@ -152,9 +152,8 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
     def metrics() -> Response:
         return Response(backend.metrics.render(), mimetype="text/plain; version=0.0.4")
 
-    @app.errorhandler(RequestError)
-    @app.errorhandler(ImageError)
-    def _known(exc: RequestError | ImageError) -> Response:
+    @app.errorhandler(ClientError)
+    def _known(exc: ClientError) -> Response:
         log.warning("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
         return _error(exc.message, exc.status)
 

@@ -360,6 +360,7 @@ def mutated_images(draw):
     return bytes(data)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # PIL warns about the damaged TIFF tags we feed it
 @settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.binary(max_size=256) | mutated_images())
 def test_fuzz_image_decoder(data):
