@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-import time
+import threading
 
 import cv2
 import numpy as np
@@ -85,11 +85,19 @@ def test_setup_without_mask_control_is_refused(scene):
 
 
 def test_task_opened_answers_empty_and_precomputes(scene):
-    client, backend, _ = make(scene[0])
-    t0 = time.perf_counter()
+    gate = threading.Event()
+
+    class GatedEngine(GrabCutEngine):
+        def embed(self, image):
+            gate.wait(30)  # the encode cannot finish before the test lets it
+            return super().embed(image)
+
+    client, backend, _ = make(scene[0], engine_factory=GatedEngine)
     resp = client.post("/predict", json=body_for("predict.task-opened"))
-    assert time.perf_counter() - t0 < 0.1
+    # The answer came back while the encode was still held: it never waits for the model.
     assert resp.status_code == 200 and resp.json["results"] == []
+    assert backend.cache.stats().entries == 0
+    gate.set()
     assert backend.wait_precomputed(30)
     assert backend.cache.stats().entries == 1 and backend.cache.stats().misses == 1
     resp = client.post("/predict", json=body_for("predict.browser-1-click"))
