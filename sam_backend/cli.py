@@ -238,3 +238,19 @@ def up(state: Path, ls_port: int, port: int) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@main.command()
+@click.option("--project", type=int, required=True, help="Label Studio project whose task images to encode.")
+@click.option("--backend", "backend_url", default="http://127.0.0.1:9090", show_default=True,
+              help="The running backend that will hold the embeddings.")
+@click.option("--limit", type=int, default=None, help="At most this many tasks (default: as many as the cache holds).")
+def precompute(project: int, backend_url: str, limit: int | None) -> None:
+    """Have a running backend encode a project's images ahead of the first click (progress bar)."""
+    from sam_backend.precompute import PrecomputeError, run_precompute
+
+    try:
+        summary = run_precompute(_settings(), project, backend_url.rstrip("/"), limit)
+    except PrecomputeError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(summary))

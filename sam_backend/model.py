@@ -325,6 +325,12 @@ class SamBackend:
                     self._queued.discard(url)
                 self._queue.task_done()
 
+    @property
+    def precompute_pending(self) -> int:
+        """Images queued or being encoded by the precompute worker."""
+        with self._queued_lock:
+            return len(self._queued)
+
     def wait_precomputed(self, timeout_s: float = 60.0) -> bool:
         """Block until the precompute queue is empty (tests and `precompute`); False on timeout."""
         deadline = time.monotonic() + timeout_s

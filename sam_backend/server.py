@@ -124,7 +124,9 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
     @app.get("/health")
     def health() -> Response:
         return jsonify({"status": "UP", "model_class": "SamBackend", "model_version": backend.model_version,
-                        "engine_ready": backend.engine.ready, "engine_error": backend.engine.error})
+                        "engine_ready": backend.engine.ready, "engine_error": backend.engine.error,
+                        "precompute_pending": backend.precompute_pending,
+                        "cache_entries": backend.cache.stats().entries})
 
     @app.post("/setup")
     def setup() -> Response:

@@ -300,3 +300,25 @@ def test_export_a_project_read_from_label_studio(ls, tmp_path):
     seg = ann["segmentation"]
     decoded = mask_utils.decode({"size": seg["size"], "counts": seg["counts"].encode()}).astype(bool)
     assert np.array_equal(decoded, region_mask(region)) and iou(decoded, truth) >= 0.8
+
+
+def test_precompute_command_warms_the_running_backend(ls, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from sam_backend.cli import main
+
+    backend = backend_for(ls, tmp_path)
+    try:
+        images = {f"pre{i}.png": png_bytes(textured_background(H, W, seed=20 + i)) for i in range(3)}
+        project, tasks, ml = setup_project(ls, "points-and-boxes-brush.xml", images, backend)
+        monkeypatch.setenv("LABEL_STUDIO_URL", ls.url)
+        monkeypatch.setenv("LABEL_STUDIO_API_KEY", ls.pat)
+        result = CliRunner().invoke(main, ["precompute", "--project", str(project), "--backend", backend.url])
+        assert result.exit_code == 0, result.output
+        assert "precompute: 100%" in result.output and '"queued": 3' in result.output
+        misses = backend.backend.cache.stats().misses
+        assert backend.backend.cache.stats().entries == 3 and misses == 3
+        ls.interactive(ml, tasks[1], [keypoint(CX, CY)])
+        assert backend.backend.cache.stats().misses == misses  # the click found its embedding ready
+    finally:
+        backend.stop()
