@@ -290,7 +290,8 @@ class ImageFetcher:
             except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
                 raise ImageError(f"image {safe_url(url)}: download broke off ({exc.__class__.__name__})",
                                  status=502) from None
-            if declared and declared.isdigit() and len(buf) != int(declared):
+            identity = resp.headers.get("Content-Encoding", "identity").lower() == "identity"
+            if identity and declared and declared.isdigit() and len(buf) != int(declared):
                 raise ImageError(f"image {safe_url(url)}: got {len(buf)} of {declared} bytes; the download broke off",
                                  status=502)
             return bytes(buf)
