@@ -35,6 +35,8 @@ from label_studio_sdk.converter.brush import decode_rle
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from sam_backend.masks import mask_to_coco, mask_to_polygons
+
 log = logging.getLogger(__name__)
 
 REGION_TYPES = ("brushlabels", "polygonlabels", "rectanglelabels", "keypointlabels")
@@ -193,57 +195,6 @@ def polygon_to_mask(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     return mask_utils.decode(mask_utils.merge(rles)).astype(bool)
 
 
-def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
-    """`(H, W) bool` → COCO compressed RLE with `counts` as str (column-major)."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
-def _grow_half_pixel(poly: np.ndarray) -> np.ndarray:
-    """Move each vertex of a closed polygon 0.5 px outward (miter, capped at 1 px).
-
-    OpenCV contours run through the centres of the border pixels; COCO rasterises a polygon by
-    area, so a contour polygon loses half a pixel all round (IoU ≈ 0.9 on a 20 px object). The
-    grown polygon follows the pixels' outer edges instead.
-    """
-    p = poly.astype(np.float64)
-    area2 = np.sum(p[:, 0] * np.roll(p[:, 1], -1) - np.roll(p[:, 0], -1) * p[:, 1])
-    edges = np.roll(p, -1, axis=0) - p
-    lengths = np.linalg.norm(edges, axis=1, keepdims=True)
-    lengths[lengths == 0] = 1.0
-    d = edges / lengths
-    # Outward normal: right of the direction for a counter-clockwise (y down: area2 > 0) ring.
-    normals = np.stack([d[:, 1], -d[:, 0]], axis=1) * (1.0 if area2 > 0 else -1.0)
-    prev = np.roll(normals, 1, axis=0)
-    bisector = prev + normals
-    denom = 1.0 + np.sum(prev * normals, axis=1, keepdims=True)
-    offset = np.where(denom > 1e-6, 0.5 * bisector / np.maximum(denom, 1e-6), 0.5 * normals)
-    norm = np.linalg.norm(offset, axis=1, keepdims=True)
-    offset = np.where(norm > 1.0, offset / norm, offset)
-    return p + offset
-
-
-def mask_to_polygons(mask: np.ndarray, tolerance_px: float) -> tuple[list[list[float]], bool]:
-    """Outer contours (simplified, on pixel edges) as COCO polygons `[x1, y1, ...]` in pixels;
-    also whether holes were dropped."""
-    contours, hierarchy = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
-    polygons, holes = [], False
-    h, w = mask.shape
-    for i, contour in enumerate(contours):
-        if hierarchy is not None and hierarchy[0][i][3] != -1:
-            holes = True
-            continue
-        approx = cv2.approxPolyDP(contour, tolerance_px, True) if tolerance_px > 0 else contour
-        approx = approx.reshape(-1, 2)
-        if len(approx) < 3:  # a one-pixel-wide sliver: keep its pixel outline
-            x, y, bw, bh = cv2.boundingRect(contour)
-            approx = np.array([[x, y], [x + bw - 1, y], [x + bw - 1, y + bh - 1], [x, y + bh - 1]])
-        grown = _grow_half_pixel(approx)
-        grown = np.clip(grown, [0, 0], [w, h])
-        polygons.append([round(float(v), 2) for v in grown.ravel()])
-    return polygons, holes
-
-
 # -- per task work (runs in worker processes) ------------------------------------------------
 
 @dataclass
@@ -347,9 +298,10 @@ def _export_task(item: tuple[int, dict[str, Any], str]) -> _TaskOut:
             if not mask.any():
                 result.warnings.append(f"{where}: empty mask, skipped")
                 continue
-            rle = mask_to_rle(mask)
-            entry["area"] = float(mask_utils.area(rle))
-            entry["bbox"] = [float(v) for v in mask_utils.toBbox(rle)]
+            coco = mask_to_coco(mask)
+            rle = coco["segmentation"]
+            entry["area"] = float(coco["area"])
+            entry["bbox"] = coco["bbox"]
             if opts.polygons:
                 if kind == "polygonlabels":
                     entry["segmentation"] = [[float(v) for v in pixels.ravel()]]
@@ -528,26 +480,18 @@ def fetch_project(base_url: str, api_key: str | None, project: int, timeout_s: f
     """Read a project's label config and its JSON export from Label Studio's API."""
     import requests
 
-    from sam_backend.images import ImageError, LabelStudioAuth
+    from sam_backend.errors import ClientError
+    from sam_backend.labelstudio import LabelStudioClient
 
     if not api_key:
         raise ExportError("--project needs LABEL_STUDIO_API_KEY (a personal access token)")
-    session = requests.Session()
-    auth = LabelStudioAuth(api_key, session, 30.0)
-    base = base_url.rstrip("/")
+    client = LabelStudioClient(base_url, api_key)
     try:
-        r = session.get(f"{base}/api/projects/{project}/", headers=auth.header(base), timeout=30)
-        if r.status_code != 200:
-            raise ExportError(f"Label Studio answered HTTP {r.status_code} for project {project}")
-        config = r.json().get("label_config") or ""
-        r = session.get(f"{base}/api/projects/{project}/export", params={"exportType": "JSON"},
-                        headers=auth.header(base), timeout=timeout_s)
-        if r.status_code != 200:
-            raise ExportError(f"Label Studio answered HTTP {r.status_code} to the export of project {project}")
-        return validate_tasks(r.json(), f"project {project}"), config
-    except ImageError as exc:
+        config = client.project(project).get("label_config") or ""
+        data = client.call("GET", f"/api/projects/{project}/export", params={"exportType": "JSON"},
+                           timeout=timeout_s).json()
+    except ClientError as exc:
         raise ExportError(exc.message) from None
-    except (requests.RequestException, ValueError) as exc:
-        if isinstance(exc, ExportError):
-            raise
-        raise ExportError(f"reading project {project} from {base} failed ({exc.__class__.__name__})") from None
+    except (RuntimeError, requests.RequestException, ValueError) as exc:
+        raise ExportError(f"reading project {project} from {client.url} failed: {exc}") from None
+    return validate_tasks(data, f"project {project}"), config

@@ -40,20 +40,86 @@ def label_studio_bin() -> str | None:
     return shutil.which("label-studio")
 
 
-class LabelStudio:
-    """A running Label Studio and an authenticated API session."""
+class LabelStudioClient:
+    """Label Studio's REST API with a personal access token (renewed Bearer) or a legacy token."""
+
+    def __init__(self, url: str, api_key: str | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.api = requests.Session()
+        self.pat: str | None = None
+        if api_key:
+            self.use_token(api_key)
+
+    def use_token(self, api_key: str) -> None:
+        """Authenticate every later call with `api_key`."""
+        self.pat = api_key
+        auth = LabelStudioAuth(api_key, requests.Session(), 10.0)
+        self.api.auth = lambda r: (r.headers.update(auth.header(self.url)), r)[1]
+
+    def legacy_token(self) -> str:
+        r = self.api.get(self.url + "/api/current-user/token", timeout=10)
+        r.raise_for_status()
+        return r.json()["token"]
+
+    # -- REST helpers -------------------------------------------------------------------------
+    def call(self, method: str, path: str, **kwargs) -> requests.Response:
+        """One request; raises RuntimeError naming the call and the status on HTTP >= 400."""
+        r = self.api.request(method, self.url + path, timeout=kwargs.pop("timeout", 120), **kwargs)
+        if r.status_code >= 400:
+            raise RuntimeError(f"{method} {path}: HTTP {r.status_code} {r.text[:300]}")
+        return r
+
+    def create_project(self, title: str, label_config: str) -> int:
+        return self.call("POST", "/api/projects/", json={"title": title, "label_config": label_config}).json()["id"]
+
+    def upload(self, project: int, files: dict[str, bytes]) -> list[int]:
+        """Upload image files; returns the new task ids in upload order."""
+        before = {t["id"] for t in self.tasks(project)}
+        # One field name per file: Label Studio keeps only one file per field name.
+        multipart = [(f"file{i}", (name, data, "application/octet-stream"))
+                     for i, (name, data) in enumerate(files.items())]
+        self.call("POST", f"/api/projects/{project}/import", files=multipart)
+        return sorted(t["id"] for t in self.tasks(project) if t["id"] not in before)
+
+    def project(self, project: int) -> dict:
+        return self.call("GET", f"/api/projects/{project}/").json()
+
+    def tasks(self, project: int) -> list[dict]:
+        r = self.call("GET", "/api/tasks/", params={"project": project, "page_size": 100_000})
+        data = r.json()
+        return data["tasks"] if isinstance(data, dict) else data
+
+    def task(self, task_id: int) -> dict:
+        return self.call("GET", f"/api/tasks/{task_id}/").json()
+
+    def projects(self) -> list[dict]:
+        data = self.call("GET", "/api/projects/", params={"page_size": 1000}).json()
+        return data["results"] if isinstance(data, dict) else data
+
+    def ml_backends(self, project: int) -> list[dict]:
+        return self.call("GET", "/api/ml/", params={"project": project}).json()
+
+    def add_ml_backend(self, project: int, url: str, interactive: bool = True, **extra) -> int:
+        body = {"url": url, "project": project, "is_interactive": interactive, "title": "sam-backend", **extra}
+        return self.call("POST", "/api/ml/", json=body).json()["id"]
+
+    def interactive(self, ml_id: int, task_id: int, result: list[dict]) -> dict:
+        return self.call("POST", f"/api/ml/{ml_id}/interactive-annotating",
+                         json={"task": task_id, "context": {"result": result}}).json()
+
+
+class LabelStudio(LabelStudioClient):
+    """A Label Studio process on 127.0.0.1 that this program starts and stops."""
 
     def __init__(self, data_dir: Path, email: str, password: str, port: int | None = None,
                  log_path: Path | None = None) -> None:
+        self.port = port or free_port()
+        super().__init__(f"http://127.0.0.1:{self.port}")
         self.data_dir = data_dir
         self.email = email
         self.password = password
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path or data_dir / "label-studio.log"
         self.proc: subprocess.Popen | None = None
-        self.pat: str | None = None
-        self.api = requests.Session()
 
     def start(self, timeout_s: float = 240.0, pat: str | None = None) -> LabelStudio:
         """Start the server, wait for /health, and authenticate with `pat` (else a new token)."""
@@ -83,9 +149,7 @@ class LabelStudio:
             time.sleep(0.5)
         else:
             raise RuntimeError(f"Label Studio did not answer /health in {timeout_s:.0f} s; see {self.log_path}")
-        self.pat = pat or self.create_personal_access_token()
-        auth = LabelStudioAuth(self.pat, requests.Session(), 10.0)
-        self.api.auth = lambda r: (r.headers.update(auth.header(self.url)), r)[1]
+        self.use_token(pat or self.create_personal_access_token())
         return self
 
     def stop(self) -> None:
@@ -118,50 +182,3 @@ class LabelStudio:
             raise RuntimeError("this user already has a personal access token and Label Studio shows it only once; "
                                "revoke it in Account & Settings or pass the saved one")
         raise RuntimeError(f"could not create a personal access token: HTTP {r.status_code} {r.text[:200]}")
-
-    def legacy_token(self) -> str:
-        r = self.api.get(self.url + "/api/current-user/token", timeout=10)
-        r.raise_for_status()
-        return r.json()["token"]
-
-    # -- REST helpers -------------------------------------------------------------------------
-    def call(self, method: str, path: str, **kwargs) -> requests.Response:
-        r = self.api.request(method, self.url + path, timeout=kwargs.pop("timeout", 120), **kwargs)
-        if r.status_code >= 400:
-            raise RuntimeError(f"{method} {path}: HTTP {r.status_code} {r.text[:300]}")
-        return r
-
-    def create_project(self, title: str, label_config: str) -> int:
-        return self.call("POST", "/api/projects/", json={"title": title, "label_config": label_config}).json()["id"]
-
-    def upload(self, project: int, files: dict[str, bytes]) -> list[int]:
-        """Upload image files; returns the new task ids in upload order."""
-        before = {t["id"] for t in self.tasks(project)}
-        # One field name per file: Label Studio keeps only one file per field name.
-        multipart = [(f"file{i}", (name, data, "application/octet-stream"))
-                     for i, (name, data) in enumerate(files.items())]
-        self.call("POST", f"/api/projects/{project}/import", files=multipart)
-        return sorted(t["id"] for t in self.tasks(project) if t["id"] not in before)
-
-    def tasks(self, project: int) -> list[dict]:
-        r = self.call("GET", "/api/tasks/", params={"project": project, "page_size": 1000})
-        data = r.json()
-        return data["tasks"] if isinstance(data, dict) else data
-
-    def task(self, task_id: int) -> dict:
-        return self.call("GET", f"/api/tasks/{task_id}/").json()
-
-    def projects(self) -> list[dict]:
-        data = self.call("GET", "/api/projects/", params={"page_size": 1000}).json()
-        return data["results"] if isinstance(data, dict) else data
-
-    def ml_backends(self, project: int) -> list[dict]:
-        return self.call("GET", "/api/ml/", params={"project": project}).json()
-
-    def add_ml_backend(self, project: int, url: str, interactive: bool = True, **extra) -> int:
-        body = {"url": url, "project": project, "is_interactive": interactive, "title": "sam-backend", **extra}
-        return self.call("POST", "/api/ml/", json=body).json()["id"]
-
-    def interactive(self, ml_id: int, task_id: int, result: list[dict]) -> dict:
-        return self.call("POST", f"/api/ml/{ml_id}/interactive-annotating",
-                         json={"task": task_id, "context": {"result": result}}).json()

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-import cv2
 import numpy as np
 from label_studio_sdk.label_interface import LabelInterface
 
@@ -30,9 +29,10 @@ from sam_backend.cache import EmbeddingCache
 from sam_backend.config import Settings
 from sam_backend.engines import Embedding, Engine, EngineError, make_engine
 from sam_backend.errors import ClientError
-from sam_backend.images import ImageError, ImageFetcher, LoadedImage, safe_url
+from sam_backend.images import ImageFetcher, LoadedImage, safe_url
+from sam_backend.masks import mask_to_polygons, polygon_area
 from sam_backend.metrics import Metrics
-from sam_backend.prompts import ObjectPrompt, PromptError, parse_context
+from sam_backend.prompts import ObjectPrompt, parse_context
 from sam_backend.refine import refine
 from sam_backend.rle import encode_brush
 
@@ -103,16 +103,13 @@ def mask_to_brush(mask: np.ndarray) -> list[int]:
 
 
 def mask_to_polygon(mask: np.ndarray, tolerance_px: float = 1.0) -> list[list[float]]:
-    """Outer contour of the largest component, simplified, as Label Studio percent `[[x, y], ...]`."""
+    """Outer contour of the largest component, simplified, on pixel edges, as Label Studio percent `[[x, y], ...]`."""
     h, w = mask.shape
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    if not contours:
+    polygons, _ = mask_to_polygons(mask, tolerance_px)
+    if not polygons:
         return []
-    contour = max(contours, key=cv2.contourArea)
-    approx = cv2.approxPolyDP(contour, tolerance_px, True).reshape(-1, 2)
-    if len(approx) < 3:
-        return []
-    return [[float(x) / w * 100.0, float(y) / h * 100.0] for x, y in approx]
+    largest = np.asarray(max(polygons, key=polygon_area)).reshape(-1, 2)
+    return [[float(x) / w * 100.0, float(y) / h * 100.0] for x, y in largest]
 
 
 class EngineHolder:
@@ -316,7 +313,7 @@ class SamBackend:
             url = self._queue.get()
             try:
                 self.embedding(url, self.engine.get())
-            except (ImageError, EngineError, PromptError, RequestError) as exc:
+            except (ClientError, EngineError) as exc:
                 log.warning("precompute of %s failed: %s", safe_url(url), getattr(exc, "message", exc))
             except Exception:
                 log.exception("precompute of %s failed", safe_url(url))

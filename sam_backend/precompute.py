@@ -16,7 +16,8 @@ import requests
 from tqdm import tqdm
 
 from sam_backend.config import Settings
-from sam_backend.images import ImageError, LabelStudioAuth
+from sam_backend.errors import ClientError
+from sam_backend.labelstudio import LabelStudioClient
 
 log = logging.getLogger(__name__)
 EMBEDDING_MB = 4
@@ -45,20 +46,13 @@ def run_precompute(settings: Settings, project: int, backend: str, limit: int | 
     """Queue every task image of `project` (up to the cache's capacity) and wait until all are encoded."""
     if not settings.label_studio_url or not settings.label_studio_api_key:
         raise PrecomputeError("precompute needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
-    base = settings.label_studio_url
-    ls = requests.Session()
-    auth = LabelStudioAuth(settings.label_studio_api_key, ls, 30.0)
+    client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
     try:
-        headers = auth.header(base)
-        config = ls.get(f"{base}/api/projects/{project}/", headers=headers, timeout=30).json()["label_config"]
-        r = ls.get(f"{base}/api/tasks/", params={"project": project, "page_size": 100_000}, headers=headers,
-                   timeout=120)
-        r.raise_for_status()
-        data = r.json()
-        tasks = data["tasks"] if isinstance(data, dict) else data
-    except (requests.RequestException, ValueError, KeyError, ImageError) as exc:
-        raise PrecomputeError(f"reading project {project} from {base} failed: "
-                              f"{getattr(exc, 'message', exc.__class__.__name__)}") from None
+        config = client.project(project)["label_config"]
+        tasks = client.tasks(project)
+    except (ClientError, RuntimeError, requests.RequestException, ValueError, KeyError) as exc:
+        raise PrecomputeError(f"reading project {project} from {client.url} failed: "
+                              f"{getattr(exc, 'message', exc)}") from None
     capacity = max(1, settings.cache_mb // EMBEDDING_MB)
     wanted = min(len(tasks), limit if limit is not None else capacity)
     if wanted < len(tasks):

@@ -18,8 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from pycocotools import mask as mask_utils
+from sam_backend.masks import mask_to_coco
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +60,6 @@ _JSON_COLUMNS = ("prompt", "bbox", "mask_bbox", "coco_annotation")
 
 class StoreError(RuntimeError):
     """The database cannot be opened or is newer than this program."""
-
-
-def mask_to_coco(mask: np.ndarray, category: str | None = None) -> dict[str, Any]:
-    """`(H, W) bool` → COCO annotation dict: compressed RLE (`counts` as str), `area`, `bbox` XYWH."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
-            "area": int(mask_utils.area(rle)), "bbox": [float(v) for v in mask_utils.toBbox(rle)], "iscrowd": 0,
-            "category": category}
 
 
 def utc_now() -> str:

@@ -11,10 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-import requests
-
-from sam_backend.images import LabelStudioAuth
-from sam_backend.labelstudio import LabelStudio, label_studio_bin
+from sam_backend.labelstudio import LabelStudioClient, label_studio_bin
 
 
 def start_up(state: Path, ls_port: int, port: int, timeout_s: float = 240) -> tuple[subprocess.Popen, str]:
@@ -43,10 +40,7 @@ def start_up(state: Path, ls_port: int, port: int, timeout_s: float = 240) -> tu
     raise AssertionError("up did not get ready:\n" + "".join(seen))
 
 
-def client_for(state: Path, ls_port: int) -> tuple[LabelStudio, dict]:
+def client_for(state: Path, ls_port: int) -> tuple[LabelStudioClient, dict]:
     """An API client for the Label Studio that `up` started, with the credentials it saved."""
     creds = json.loads((state / "credentials.json").read_text())
-    ls = LabelStudio(state / "label-studio", creds["email"], creds["password"], port=ls_port)
-    auth = LabelStudioAuth(creds["pat"], requests.Session(), 10)
-    ls.api.auth = lambda r: (r.headers.update(auth.header(ls.url)), r)[1]
-    return ls, creds
+    return LabelStudioClient(f"http://127.0.0.1:{ls_port}", creds["pat"]), creds
