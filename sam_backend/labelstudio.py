@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -130,6 +131,7 @@ class LabelStudio(LabelStudioClient):
                    SSRF_PROTECTION_ENABLED="false", LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK="true",
                    SENTRY_DSN="", FRONTEND_SENTRY_DSN="", COLLECT_ANALYTICS="false")
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        env["SECRET_KEY"] = self._secret_key()
         out = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the process's life
         self.proc = subprocess.Popen(
             [binary, "start", "--no-browser", "--internal-host", "127.0.0.1", "--host", self.url,
@@ -151,6 +153,19 @@ class LabelStudio(LabelStudioClient):
             raise RuntimeError(f"Label Studio did not answer /health in {timeout_s:.0f} s; see {self.log_path}")
         self.use_token(pat or self.create_personal_access_token())
         return self
+
+    def _secret_key(self) -> str:
+        """Django's SECRET_KEY (it signs the personal access tokens), made once and kept in the data dir.
+
+        Left to itself, Label Studio writes a random key into `<data dir>/.env` on first start, and its
+        processes can race to write two: after a restart the saved token then fails signature checks.
+        """
+        path = self.data_dir / ".sam-backend-secret-key"
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(50))
+        return path.read_text().strip()
 
     def stop(self) -> None:
         """Terminate the server (SIGTERM, then SIGKILL after 20 s)."""
