@@ -135,8 +135,9 @@ class LabelStudio(LabelStudioClient):
         out = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the process's life
         self.proc = subprocess.Popen(
             [binary, "start", "--no-browser", "--internal-host", "127.0.0.1", "--host", self.url,
-             "--port", str(self.port), "--data-dir", str(self.data_dir), "--username", self.email,
-             "--password", self.password],
+             "--port", str(self.port), "--data-dir", str(self.data_dir),
+             # "--opt=value": a generated password may begin with "-", which argparse takes for an option
+             f"--username={self.email}", f"--password={self.password}"],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
