@@ -21,8 +21,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from sam_backend.export import ExportOptions, export
-from sam_backend.model import mask_to_brush
+from sam_backend.labelstudio.results import mask_to_brush
+from sam_backend.sidecar.export import ExportOptions, export
 
 log = logging.getLogger("bench_export")
 

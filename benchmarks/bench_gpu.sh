@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 for model in vit_b vit_h; do
-  SAM_DEVICE=cuda python3 -m sam_backend.cli bench --json --random-weights --model-type "$model" --repeats 10
+  SAM_DEVICE=cuda python3 -m sam_backend bench --json --random-weights --model-type "$model" --repeats 10
 done

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sam_backend.store import Store
+from sam_backend.sidecar.store import Store
 
 
 def fill(path: Path, rows: int, tasks: int) -> None:

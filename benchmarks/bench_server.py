@@ -22,11 +22,11 @@ import cv2
 import requests
 from werkzeug.serving import make_server
 
-from sam_backend.bench import bench_image, bench_prompts
+from sam_backend.commands.bench import bench_image, bench_prompts
 from sam_backend.config import Settings
-from sam_backend.engines.sam import SamEngine
-from sam_backend.model import SamBackend
-from sam_backend.server import create_app
+from sam_backend.segment.engines.sam import SamEngine
+from sam_backend.serving.app import create_app
+from sam_backend.serving.backend import SamBackend
 
 CONFIG = (Path(__file__).resolve().parents[1] / "label_config" / "points-and-boxes-brush.xml").read_text()
 

@@ -62,7 +62,7 @@ class Settings:
         """The checkpoint to load: `SAM_CHECKPOINT`, else the official file name in the checkpoint dir."""
         if self.checkpoint is not None:
             return self.checkpoint
-        from sam_backend.download import CHECKPOINTS
+        from sam_backend.segment.checkpoints import CHECKPOINTS
 
         return self.checkpoint_dir / CHECKPOINTS[self.model_type].filename
 
@@ -85,6 +85,11 @@ class Settings:
         url = r.text("LABEL_STUDIO_URL")
         if url is not None and not url.startswith(("http://", "https://")):
             raise ConfigError(f"LABEL_STUDIO_URL: expected an http(s) URL, got {url!r}")
+        if r.text("LABEL_STUDIO_API_KEY") and url is None:
+            # Without a configured address the key would go wherever a `/setup` call points.
+            raise ConfigError("LABEL_STUDIO_API_KEY is set but LABEL_STUDIO_URL is not: the key is only ever sent to "
+                              "the Label Studio address you configure; set LABEL_STUDIO_URL (e.g. "
+                              "http://127.0.0.1:8080) or unset LABEL_STUDIO_API_KEY")
         root = r.text("LOCAL_FILES_DOCUMENT_ROOT")
         hosts = tuple(h.strip().lower() for h in (r.text("SAM_ALLOWED_HOSTS") or "").split(",") if h.strip())
         return cls(

@@ -66,6 +66,6 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_checkpoint):
-    from sam_backend.engines.sam import SamEngine
+    from sam_backend.segment.engines.sam import SamEngine
 
     return SamEngine.from_checkpoint(tiny_checkpoint, device="cpu", precision="fp32")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from sam_backend.model import mask_to_brush
+from sam_backend.labelstudio.results import mask_to_brush
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>

@@ -11,7 +11,8 @@ import threading
 import time
 from pathlib import Path
 
-from sam_backend.labelstudio import LabelStudioClient, label_studio_bin
+from sam_backend.labelstudio.client import LabelStudioClient
+from sam_backend.labelstudio.process import label_studio_bin
 
 
 def start_up(state: Path, ls_port: int, port: int, timeout_s: float = 240) -> tuple[subprocess.Popen, str]:
@@ -19,7 +20,7 @@ def start_up(state: Path, ls_port: int, port: int, timeout_s: float = 240) -> tu
     env = dict(os.environ, SAM_ENGINE="grabcut", PYTHONUNBUFFERED="1")
     if label_studio_bin():
         env["LABEL_STUDIO_BIN"] = label_studio_bin()
-    proc = subprocess.Popen([sys.executable, "-m", "sam_backend.cli", "up", "--state", str(state), "--ls-port",
+    proc = subprocess.Popen([sys.executable, "-m", "sam_backend", "up", "--state", str(state), "--ls-port",
                              str(ls_port), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env)
     lines: queue.Queue[str] = queue.Queue()

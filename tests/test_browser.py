@@ -18,9 +18,9 @@ from conftest import ROOT
 from label_studio_sdk.converter.brush import decode_rle
 from stack import client_for, start_up
 
-from sam_backend.labelstudio import free_port
-from sam_backend.store import Store
-from sam_backend.up import HERO
+from sam_backend.commands.up import HERO
+from sam_backend.labelstudio.client import free_port
+from sam_backend.sidecar.store import Store
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from sam_backend.cache import EmbeddingCache
+from sam_backend.serving.cache import EmbeddingCache
 
 
 def blob(n: int) -> np.ndarray:

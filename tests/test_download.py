@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from click.testing import CliRunner
 
-from sam_backend.cli import main
-from sam_backend.download import CHECKPOINTS, ChecksumError, DownloadError, download_checkpoint
+from sam_backend.commands.cli import main
+from sam_backend.segment.checkpoints import CHECKPOINTS, ChecksumError, DownloadError, download_checkpoint
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 DIGEST = hashlib.sha256(PAYLOAD).hexdigest()

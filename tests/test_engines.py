@@ -7,10 +7,11 @@ import pytest
 import torch
 from synthetic import disc_scene, iou, rect_scene
 
-from sam_backend.engines import EngineError
-from sam_backend.engines.grabcut import GrabCutEngine
-from sam_backend.engines.sam import SamArchitecture, SamEngine
-from sam_backend.prompts import ObjectPrompt
+from sam_backend.segment.engines import EngineError
+from sam_backend.segment.engines.grabcut import GrabCutEngine
+from sam_backend.segment.engines.sam import SamArchitecture, SamEngine
+from sam_backend.segment.geometry import ImageSize
+from sam_backend.segment.prompts import ObjectPrompt
 
 
 def prompt(points=(), labels=(), box=None, size=(320, 240)):
@@ -38,8 +39,8 @@ def test_official_architectures_are_recognised():
 def test_embed_shapes(tiny_engine):
     image, _, _ = disc_scene()
     emb = tiny_engine.embed(image)
-    assert emb.image_size == (240, 320)
-    assert tuple(emb.data.features.shape) == (1, 64, 16, 16) and emb.data.features.dtype == torch.float32
+    assert emb.image_size == ImageSize(width=320, height=240)
+    assert tuple(emb.features["image_embed"].shape) == (1, 64, 16, 16) and emb.features["image_embed"].dtype == torch.float32
     assert emb.nbytes == 64 * 16 * 16 * 4
 
 
@@ -82,7 +83,7 @@ def test_bf16_engine_gives_a_distinct_cache_identity(tiny_engine):
     other = tiny_engine.with_precision("bf16")
     assert other.engine_id != tiny_engine.engine_id and other.model is tiny_engine.model
     image, _, _ = disc_scene()
-    assert other.embed(image).data.features.dtype == torch.float32
+    assert other.embed(image).features["image_embed"].dtype == torch.float32
 
 
 def test_missing_checkpoint_names_the_command(tmp_path):
@@ -166,6 +167,68 @@ def test_grabcut_downscales_large_images_and_returns_full_size():
     engine = GrabCutEngine(max_side=160)
     image, truth, (cx, cy, r) = disc_scene(h=480, w=640)
     emb = engine.embed(image)
-    assert emb.data[0].shape[:2] == (120, 160)
+    assert emb.features["image"].shape[:2] == (120, 160)
     pred = engine.predict(emb, prompt(box=(cx - r - 8, cy - r - 8, cx + r + 8, cy + r + 8), size=(640, 480)))
     assert pred.masks.shape == (1, 480, 640) and iou(pred.masks[0], truth) >= 0.85
+
+
+# -- the engine against segment-anything's own predictor, and embeddings as bytes ---------------
+
+PREDICTOR_CASES = {
+    "one click": dict(points=[(160, 120)], labels=[1]),
+    "click and negative": dict(points=[(160, 120), (40, 30)], labels=[1, 0]),
+    "box": dict(box=(90, 55, 230, 170)),
+    "box and click": dict(points=[(150, 110)], labels=[1], box=(90, 55, 230, 170)),
+}
+
+
+@pytest.mark.parametrize("case", list(PREDICTOR_CASES))
+def test_predict_matches_segment_anythings_predictor(tiny_engine, case):
+    """The engine uses segment-anything's public pieces; SamPredictor is the reference it must equal."""
+    from segment_anything import SamPredictor
+
+    image, _, _ = disc_scene()
+    spec = PREDICTOR_CASES[case]
+    p = prompt(spec.get("points", ()), spec.get("labels", ()), spec.get("box"))
+    ours = tiny_engine.predict(tiny_engine.embed(image), p)
+    reference = SamPredictor(tiny_engine.model)
+    reference.set_image(image)
+    masks, scores, logits = reference.predict(
+        point_coords=p.points if len(p.points) else None, point_labels=p.labels if len(p.points) else None,
+        box=p.box, multimask_output=len(p.points) == 1 and p.box is None)
+    assert ours.masks.shape == masks.shape and np.array_equal(ours.masks, masks)
+    assert np.allclose(ours.scores, scores, atol=1e-6) and np.allclose(ours.low_res_logits, logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("engine_name", ["sam", "grabcut"])
+def test_embedding_round_trips_through_bytes(tiny_engine, engine_name):
+    engine = tiny_engine if engine_name == "sam" else GrabCutEngine()
+    image, _, (cx, cy, _) = disc_scene()
+    emb = engine.embed(image)
+    data = engine.dump(emb)
+    back = engine.load(data)
+    assert back.engine_id == emb.engine_id and back.image_size == emb.image_size and back.meta == emb.meta
+    for name, array in emb.features.items():
+        original = array.cpu().numpy() if isinstance(array, torch.Tensor) else array
+        restored = back.features[name].cpu().numpy() if isinstance(back.features[name], torch.Tensor) else \
+            back.features[name]
+        assert restored.dtype == original.dtype and np.array_equal(restored, original)
+    p = prompt([(cx, cy)], [1])
+    assert np.array_equal(engine.predict(back, p).masks, engine.predict(emb, p).masks)
+
+
+def test_torn_or_foreign_embedding_bytes_are_refused(tiny_engine):
+    from sam_backend.segment.embedding import EmbeddingFormatError
+
+    image, _, _ = disc_scene()
+    data = tiny_engine.dump(tiny_engine.embed(image))
+    with pytest.raises(EmbeddingFormatError, match="torn"):
+        tiny_engine.load(data[:-100])
+    flipped = bytearray(data)
+    flipped[-1] ^= 0xFF
+    with pytest.raises(EmbeddingFormatError, match="crc32"):
+        tiny_engine.load(bytes(flipped))
+    with pytest.raises(EmbeddingFormatError, match="not an embedding"):
+        tiny_engine.load(b"\x80\x04\x95pickle" + data[16:])
+    with pytest.raises(EngineError, match="embedding from"):
+        tiny_engine.with_precision("bf16").load(data)

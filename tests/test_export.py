@@ -15,9 +15,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from synthetic import iou
 
-from sam_backend.cli import main
+from sam_backend.commands.cli import main
 from sam_backend.config import Settings
-from sam_backend.export import ExportError, ExportOptions, categories_from_config, export, load_tasks
+from sam_backend.sidecar.export import ExportError, ExportOptions, categories_from_config, export, load_tasks
 
 
 def run(tasks, tmp_path, **opts):

@@ -24,13 +24,14 @@ from synthetic import iou, textured_background
 from werkzeug.serving import make_server
 
 from sam_backend.config import Settings
-from sam_backend.engines import EngineError
-from sam_backend.engines.grabcut import GrabCutEngine
-from sam_backend.images import MAX_RETRIES, ImageError, ImageFetcher, decode_image
-from sam_backend.model import SamBackend
-from sam_backend.netguard import AddressPolicy, BlockedAddress, describe
-from sam_backend.prompts import ObjectPrompt, PromptError, parse_context
-from sam_backend.server import create_app
+from sam_backend.labelstudio.context import parse_context
+from sam_backend.labelstudio.images import MAX_RETRIES, ImageError, ImageFetcher, decode_image
+from sam_backend.labelstudio.netguard import AddressPolicy, BlockedAddress, describe
+from sam_backend.segment.engines import EngineError
+from sam_backend.segment.engines.grabcut import GrabCutEngine
+from sam_backend.segment.prompts import ObjectPrompt, PromptError
+from sam_backend.serving.app import create_app
+from sam_backend.serving.backend import SamBackend
 
 PNG = io.BytesIO()
 Image.fromarray(np.full((12, 16, 3), 90, np.uint8)).save(PNG, format="PNG")
@@ -418,7 +419,7 @@ def test_download_cut_mid_stream_leaves_nothing_cached(ls_server, tmp_path):
     try:
         r = requests.post(url + "/predict", json=click("/data/cut", 8, 6, 16, 12), timeout=30)
         assert r.status_code == 502 and "broke off" in r.json()["errors"][0]
-        assert backend.cache.stats().entries == 0 and backend.url_memo.stats().entries == 0
+        assert backend.cache.stats().entries == 0 and backend.memory.images.stats().entries == 0
         r = requests.post(url + "/predict", json=click("/data/upload/ok.png", 8, 6, 16, 12), timeout=30)
         assert r.status_code == 200
     finally:
@@ -492,7 +493,7 @@ def test_fifty_concurrent_clicks_on_one_new_image_encode_it_once(tmp_path):
 
 @pytest.mark.slow
 def test_health_answers_while_vit_b_encodes(tmp_path):
-    from sam_backend.engines.sam import SamEngine
+    from sam_backend.segment.engines.sam import SamEngine
 
     for i in range(2):
         disc_png(tmp_path / f"big{i}.png", (300, 300), h=768, w=1024, seed=i)
@@ -555,7 +556,7 @@ def test_memory_stays_within_the_cache_cap_over_200_images(tmp_path):
 def test_redaction_filter_masks_keys_and_headers():
     import logging
 
-    from sam_backend.server import RedactSecrets
+    from sam_backend.serving.app import RedactSecrets
 
     flt = RedactSecrets(["s3cr3t-key-value"])
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "key %s and Authorization: Bearer abcdefghijklmn",
@@ -585,7 +586,7 @@ def test_checkpoint_with_a_pickle_payload_is_refused_at_start_and_the_payload_ne
 
     import torch
 
-    from sam_backend.engines.sam import SamEngine
+    from sam_backend.segment.engines.sam import SamEngine
 
     marker = tmp_path / "payload-ran"
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from sam_backend.config import Settings
-from sam_backend.images import ImageError, ImageFetcher, decode_image, safe_url
+from sam_backend.labelstudio.images import ImageError, ImageFetcher, decode_image, safe_url
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:

@@ -22,11 +22,12 @@ from synthetic import iou, textured_background
 from werkzeug.serving import make_server
 
 from sam_backend.config import Settings
-from sam_backend.engines.grabcut import GrabCutEngine
-from sam_backend.labelstudio import LabelStudio, free_port
-from sam_backend.model import SamBackend
-from sam_backend.server import create_app
-from sam_backend.store import AsyncRecorder, Store
+from sam_backend.labelstudio.client import free_port
+from sam_backend.labelstudio.process import LabelStudio
+from sam_backend.segment.engines.grabcut import GrabCutEngine
+from sam_backend.serving.app import create_app
+from sam_backend.serving.backend import SamBackend
+from sam_backend.sidecar.store import AsyncRecorder, Store
 
 pytestmark = pytest.mark.integration
 
@@ -178,7 +179,7 @@ def test_exif_rotated_jpeg(ls, tmp_path):
 
 
 def test_tiny_sam_gives_a_mask_of_the_image_size(ls, tmp_path, tiny_checkpoint):
-    from sam_backend.engines.sam import SamEngine
+    from sam_backend.segment.engines.sam import SamEngine
 
     image, _ = scene()
     backend = backend_for(ls, tmp_path, engine_factory=lambda: SamEngine.from_checkpoint(tiny_checkpoint,
@@ -234,7 +235,7 @@ def test_opening_a_task_precomputes(ls, tmp_path):
                 .read_text(), "project": f"{project}.0", "params": {"context": None}}
         resp = requests.post(backend.url + "/predict", json=body, timeout=5)
         assert resp.json()["results"] == []
-        assert backend.backend.wait_precomputed(30)
+        assert backend.backend.prewarm.wait(30)
         ls.interactive(ml, task, [keypoint(CX, CY)])
         assert backend.backend.cache.stats().misses == 1  # encoded once, in the background
         backend.recorder.flush()
@@ -245,7 +246,7 @@ def test_opening_a_task_precomputes(ls, tmp_path):
 
 
 def test_access_token_is_renewed_before_it_expires(ls):
-    from sam_backend.images import LabelStudioAuth
+    from sam_backend.labelstudio.auth import LabelStudioAuth
 
     auth = LabelStudioAuth(ls.pat, requests.Session(), 10.0)
     first = auth.header(ls.url)
@@ -257,7 +258,7 @@ def test_access_token_is_renewed_before_it_expires(ls):
 
 
 def test_doctor_from_the_users_side(ls, tmp_path):
-    from sam_backend.doctor import run_checks
+    from sam_backend.commands.doctor import run_checks
 
     image, _ = scene()
     backend = backend_for(ls, tmp_path)
@@ -280,7 +281,7 @@ def test_doctor_from_the_users_side(ls, tmp_path):
 def test_export_a_project_read_from_label_studio(ls, tmp_path):
     from pycocotools import mask as mask_utils
 
-    from sam_backend.export import ExportOptions, categories_from_config, export, fetch_project
+    from sam_backend.sidecar.export import ExportOptions, categories_from_config, export, fetch_project
 
     image, truth = scene()
     backend = backend_for(ls, tmp_path)
@@ -305,7 +306,7 @@ def test_export_a_project_read_from_label_studio(ls, tmp_path):
 def test_precompute_command_warms_the_running_backend(ls, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from sam_backend.cli import main
+    from sam_backend.commands.cli import main
 
     backend = backend_for(ls, tmp_path)
     try:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import load_request
 
-from sam_backend.prompts import ObjectPrompt, PromptError, parse_context
+from sam_backend.labelstudio.context import parse_context
+from sam_backend.segment.prompts import ObjectPrompt, PromptError
 
 
 def kp(x, y, label="Object", positive=None, where="result", w=640, h=480, name="kp"):

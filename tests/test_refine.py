@@ -7,8 +7,8 @@ import pytest
 from synthetic import disc_scene, iou, rect_scene
 
 from sam_backend.config import RefineSettings
-from sam_backend.prompts import ObjectPrompt
-from sam_backend.refine import clamp_to_box, fill_holes, keep_clicked_components, refine, remove_islands
+from sam_backend.segment.prompts import ObjectPrompt
+from sam_backend.segment.refine import clamp_to_box, fill_holes, keep_clicked_components, refine, remove_islands
 
 
 def speckle(mask: np.ndarray, n: int, size: int, seed: int = 0) -> np.ndarray:

@@ -7,7 +7,7 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle, mask2rle
 from lsexport import tricky_masks
 
-from sam_backend.rle import encode_brush
+from sam_backend.labelstudio.brush import encode_brush
 
 rng = np.random.default_rng(7)
 CASES = [

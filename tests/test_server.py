@@ -13,11 +13,11 @@ from label_studio_sdk.converter.brush import decode_rle
 from synthetic import iou, textured_background
 
 from sam_backend.config import Settings
-from sam_backend.engines import EngineError
-from sam_backend.engines.grabcut import GrabCutEngine
-from sam_backend.model import SamBackend
-from sam_backend.server import create_app
-from sam_backend.store import AsyncRecorder, Store
+from sam_backend.segment.engines import EngineError
+from sam_backend.segment.engines.grabcut import GrabCutEngine
+from sam_backend.serving.app import create_app
+from sam_backend.serving.backend import SamBackend
+from sam_backend.sidecar.store import AsyncRecorder, Store
 
 W, H = 640, 480
 CLICK = load_request("predict.browser-1-click")
@@ -98,7 +98,7 @@ def test_task_opened_answers_empty_and_precomputes(scene):
     assert resp.status_code == 200 and resp.json["results"] == []
     assert backend.cache.stats().entries == 0
     gate.set()
-    assert backend.wait_precomputed(30)
+    assert backend.prewarm.wait(30)
     assert backend.cache.stats().entries == 1 and backend.cache.stats().misses == 1
     resp = client.post("/predict", json=body_for("predict.browser-1-click"))
     assert resp.status_code == 200
@@ -138,14 +138,14 @@ def test_rectangle_and_negative_clicks(scene):
 
 
 def test_second_click_reuses_the_first_clicks_logits(scene, tiny_checkpoint):
-    from sam_backend.engines.sam import SamEngine
+    from sam_backend.segment.engines.sam import SamEngine
 
     client, backend, _ = make(scene[0], engine_factory=lambda: SamEngine.from_checkpoint(tiny_checkpoint, device="cpu"))
     assert client.post("/predict", json=body_for("predict.browser-1-click")).status_code == 200
-    assert backend.logits.stats().entries == 1
+    assert backend.memory.objects.stats().entries == 1
     resp = client.post("/predict", json=body_for("predict.browser-2-second-click"))
     assert resp.status_code == 200 and len(resp.json["results"][0]["result"]) <= 1
-    assert backend.logits.stats().hits == 1 and backend.logits.stats().entries == 2
+    assert backend.memory.objects.stats().hits == 1 and backend.memory.objects.stats().entries == 2
 
 
 def test_polygon_config_gives_polygon(scene):
@@ -193,7 +193,7 @@ def test_missing_image_and_traversal(scene):
 
 
 def test_missing_checkpoint_is_503_naming_the_command(scene, tmp_path):
-    from sam_backend.engines.sam import SamEngine
+    from sam_backend.segment.engines.sam import SamEngine
 
     client, _, _ = make(scene[0], engine_factory=lambda: SamEngine.from_checkpoint(tmp_path / "none.pth",
                                                                                     model_type="vit_b"))

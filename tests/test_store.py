@@ -11,17 +11,19 @@ import pytest
 from click.testing import CliRunner
 from pycocotools import mask as mask_utils
 
-from sam_backend.cli import main
-from sam_backend.store import SCHEMA_VERSION, Store, StoreError
+from sam_backend.commands.cli import main
+from sam_backend.sidecar.records import Interaction
+from sam_backend.sidecar.store import SCHEMA_VERSION, Store, StoreError
 
 
 def fields(task_id=1, project="3", created_at=None, mask=True):
     m = np.zeros((40, 60), bool)
     m[10:20, 5:25] = True
-    return {"project": project, "task_id": task_id, "image_id": "ab" * 32, "image_url": "/data/upload/3/x.png",
-            "prompt": {"points": [[12.5, 14.0, 1], [30.0, 5.0, 0]], "box": [1.0, 2.0, 50.0, 30.0], "label": "Cat"},
-            "engine": "grabcut/640/5", "model_version": "v", "score": 0.9, "mask": m if mask else None,
-            "label": "Cat", "latency_ms": 12.5, "cache_hit": True, "created_at": created_at}
+    return Interaction(project=project, task_id=task_id, image_id="ab" * 32, image_url="/data/upload/3/x.png",
+                       prompt={"points": [[12.5, 14.0, 1], [30.0, 5.0, 0]], "box": [1.0, 2.0, 50.0, 30.0],
+                               "label": "Cat"},
+                       engine="grabcut/640/5", model_version="v", score=0.9, mask=m if mask else None,
+                       label="Cat", latency_ms=12.5, cache_hit=True, created_at=created_at)
 
 
 def test_record_and_read_back(tmp_path):

@@ -12,7 +12,7 @@ import socket
 import pytest
 from stack import client_for, start_up
 
-from sam_backend.labelstudio import free_port
+from sam_backend.labelstudio.client import free_port
 
 pytestmark = pytest.mark.integration
 

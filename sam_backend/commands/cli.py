@@ -1,0 +1,261 @@
+"""Command line: `sam-backend download | bench | serve | doctor | history | export | up`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import click
+
+from sam_backend.config import ENGINES, MODEL_TYPES, ConfigError, Settings
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="-v for INFO, -vv for DEBUG logging.")
+def main(verbose: int) -> None:
+    """Segment Anything backend and mask exporter for Label Studio."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=min(level, logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+@main.command()
+@click.argument("model_type", type=click.Choice(MODEL_TYPES), default="vit_b")
+@click.option("--dest", type=click.Path(path_type=Path), default=None,
+              help="Folder for the checkpoint (default: SAM_CHECKPOINT_DIR or ./checkpoints).")
+@click.option("--url", default=None, help="Download from this mirror instead of the official URL.")
+@click.option("--sha256", "digest", default=None, help="Expected SHA-256 (required with a mirror of another file).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def download(model_type: str, dest: Path | None, url: str | None, digest: str | None, quiet: bool) -> None:
+    """Fetch an official SAM checkpoint, resumable, verified against its SHA-256."""
+    from sam_backend.segment.checkpoints import CHECKPOINTS, DownloadError, download_checkpoint
+
+    spec = CHECKPOINTS[model_type]
+    if url:
+        spec = replace(spec, url=url)
+    if digest:
+        spec = replace(spec, sha256=digest.lower(), size=None)
+    dest = dest or _settings().checkpoint_dir
+    try:
+        path = download_checkpoint(spec, dest, progress=not quiet)
+    except DownloadError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{path} verified (sha256 {spec.sha256})")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line, one line per engine.")
+@click.option("--engine", "engines", multiple=True, type=click.Choice(ENGINES),
+              help="Engine to measure; repeat to measure several in one run. Default: SAM_ENGINE.")
+@click.option("--model-type", type=click.Choice(MODEL_TYPES), default=None, help="Default: SAM_MODEL_TYPE.")
+@click.option("--random-weights", is_flag=True, help="Seeded random weights (timing does not depend on them).")
+@click.option("--repeats", default=3, show_default=True, help="Encoder runs per figure.")
+@click.option("--width", default=1024, show_default=True)
+@click.option("--height", default=768, show_default=True)
+def bench(as_json: bool, engines: tuple[str, ...], model_type: str | None, random_weights: bool, repeats: int,
+          width: int, height: int) -> None:
+    """Median timings of encoder, decoder and clicks; see sam_backend/commands/bench.py."""
+    from sam_backend.commands.bench import run_bench
+    from sam_backend.segment.engines import EngineError, make_engine
+
+    settings = _settings()
+    for name in engines or (settings.engine,):
+        try:
+            if name == "sam" and random_weights:
+                from sam_backend.segment.engines.sam import SamEngine
+
+                engine = SamEngine.random(model_type or settings.model_type, device=settings.device,
+                                          precision=settings.precision)
+            else:
+                engine = make_engine(replace(settings, engine=name, model_type=model_type or settings.model_type))
+        except EngineError as exc:
+            raise click.ClickException(str(exc)) from None
+        result = run_bench(engine, width=width, height=height, repeats=repeats, refine_settings=settings.refine)
+        if as_json:
+            click.echo(json.dumps(result))
+        else:
+            for key, value in result.items():
+                click.echo(f"{key:>22}  {value}")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 in a container).")
+@click.option("--port", default=9090, show_default=True)
+@click.option("--workers", default=1, show_default=True, help="Processes; each holds its own model and cache.")
+@click.option("--threads", default=8, show_default=True, help="Threads per process (health answers while encoding).")
+def serve(host: str, port: int, workers: int, threads: int) -> None:
+    """Serve the ML backend with gunicorn (threads)."""
+    from gunicorn.app.base import BaseApplication
+
+    from sam_backend.serving.app import create_app, install_redaction
+
+    settings = _settings()
+    logging.getLogger().setLevel(logging.INFO)
+    install_redaction(settings)
+
+    class _App(BaseApplication):
+        def load_config(self) -> None:
+            for key, value in {"bind": f"{host}:{port}", "workers": workers, "threads": threads,
+                               "worker_class": "gthread", "timeout": 300, "graceful_timeout": 10,
+                               "accesslog": None, "loglevel": "info"}.items():
+                self.cfg.set(key, value)
+
+        def load(self):  # noqa: ANN202 - gunicorn's signature
+            install_redaction(settings)
+            return create_app(settings)
+
+    click.echo(f"sam-backend {settings.engine} listening on http://{host}:{port}", err=True)
+    _App().run()
+
+
+@main.command()
+@click.option("--task", type=int, default=None, help="Only this task id.")
+@click.option("--project", default=None, help="Only this project id.")
+@click.option("--since", default=None, help="Only rows created at or after this ISO 8601 time (UTC).")
+@click.option("--limit", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--db", type=click.Path(path_type=Path), default=None, help="Default: SAM_METADATA_DB.")
+def history(task: int | None, project: str | None, since: str | None, limit: int | None, as_json: bool,
+            db: Path | None) -> None:
+    """Interactions recorded by the backend (sidecar SQLite)."""
+    from sam_backend.sidecar.store import Store
+
+    path = db or _settings().metadata_db
+    if not path.exists():
+        raise click.ClickException(f"{path} does not exist: no interaction was recorded yet (SAM_METADATA_DB)")
+    rows = Store(path).history(task=task, project=project, since=since, limit=limit)
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    header = f"{'id':>6}  {'created_at (UTC)':<29} {'project':>7} {'task':>6}  {'label':<16} {'score':>6} " \
+             f"{'area px':>9} {'ms':>7} {'hit':>4}"
+    click.echo(header)
+    for r in rows:
+        click.echo(f"{r['id']:>6}  {r['created_at']:<29} {r['project'] or '-':>7} {r['task_id'] or '-':>6}  "
+                   f"{(r['label'] or '-')[:16]:<16} {r['score'] or 0:>6.3f} {r['mask_area'] or 0:>9} "
+                   f"{r['latency_ms'] or 0:>7.1f} {'yes' if r['cache_hit'] else 'no':>4}")
+    click.echo(f"{len(rows)} interaction(s)", err=True)
+
+
+@main.command(name="export")
+@click.argument("source", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--project", type=int, default=None, help="Read project N from Label Studio instead of a file.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Labeling config XML (categories in its order); with --project it comes from the API.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
+              help="Output folder, or a .zip file (or use --zip).")
+@click.option("--zip", "as_zip", is_flag=True, help="Write one ZIP instead of a folder.")
+@click.option("--polygons", is_flag=True, help="COCO polygons instead of RLE (holes are lost: a warning says where).")
+@click.option("--tolerance", default=0.5, show_default=True, help="Polygon simplification tolerance in pixels.")
+@click.option("--masks/--no-masks", default=True, show_default=True, help="PNG masks (per object, instance, semantic).")
+@click.option("--crops/--no-crops", default=False, show_default=True, help="Objects cut out on transparent background "
+              "(downloads the images).")
+@click.option("--yolo/--no-yolo", default=True, show_default=True, help="YOLO-seg labels and data.yaml.")
+@click.option("--jobs", default=0, help="Worker processes (0: one per CPU).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def export_cmd(source: Path | None, project: int | None, config_path: Path | None, out: Path, as_zip: bool,
+               polygons: bool, tolerance: float, masks: bool, crops: bool, yolo: bool, jobs: int, overwrite: bool,
+               quiet: bool) -> None:
+    """Label Studio annotations → COCO (RLE or polygons), PNG masks, crops, YOLO-seg."""
+    from sam_backend.sidecar.export import (
+        ExportError,
+        ExportOptions,
+        categories_from_config,
+        categories_from_tasks,
+        export,
+        fetch_project,
+        load_tasks,
+    )
+
+    if (source is None) == (project is None):
+        raise click.UsageError("give either a Label Studio JSON export file or --project N")
+    settings = _settings()
+    try:
+        if project is not None:
+            if not settings.label_studio_url:
+                raise click.ClickException("--project needs LABEL_STUDIO_URL")
+            tasks, config = fetch_project(settings.label_studio_url, settings.label_studio_api_key, project)
+        else:
+            tasks, config = load_tasks(source), None
+        if config_path is not None:
+            config = config_path.read_text()
+        if config:
+            categories = categories_from_config(config)
+        else:
+            categories = categories_from_tasks(tasks)
+            logging.getLogger(__name__).warning("no --config: categories taken from the annotations (%s)",
+                                                ", ".join(categories))
+        zip_path = out if (as_zip or out.suffix == ".zip") else None
+        if zip_path is not None and zip_path.suffix != ".zip":
+            zip_path = zip_path.with_suffix(".zip")
+        options = ExportOptions(polygons=polygons, tolerance_px=tolerance, masks=masks, crops=crops, yolo=yolo,
+                                jobs=jobs, progress=not quiet)
+        summary = export(tasks, categories, out, options, fetch_settings=settings, zip_path=zip_path,
+                         overwrite=overwrite)
+    except ExportError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(summary.to_json(), indent=1))
+
+
+@main.command()
+@click.option("--project", type=int, default=None, help="Also download one task image of this project.")
+def doctor(project: int | None) -> None:
+    """Check Label Studio, the token, a task image, the checkpoint and the engine; each line OK or the fix."""
+    from sam_backend.commands.doctor import run_checks
+
+    failed = 0
+    for check in run_checks(_settings(), project=project):
+        click.echo(check.line())
+        failed += not check.ok
+    if failed:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.option("--state", type=click.Path(path_type=Path), default=Path(".sam-up"), show_default=True,
+              help="Folder for Label Studio's data, the credentials and the sidecar.")
+@click.option("--ls-port", default=8080, show_default=True, help="Label Studio port (127.0.0.1).")
+@click.option("--port", default=9090, show_default=True, help="Backend port (127.0.0.1).")
+def up(state: Path, ls_port: int, port: int) -> None:
+    """Start Label Studio and the backend, connected, with a demo project; Ctrl-C stops both."""
+    from sam_backend.commands.up import run_up
+
+    logging.getLogger().setLevel(logging.INFO)
+    _settings()
+    try:
+        raise SystemExit(run_up(state, ls_port, port))
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+
+@main.command()
+@click.option("--project", type=int, required=True, help="Label Studio project whose task images to encode.")
+@click.option("--backend", "backend_url", default="http://127.0.0.1:9090", show_default=True,
+              help="The running backend that will hold the embeddings.")
+@click.option("--limit", type=int, default=None, help="At most this many tasks (default: as many as the cache holds).")
+def precompute(project: int, backend_url: str, limit: int | None) -> None:
+    """Have a running backend encode a project's images ahead of the first click (progress bar)."""
+    from sam_backend.commands.precompute import PrecomputeError, run_precompute
+
+    try:
+        summary = run_precompute(_settings(), project, backend_url.rstrip("/"), limit)
+    except PrecomputeError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Label Studio brush RLE ↔ `(H, W) bool` masks: encoded with numpy, decoded with label-studio-sdk.
+
+Format (thi.ng rle-pack, as label-studio-sdk's `converter.brush` reads and writes it): a 32-bit
+value count, a 5-bit word size minus one (8 bits here), four 4-bit run-length field sizes minus
+one (3, 4, 8, 16), then tokens: `1, size index (2 bits), run length - 1, value` for a run, or
+`0, 00, 000, value` for a single value; zero bits pad to a whole byte (a whole extra byte when
+already aligned, as the SDK does). Values are the mask repeated over RGBA, row-major.
+
+The SDK's `encode_rle` builds this bit string in a Python loop per run: ≈0.3 s for a noisy
+1024 × 768 mask, which alone broke the click budget. This encoder is byte-identical to it
+(tests compare them) and does the same in a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from label_studio_sdk.converter.brush import decode_rle
+
+_SIZES = (3, 4, 8, 16)
+_HEADER_BITS = 32 + 5 + 16
+_MAX_RUN = 2**16
+
+
+def _bits(values: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """Concatenate `values[i]` written MSB-first in `widths[i]` bits (each ≤ 32) → `(sum,) uint8` of 0/1."""
+    left = (values.astype(np.uint64) << (32 - widths).astype(np.uint64)).astype(">u4")
+    bits = np.unpackbits(left.view(np.uint8).reshape(-1, 4), axis=1)
+    return bits[np.arange(32)[None, :] < widths[:, None]]
+
+
+def encode_brush(mask: np.ndarray) -> list[int]:
+    """`(H, W) bool` → Label Studio brush RLE bytes (alpha 255 inside the mask, 0 outside)."""
+    if mask.ndim != 2:
+        raise ValueError(f"mask: expected (H, W), got shape {mask.shape}")
+    flat = np.repeat(mask.reshape(-1).astype(np.uint8) * 255, 4)
+    n = flat.size
+    header = _bits(np.array([n, 7, *(s - 1 for s in _SIZES)], np.uint64), np.array([32, 5, 4, 4, 4, 4]))
+    if n == 0:
+        out = header
+    else:
+        ends = np.append(np.flatnonzero(flat[1:] != flat[:-1]), n - 1)
+        lengths = np.diff(np.append(-1, ends)).astype(np.int64)
+        values = flat[ends].astype(np.uint64)
+        # Runs longer than 2**16 are emitted as full 2**16 chunks plus the remainder.
+        chunks = np.maximum(0, (lengths - 1) // _MAX_RUN)
+        reps = chunks + 1
+        tok_values = np.repeat(values, reps)
+        tok_lengths = np.full(int(reps.sum()), _MAX_RUN, np.int64)
+        last = np.cumsum(reps) - 1
+        tok_lengths[last] = lengths - chunks * _MAX_RUN
+        size_idx = np.searchsorted(np.array([8, 16, 256]), tok_lengths, side="left")
+        size_bits = np.array(_SIZES)[size_idx]
+        single = tok_lengths == 1
+        flag = np.where(single, 0, 1).astype(np.uint64)
+        length_field = np.where(single, 0, tok_lengths - 1).astype(np.uint64)
+        size_idx = np.where(single, 0, size_idx)
+        size_bits = np.where(single, 3, size_bits)
+        code = (((flag << 2 | size_idx.astype(np.uint64)) << size_bits.astype(np.uint64) | length_field) << 8
+                | tok_values)
+        out = np.concatenate([header, _bits(code, 1 + 2 + size_bits + 8)])
+    pad = 8 - out.size % 8
+    out = np.concatenate([out, np.zeros(pad, np.uint8)])
+    return np.packbits(out).tolist()
+
+
+class BrushError(ValueError):
+    """A brush RLE that does not decode to a mask of the stated size."""
+
+
+def decode_brush(rle: list[int], width: int, height: int) -> np.ndarray:
+    """Label Studio brush RLE → `(H, W) bool` (alpha channel > 0); `BrushError` says what does not fit."""
+    try:
+        flat = decode_rle(rle)
+    except Exception as exc:  # the SDK raises whatever its bit reader meets
+        raise BrushError(f"brush RLE cannot be decoded ({exc.__class__.__name__})") from None
+    if flat.size != width * height * 4:
+        raise BrushError(f"brush RLE holds {flat.size} values, expected {width}x{height}x4 = {width * height * 4}; "
+                         "the region does not fit its original_width/height")
+    return flat.reshape(height, width, 4)[:, :, 3] > 0

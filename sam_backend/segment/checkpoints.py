@@ -1,0 +1,162 @@
+"""Official SAM checkpoints: names, URLs, SHA-256 digests; resumable, verified download.
+
+A download goes to `<name>.part` (resumed with an HTTP Range request when the server allows it),
+is hashed, and is renamed to `<name>` only when its SHA-256 matches. A wrong digest removes the
+partial file. A verified file gets a `<name>.sha256` note (digest, size, mtime) so that later
+starts skip re-hashing gigabytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import requests
+from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from sam_backend.config import Settings
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1024 * 1024  # hashing block
+NET_CHUNK = 64 * 1024  # small network reads: a cut loses at most this much
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """One downloadable checkpoint; `size` in bytes (None where unknown)."""
+
+    model_type: str
+    filename: str
+    url: str
+    sha256: str
+    size: int | None = None
+
+
+_BASE = "https://dl.fbaipublicfiles.com/segment_anything/"
+CHECKPOINTS: dict[str, CheckpointSpec] = {
+    "vit_b": CheckpointSpec("vit_b", "sam_vit_b_01ec64.pth", _BASE + "sam_vit_b_01ec64.pth",
+                            "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912", 375_042_383),
+    "vit_l": CheckpointSpec("vit_l", "sam_vit_l_0b3195.pth", _BASE + "sam_vit_l_0b3195.pth",
+                            "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622"),
+    "vit_h": CheckpointSpec("vit_h", "sam_vit_h_4b8939.pth", _BASE + "sam_vit_h_4b8939.pth",
+                            "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e"),
+}
+
+
+def expected_sha256(settings: Settings) -> str | None:
+    """The digest the configured checkpoint must have: `SAM_CHECKPOINT_SHA256`, else the official
+    digest when the file carries the official name, else None (nothing to verify against)."""
+    if settings.checkpoint_sha256:
+        return settings.checkpoint_sha256
+    official = CHECKPOINTS.get(settings.model_type)
+    if official is not None and settings.checkpoint_path.name == official.filename:
+        return official.sha256
+    return None
+
+
+class DownloadError(RuntimeError):
+    """The checkpoint could not be fetched or did not verify."""
+
+
+class ChecksumError(DownloadError):
+    """A file's SHA-256 is not the expected one."""
+
+
+def sha256_file(path: Path, progress: bool = False) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    total = path.stat().st_size
+    with open(path, "rb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=f"verify {path.name}",
+                                     disable=not progress, leave=False) as bar:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+            bar.update(len(chunk))
+    return digest.hexdigest()
+
+
+def _note_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def verify_checkpoint(path: Path, expected: str, progress: bool = False) -> str:
+    """Return the digest if `path` hashes to `expected`, else raise `ChecksumError`.
+
+    A note beside the file remembers a successful check for the same size and mtime.
+    """
+    expected = expected.lower()
+    stat = path.stat()
+    stamp = f"{expected} {stat.st_size} {stat.st_mtime_ns}"
+    note = _note_path(path)
+    try:
+        if note.read_text().strip() == stamp:
+            return expected
+    except OSError:
+        pass
+    actual = sha256_file(path, progress=progress)
+    if actual != expected:
+        raise ChecksumError(f"{path}: SHA-256 is {actual}, expected {expected}; the file is damaged or not the "
+                            "official checkpoint. Delete it and run `sam-backend download` again.")
+    try:
+        note.write_text(stamp + "\n")
+    except OSError:
+        log.debug("could not write %s", note)
+    return actual
+
+
+def download_checkpoint(spec: CheckpointSpec, dest_dir: Path, *, progress: bool = True,
+                        timeout_s: float = 30.0, session: requests.Session | None = None) -> Path:
+    """Fetch `spec` into `dest_dir`, resuming a partial file; return the verified path."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    final = dest_dir / spec.filename
+    if final.exists():
+        try:
+            verify_checkpoint(final, spec.sha256, progress=progress)
+            log.info("%s is already here and verified", final)
+            return final
+        except ChecksumError:
+            log.warning("%s does not verify: downloading it again", final)
+            final.unlink()
+    part = dest_dir / (spec.filename + ".part")
+    http = session or requests.Session()
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    try:
+        with http.get(spec.url, headers=headers, stream=True, timeout=timeout_s) as resp:
+            if resp.status_code == 416 and have:  # already complete
+                pass
+            elif resp.status_code not in (200, 206):
+                raise DownloadError(f"GET {spec.url}: HTTP {resp.status_code}, expected 200 or 206")
+            else:
+                if resp.status_code == 200 and have:
+                    log.info("server ignored the Range request: starting %s again", spec.filename)
+                    have = 0
+                length = resp.headers.get("Content-Length")
+                total = have + int(length) if length and length.isdigit() else spec.size
+                with open(part, "ab" if have else "wb") as f, tqdm(
+                    total=total, initial=have, unit="B", unit_scale=True, desc=spec.filename,
+                    disable=not progress,
+                ) as bar:
+                    for chunk in resp.iter_content(NET_CHUNK):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+    except requests.RequestException as exc:
+        raise DownloadError(
+            f"GET {spec.url} failed ({exc.__class__.__name__}); run the command again to resume from "
+            f"{part.stat().st_size if part.exists() else 0} bytes"
+        ) from None
+    actual = sha256_file(part, progress=progress)
+    if actual != spec.sha256.lower():
+        part.unlink()
+        raise ChecksumError(f"{spec.filename}: SHA-256 is {actual}, expected {spec.sha256}; "
+                            "the partial file was removed. Check the URL and try again.")
+    os.replace(part, final)
+    stat = final.stat()
+    _note_path(final).write_text(f"{actual} {stat.st_size} {stat.st_mtime_ns}\n")
+    log.info("downloaded and verified %s", final)
+    return final

@@ -1,0 +1,95 @@
+"""Segmentation engines: one protocol, several implementations.
+
+An engine splits the work in two: `embed(image)` is the expensive, cacheable part (the image
+encoder for SAM), `predict(embedding, prompt, prev_logits)` the cheap per-click part.
+
+What an embedding holds (`Embedding`): the engine id that made it, the image's `ImageSize`, and
+named arrays (`features`) that are everything `predict` needs, nothing else. SAM keeps
+`image_embed` `(1, 256, 64, 64) float32`; GrabCut keeps the downscaled `image` `(h, w, 3) uint8 BGR`.
+`Engine.dump` / `Engine.load` turn an embedding into bytes and back (arrays on the CPU, dtype kept,
+no pickle: see `sam_backend.segment.embedding`), so that an embedding can live outside the process.
+
+Shapes: images are `(H, W, 3) uint8 RGB`; masks are `(K, H, W) bool` in the image's pixels;
+`scores` is `(K,) float32`; `low_res_logits` is `(K, 256, 256) float32` (SAM) or None.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from sam_backend.segment.embedding import Embedding
+
+if TYPE_CHECKING:
+    from sam_backend.config import Settings
+    from sam_backend.segment.prompts import ObjectPrompt
+
+__all__ = ["Embedding", "Engine", "EngineError", "MaskPrediction", "check_image", "make_engine"]
+
+
+class EngineError(RuntimeError):
+    """The engine cannot be built or cannot run (missing checkpoint, wrong weights, bad device)."""
+
+
+def check_image(image: np.ndarray) -> None:
+    """Raise `EngineError` unless `image` is `(H, W, 3) uint8 RGB`."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        shape = getattr(image, "shape", None)
+        raise EngineError(f"image: expected (H, W, 3) uint8 RGB, got {shape} {getattr(image, 'dtype', type(image))}")
+
+
+@dataclass(frozen=True)
+class MaskPrediction:
+    """Candidate masks for one object, best first is not implied: use `best`."""
+
+    masks: np.ndarray
+    scores: np.ndarray
+    low_res_logits: np.ndarray | None
+
+    def __post_init__(self) -> None:
+        if self.masks.ndim != 3 or self.masks.dtype != np.bool_:
+            raise ValueError(f"masks: expected (K, H, W) bool, got {self.masks.shape} {self.masks.dtype}")
+        if self.scores.shape != (self.masks.shape[0],):
+            raise ValueError(f"scores: expected ({self.masks.shape[0]},), got {self.scores.shape}")
+
+    @property
+    def best(self) -> int:
+        """Index of the mask with the highest score."""
+        return int(np.argmax(self.scores))
+
+
+class Engine(Protocol):
+    """What the backend needs from a segmentation engine."""
+
+    engine_id: str
+
+    def embed(self, image: np.ndarray) -> Embedding:
+        """Encode an `(H, W, 3) uint8 RGB` image once."""
+        ...
+
+    def predict(
+        self, embedding: Embedding, prompt: ObjectPrompt, prev_logits: np.ndarray | None = None
+    ) -> MaskPrediction:
+        """Masks for one object; `prev_logits` `(256, 256) float32` refines an earlier answer."""
+        ...
+
+    def dump(self, embedding: Embedding) -> bytes:
+        """The embedding as bytes (see `sam_backend.segment.embedding`)."""
+        ...
+
+    def load(self, data: bytes) -> Embedding:
+        """An embedding from `dump`'s bytes, ready for `predict`; `EmbeddingFormatError` if they are not one."""
+        ...
+
+
+def make_engine(settings: Settings) -> Engine:
+    """Build the engine the settings name (loads weights: call it off the request path)."""
+    if settings.engine == "grabcut":
+        from sam_backend.segment.engines.grabcut import GrabCutEngine
+
+        return GrabCutEngine()
+    from sam_backend.segment.engines.sam import SamEngine
+
+    return SamEngine.from_settings(settings)

@@ -1,0 +1,385 @@
+"""Segment Anything engine (segment-anything's ViT-B/L/H models).
+
+The architecture is read off the checkpoint's tensor shapes (embed dim, depth, heads, global
+attention blocks, image size), so the official ViT-B/L/H files and smaller SAM-shaped checkpoints
+load through one path: `torch.load(weights_only=True)` then a strict `load_state_dict`.
+
+`embed` runs the image encoder once per image (bf16 autocast where the hardware runs bf16
+natively, see `resolve_precision`); `predict` runs the prompt encoder and mask decoder on the
+cached features, which costs tens of milliseconds. Both use segment-anything's public pieces
+(`ResizeLongestSide`, `Sam.preprocess`, `image_encoder`, `prompt_encoder`, `mask_decoder`,
+`postprocess_masks`), the same steps `SamPredictor` takes, without reaching into its fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from segment_anything import sam_model_registry
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from sam_backend.segment.checkpoints import expected_sha256
+from sam_backend.segment.embedding import Embedding, pack, unpack
+from sam_backend.segment.engines import EngineError, MaskPrediction, check_image
+from sam_backend.segment.geometry import ImageSize
+
+if TYPE_CHECKING:
+    from sam_backend.config import Settings
+    from sam_backend.segment.prompts import ObjectPrompt
+
+log = logging.getLogger(__name__)
+
+# (encoder embed dim, depth) of the official checkpoints.
+OFFICIAL_SHAPES = {(768, 12): "vit_b", (1024, 24): "vit_l", (1280, 32): "vit_h"}
+
+
+@dataclass(frozen=True)
+class SamArchitecture:
+    """Hyper-parameters of a SAM model, as `segment_anything.build_sam` spells them."""
+
+    img_size: int
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+    global_attn_indexes: tuple[int, ...]
+    window_size: int
+    prompt_dim: int
+    mask_in_chans: int
+    decoder_depth: int
+    decoder_mlp_dim: int
+    decoder_heads: int
+    iou_head_depth: int
+    iou_head_hidden_dim: int
+    num_multimask_outputs: int
+
+    @property
+    def name(self) -> str:
+        """`vit_b`, `vit_l`, `vit_h`, or `custom-<dim>x<depth>@<img_size>`."""
+        official = OFFICIAL_SHAPES.get((self.embed_dim, self.depth))
+        if official and self.img_size == 1024:
+            return official
+        return f"custom-{self.embed_dim}x{self.depth}@{self.img_size}"
+
+    def build(self) -> Sam:
+        """A SAM with random weights and this architecture, in eval mode."""
+        grid = self.img_size // self.patch_size
+        sam = Sam(
+            image_encoder=ImageEncoderViT(
+                img_size=self.img_size,
+                patch_size=self.patch_size,
+                embed_dim=self.embed_dim,
+                depth=self.depth,
+                num_heads=self.num_heads,
+                mlp_ratio=self.mlp_ratio,
+                out_chans=self.prompt_dim,
+                qkv_bias=True,
+                norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                use_rel_pos=True,
+                window_size=self.window_size,
+                global_attn_indexes=self.global_attn_indexes,
+            ),
+            prompt_encoder=PromptEncoder(
+                embed_dim=self.prompt_dim,
+                image_embedding_size=(grid, grid),
+                input_image_size=(self.img_size, self.img_size),
+                mask_in_chans=self.mask_in_chans,
+            ),
+            mask_decoder=MaskDecoder(
+                num_multimask_outputs=self.num_multimask_outputs,
+                transformer=TwoWayTransformer(
+                    depth=self.decoder_depth,
+                    embedding_dim=self.prompt_dim,
+                    mlp_dim=self.decoder_mlp_dim,
+                    num_heads=self.decoder_heads,
+                ),
+                transformer_dim=self.prompt_dim,
+                iou_head_depth=self.iou_head_depth,
+                iou_head_hidden_dim=self.iou_head_hidden_dim,
+            ),
+            pixel_mean=[123.675, 116.28, 103.53],
+            pixel_std=[58.395, 57.12, 57.375],
+        )
+        return sam.eval()
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> SamArchitecture:
+        """Read the architecture off a SAM state dict's tensor shapes."""
+        try:
+            pos = state["image_encoder.pos_embed"]  # (1, grid, grid, embed_dim)
+            patch = state["image_encoder.patch_embed.proj.weight"].shape[-1]
+            grid, embed_dim = pos.shape[1], pos.shape[3]
+            depth = 1 + max(_indices(state, r"image_encoder\.blocks\.(\d+)\."))
+            head_dim = state["image_encoder.blocks.0.attn.rel_pos_h"].shape[1]
+            rel = [state[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape[0] for i in range(depth)]
+            global_idx = tuple(i for i, n in enumerate(rel) if n == 2 * grid - 1)
+            windowed = [n for n in rel if n != 2 * grid - 1]
+            mlp_hidden = state["image_encoder.blocks.0.mlp.lin1.weight"].shape[0]
+            prompt_dim = state["image_encoder.neck.0.weight"].shape[0]
+            mask_in = state["prompt_encoder.mask_downscaling.3.weight"].shape[0]
+            dec_depth = 1 + max(_indices(state, r"mask_decoder\.transformer\.layers\.(\d+)\."))
+            dec_mlp = state["mask_decoder.transformer.layers.0.mlp.lin1.weight"].shape[0]
+            iou_depth = 1 + max(_indices(state, r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\."))
+            iou_hidden = state["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0]
+            mask_tokens = state["mask_decoder.mask_tokens.weight"].shape[0]
+        except (KeyError, IndexError, ValueError) as exc:
+            raise EngineError(f"not a SAM checkpoint: expected segment-anything tensor names, missing {exc}") from None
+        return cls(
+            img_size=int(grid * patch),
+            patch_size=int(patch),
+            embed_dim=int(embed_dim),
+            depth=int(depth),
+            num_heads=int(embed_dim // head_dim),
+            mlp_ratio=mlp_hidden / embed_dim,
+            global_attn_indexes=global_idx,
+            window_size=(windowed[0] + 1) // 2 if windowed else 14,
+            prompt_dim=int(prompt_dim),
+            mask_in_chans=int(mask_in),
+            decoder_depth=int(dec_depth),
+            decoder_mlp_dim=int(dec_mlp),
+            decoder_heads=8,  # not visible in tensor shapes; every published SAM uses 8
+            iou_head_depth=int(iou_depth),
+            iou_head_hidden_dim=int(iou_hidden),
+            num_multimask_outputs=int(mask_tokens - 1),
+        )
+
+
+def _indices(state: dict[str, torch.Tensor], pattern: str) -> set[int]:
+    rx = re.compile(pattern)
+    found = {int(m.group(1)) for k in state if (m := rx.match(k))}
+    if not found:
+        raise KeyError(pattern)
+    return found
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` → cuda, then mps, then cpu; a named device must be available."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EngineError("SAM_DEVICE=cuda but torch sees no CUDA device; use SAM_DEVICE=auto or cpu")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise EngineError("SAM_DEVICE=mps but MPS is not available; use SAM_DEVICE=auto or cpu")
+    return torch.device(device)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU has AVX-512 BF16 or AMX instructions (bf16 matmul at full speed)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def bf16_native(device: torch.device) -> bool:
+    """True where `device` runs bf16 matmuls in hardware (a bf16 GPU; a CPU with AVX-512 BF16 or AMX)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        return cpu_has_native_bf16()
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` → `bf16` where the device runs it natively (`bf16_native`), else `fp32`."""
+    if precision != "auto":
+        return precision
+    return "bf16" if bf16_native(device) else "fp32"
+
+
+class SamEngine:
+    """Segment Anything behind the `Engine` protocol; safe to share across threads."""
+
+    def __init__(self, model: Sam, *, device: torch.device, precision: str, weights_id: str) -> None:
+        self.model = model.to(device).eval()
+        self.device = device
+        self.precision = precision
+        self.architecture_name = weights_id.split("/")[0]
+        self.engine_id = f"sam/{weights_id}/{precision}"
+        self.transform = ResizeLongestSide(self.model.image_encoder.img_size)
+        self._encode_lock = threading.Lock()  # one encode at a time bounds peak memory
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SamEngine:
+        """Load the configured checkpoint, verifying its SHA-256 where a digest is known."""
+        return cls.from_checkpoint(
+            settings.checkpoint_path, model_type=settings.model_type if settings.checkpoint is None else None,
+            device=settings.device, precision=settings.precision, expected_sha256=expected_sha256(settings),
+        )
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: Path,
+        *,
+        model_type: str | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+        expected_sha256: str | None = None,
+    ) -> SamEngine:
+        """Load weights with `torch.load(weights_only=True)`; the architecture comes from the tensors."""
+        from sam_backend.segment.checkpoints import ChecksumError, verify_checkpoint
+
+        path = Path(path)
+        if not path.is_file():
+            hint = f"sam-backend download {model_type or 'vit_b'}"
+            raise EngineError(
+                f"SAM checkpoint not found at {path}. Run `{hint}` to fetch and verify it, "
+                "or set SAM_ENGINE=grabcut to label without weights."
+            )
+        try:
+            digest = verify_checkpoint(path, expected_sha256) if expected_sha256 else None
+        except ChecksumError as exc:
+            raise EngineError(str(exc)) from None
+        if digest is None:
+            log.warning("no known SHA-256 for %s: loading it unverified", path)
+        state = _load_state_dict(path)
+        if not isinstance(state, dict):
+            raise EngineError(f"refused to load {path}: expected a state dict, got {type(state).__name__}")
+        arch = SamArchitecture.from_state_dict(state)
+        if model_type is not None and arch.name != model_type:
+            raise EngineError(f"{path} holds a {arch.name} model but SAM_MODEL_TYPE={model_type}")
+        # Official architectures come from segment-anything's own registry; others from their shapes.
+        model = sam_model_registry[arch.name](checkpoint=None) if arch.name in sam_model_registry else arch.build()
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise EngineError(f"{path} does not fit a {arch.name} SAM: {str(exc).splitlines()[0]}") from None
+        dev = resolve_device(device)
+        weights_id = f"{arch.name}/{(digest or _path_id(path))[:12]}"
+        log.info("loaded SAM %s from %s on %s", arch.name, path, dev)
+        return cls(model, device=dev, precision=resolve_precision(precision, dev), weights_id=weights_id)
+
+    @classmethod
+    def random(cls, model_type: str = "vit_b", *, device: str = "auto", precision: str = "auto",
+               seed: int = 0) -> SamEngine:
+        """An official architecture with seeded random weights (for timing; its masks mean nothing)."""
+        torch.manual_seed(seed)
+        model = sam_model_registry[model_type](checkpoint=None)
+        dev = resolve_device(device)
+        return cls(model, device=dev, precision=resolve_precision(precision, dev),
+                   weights_id=f"{model_type}/random{seed}")
+
+    @property
+    def bf16_native(self) -> bool:
+        """Whether this engine's device runs bf16 natively (else a bf16 encode is emulated: minutes on a CPU)."""
+        return bf16_native(self.device)
+
+    def with_precision(self, precision: str) -> SamEngine:
+        """The same weights with another encoder precision (`fp32` or `bf16`)."""
+        other = SamEngine.__new__(SamEngine)
+        other.__dict__.update(self.__dict__)
+        other.precision = resolve_precision(precision, self.device)
+        other.engine_id = self.engine_id.rsplit("/", 1)[0] + "/" + other.precision
+        return other
+
+    # -- Engine protocol ----------------------------------------------------------------------
+    def embed(self, image: np.ndarray) -> Embedding:
+        """Run the image encoder on an `(H, W, 3) uint8 RGB` image.
+
+        Features: `image_embed` `(1, prompt_dim, grid, grid) float32` on the device; meta
+        `input_size` `[h, w]`, the image resized so its longest side is the encoder's input size.
+        """
+        check_image(image)
+        resized = self.transform.apply_image(image)  # the model's image_format is RGB
+        pixels = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        with self._encode_lock, torch.inference_mode(), autocast:
+            features = self.model.image_encoder(self.model.preprocess(pixels))
+        return Embedding(self.engine_id, ImageSize.of(image), {"image_embed": features.float()},
+                         {"input_size": [int(resized.shape[0]), int(resized.shape[1])]})
+
+    def predict(
+        self, embedding: Embedding, prompt: ObjectPrompt, prev_logits: np.ndarray | None = None
+    ) -> MaskPrediction:
+        """Masks for one object. A lone first click asks for 3 candidates (ambiguity); later
+        clicks ask for one, seeded with the previous low-res logits `(256, 256)` (4 × the embedding grid)."""
+        if embedding.engine_id != self.engine_id:
+            raise EngineError(f"embedding from {embedding.engine_id} given to {self.engine_id}")
+        original = embedding.image_size.shape
+        input_size = tuple(embedding.meta["input_size"])
+        multimask = prev_logits is None and prompt.box is None and len(prompt.points) == 1
+        points = box = mask_input = None
+        if len(prompt.points) > 0:
+            coords = self.transform.apply_coords(prompt.points, original)
+            points = (torch.as_tensor(coords, dtype=torch.float, device=self.device)[None],
+                      torch.as_tensor(prompt.labels, dtype=torch.int, device=self.device)[None])
+        if prompt.box is not None:
+            box = torch.as_tensor(self.transform.apply_boxes(prompt.box, original), dtype=torch.float,
+                                  device=self.device)[None]
+        if prev_logits is not None:
+            expected = tuple(4 * s for s in self.model.prompt_encoder.image_embedding_size)
+            logits = np.asarray(prev_logits, dtype=np.float32)
+            if logits.shape[-2:] != expected:
+                raise EngineError(f"prev_logits: expected {expected}, got {logits.shape}")
+            mask_input = torch.as_tensor(logits.reshape(1, 1, *expected), device=self.device)
+        with torch.inference_mode():
+            sparse, dense = self.model.prompt_encoder(points=points, boxes=box, masks=mask_input)
+            low_res, iou = self.model.mask_decoder(
+                image_embeddings=self._features(embedding), image_pe=self.model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask)
+            masks = self.model.postprocess_masks(low_res, input_size, original) > self.model.mask_threshold
+        return MaskPrediction(masks[0].cpu().numpy(), iou[0].float().cpu().numpy(),
+                              low_res[0].float().cpu().numpy())
+
+    def dump(self, embedding: Embedding) -> bytes:
+        """`image_embed` as float32 bytes on the CPU (see `sam_backend.segment.embedding`)."""
+        return pack(embedding, {k: v.detach().float().cpu().numpy() for k, v in embedding.features.items()})
+
+    def load(self, data: bytes) -> Embedding:
+        """An embedding from `dump`, its features moved to this engine's device."""
+        stored, arrays = unpack(data)
+        if stored.engine_id != self.engine_id:
+            raise EngineError(f"embedding from {stored.engine_id} given to {self.engine_id}")
+        features = {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
+        return Embedding(stored.engine_id, stored.image_size, features, stored.meta)
+
+    def _features(self, embedding: Embedding) -> torch.Tensor:
+        features = embedding.features["image_embed"]
+        if not isinstance(features, torch.Tensor):
+            features = torch.as_tensor(features)
+        return features.to(self.device)
+
+
+def _load_state_dict(path: Path) -> object:
+    """`torch.load(weights_only=True)`, memory-mapped where the file format allows it."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unpickling failure means the file is refused
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise EngineError(
+            f"refused to load {path}: expected a plain tensor checkpoint "
+            f"({exc.__class__.__name__}: {first})"
+        ) from None
+
+
+def _path_id(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()

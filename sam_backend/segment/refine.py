@@ -1,0 +1,100 @@
+"""Mask clean-up: pure functions over `(H, W) bool` masks in the image's pixel frame.
+
+Areas are in pixels; points are `(N, 2)` pixel `(x, y)`; boxes are pixel `XYXY`. Connectivity is
+8-neighbour for the object and 4-neighbour for holes. None of these functions modifies its input.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from sam_backend.config import RefineSettings
+from sam_backend.segment.prompts import ObjectPrompt
+
+
+def _check(mask: np.ndarray) -> np.ndarray:
+    if mask.ndim != 2 or mask.dtype != np.bool_:
+        raise ValueError(f"mask: expected (H, W) bool, got {mask.shape} {mask.dtype}")
+    return mask
+
+
+def clamp_to_box(mask: np.ndarray, box: np.ndarray, margin_px: int = 8) -> np.ndarray:
+    """Zero everything farther than `margin_px` outside the `XYXY` box."""
+    h, w = _check(mask).shape
+    x1 = max(0, int(np.floor(box[0])) - margin_px)
+    y1 = max(0, int(np.floor(box[1])) - margin_px)
+    x2 = min(w, int(np.ceil(box[2])) + margin_px)
+    y2 = min(h, int(np.ceil(box[3])) + margin_px)
+    out = np.zeros_like(mask)
+    out[y1:y2, x1:x2] = mask[y1:y2, x1:x2]
+    return out
+
+
+def _components(mask: np.ndarray, connectivity: int) -> tuple[int, np.ndarray, np.ndarray]:
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=connectivity)
+    return n, labels, stats
+
+
+def fill_holes(mask: np.ndarray, max_hole_px: int) -> np.ndarray:
+    """Fill background regions enclosed by the mask whose area is below `max_hole_px`."""
+    if max_hole_px <= 0 or not _check(mask).any():
+        return mask.copy()
+    n, labels, stats = _components(~mask, 4)
+    h, w = mask.shape
+    x, y, bw, bh, area = (stats[:, i] for i in range(5))
+    touches_border = (x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)
+    fill = ~touches_border & (area < max_hole_px)
+    fill[0] = False  # label 0 is the mask itself
+    return mask | fill[labels]
+
+
+def _clicked_labels(labels: np.ndarray, points: np.ndarray | None) -> set[int]:
+    if points is None or len(points) == 0:
+        return set()
+    h, w = labels.shape
+    found = set()
+    for x, y in points:
+        xi, yi = int(np.clip(x, 0, w - 1)), int(np.clip(y, 0, h - 1))
+        if labels[yi, xi] > 0:
+            found.add(int(labels[yi, xi]))
+    return found
+
+
+def remove_islands(mask: np.ndarray, min_island_px: int, protect_points: np.ndarray | None = None) -> np.ndarray:
+    """Drop components smaller than `min_island_px`, except those holding a point of `protect_points`."""
+    if min_island_px <= 0 or not _check(mask).any():
+        return mask.copy()
+    n, labels, stats = _components(mask, 8)
+    keep = np.zeros(n, dtype=bool)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_island_px
+    for i in _clicked_labels(labels, protect_points):
+        keep[i] = True
+    return keep[labels]
+
+
+def keep_clicked_components(mask: np.ndarray, positive_points: np.ndarray) -> np.ndarray:
+    """Keep only the components under a positive click; unchanged where no click lands on the mask."""
+    if len(positive_points) == 0 or not _check(mask).any():
+        return mask.copy()
+    n, labels, _ = _components(mask, 8)
+    clicked = _clicked_labels(labels, positive_points)
+    if not clicked:
+        return mask.copy()
+    keep = np.zeros(n, dtype=bool)
+    keep[list(clicked)] = True
+    return keep[labels]
+
+
+def refine(mask: np.ndarray, prompt: ObjectPrompt, settings: RefineSettings) -> np.ndarray:
+    """Clamp to the box, keep clicked components, drop islands, fill holes (each per `settings`)."""
+    out = _check(mask)
+    if not settings.enabled:
+        return out.copy()
+    positives = prompt.positive_points
+    if prompt.box is not None:
+        out = clamp_to_box(out, prompt.box, settings.box_margin_px)
+    if settings.keep_clicked:
+        out = keep_clicked_components(out, positives)
+    out = remove_islands(out, settings.min_island_px, protect_points=positives)
+    return fill_holes(out, settings.max_hole_px)

@@ -1,0 +1,182 @@
+"""Flask app speaking Label Studio's ML backend protocol.
+
+Endpoints: `GET /` and `/health` (never wait for the model), `POST /setup` (parses the config,
+never loads the model), `POST /predict`, `POST /webhook`, `GET /versions`, `GET /metrics`.
+Errors answer `{"errors": [message]}` with a fitting status and never carry a traceback; an
+unexpected exception is logged with an id that the response repeats.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from sam_backend.config import Settings
+from sam_backend.errors import ClientError
+from sam_backend.segment.engines import EngineError
+from sam_backend.segment.prompts import PromptError
+from sam_backend.serving.backend import RequestError, SamBackend
+from sam_backend.sidecar.records import Interaction
+
+log = logging.getLogger(__name__)
+
+_KNOWN = {"/", "/health", "/setup", "/predict", "/webhook", "/versions", "/metrics"}
+
+
+class RedactSecrets(logging.Filter):
+    """Masks API keys, passwords and Authorization/Bearer/Token values in every log record."""
+
+    _pattern = re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?|bearer\s+|token\s+|refresh[\"']?\s*[:=]\s*[\"']?)"
+                          r"[A-Za-z0-9._\-+/=]{8,}")
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if s and len(s) >= 4]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        clean = self._pattern.sub(lambda m: m.group(1) + "<redacted>", text)
+        for secret in self.secrets:
+            clean = clean.replace(secret, "<redacted>")
+        if clean != text:
+            record.msg, record.args = clean, None
+        return True
+
+
+def install_redaction(settings: Settings) -> None:
+    """Attach `RedactSecrets` to every root handler (call after logging is configured)."""
+    flt = RedactSecrets([settings.label_studio_api_key or "", settings.basic_auth_pass or ""])
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(flt)
+
+
+def _error(message: str, status: int) -> Response:
+    """`{"errors": [message]}` with the message also as the HTTP reason phrase: Label Studio drops the
+    body of a non-200 answer and shows only `str(HTTPError)`, which carries the reason phrase."""
+    resp = jsonify({"errors": [message], "status": status})
+    reason = "".join(c if 32 <= ord(c) < 127 else "?" for c in message)[:400]
+    resp.status = f"{status} {reason}"
+    return resp
+
+
+def create_app(settings: Settings | None = None, backend: SamBackend | None = None,
+               recorder: Callable[[Interaction], None] | None = None, start: bool = True) -> Flask:
+    """Build the app; `start` loads the engine and starts the precompute worker in the background.
+
+    Without `backend`, one is built from `settings`, recording interactions in `SAM_METADATA_DB`.
+    """
+    settings = settings or Settings.from_env()
+    if backend is None:
+        if recorder is None:
+            from sam_backend.sidecar.store import AsyncRecorder, Store
+
+            recorder = AsyncRecorder(Store(settings.metadata_db))
+        backend = SamBackend(settings, recorder=recorder)
+    if start:
+        backend.start()
+    app = Flask("sam_backend")
+    app.config["MAX_CONTENT_LENGTH"] = 32 * 1024 * 1024
+    app.extensions["sam_backend"] = backend
+
+    @app.before_request
+    def _auth() -> Any:
+        g.t0 = time.perf_counter()
+        if settings.basic_auth_user is None:
+            return None
+        header = request.headers.get("Authorization", "")
+        ok = False
+        if header.startswith("Basic "):
+            try:
+                user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
+                ok = hmac.compare_digest(user.encode(), settings.basic_auth_user.encode()) & hmac.compare_digest(
+                    password.encode(), (settings.basic_auth_pass or "").encode())
+            except (ValueError, UnicodeDecodeError):
+                ok = False
+        if not ok:
+            resp = _error("authentication required: this backend expects HTTP Basic credentials", 401)
+            resp.headers["WWW-Authenticate"] = 'Basic realm="sam-backend"'
+            return resp
+        return None
+
+    @app.after_request
+    def _observe(resp: Response) -> Response:
+        endpoint = request.path if request.path in _KNOWN else "other"
+        backend.metrics.requests.labels(endpoint, str(resp.status_code)).inc()
+        backend.metrics.latency.labels(endpoint).observe(time.perf_counter() - g.get("t0", time.perf_counter()))
+        return resp
+
+    def _json_body() -> dict[str, Any]:
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise RequestError(f"expected a JSON object body (Content-Type: application/json), got "
+                               f"{request.content_type or 'no content type'} with {request.content_length or 0} bytes")
+        return body
+
+    @app.get("/")
+    @app.get("/health")
+    def health() -> Response:
+        return jsonify({"status": "UP", "model_class": "SamBackend", "model_version": backend.model_version,
+                        "engine_ready": backend.engine.ready, "engine_error": backend.engine.error,
+                        "precompute_pending": backend.prewarm.pending,
+                        "cache_entries": backend.cache.stats().entries})
+
+    @app.post("/setup")
+    def setup() -> Response:
+        return jsonify(backend.setup(_json_body()))
+
+    @app.post("/predict")
+    def predict() -> Response:
+        return jsonify(backend.predict(_json_body()))
+
+    @app.post("/webhook")
+    def webhook() -> Response:
+        body = _json_body()
+        action = body.get("action")
+        log.debug("webhook %s", action)
+        if action == "START_TRAINING":
+            return jsonify({"status": "ignored", "action": action,
+                            "message": "this backend does not train; SAM is used as released"})
+        return jsonify({"status": "ok", "action": action})
+
+    @app.get("/versions")
+    def versions() -> Response:
+        return jsonify({"versions": [backend.model_version], "model_version": backend.model_version})
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(backend.metrics.render(), mimetype="text/plain; version=0.0.4")
+
+    @app.errorhandler(ClientError)
+    def _known(exc: ClientError) -> Response:
+        log.warning("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
+        return _error(exc.message, exc.status)
+
+    @app.errorhandler(PromptError)
+    def _prompt(exc: PromptError) -> Response:
+        log.warning("bad prompt: %s", exc)
+        return _error(f"prompt: {exc}", 422)
+
+    @app.errorhandler(EngineError)
+    def _engine(exc: EngineError) -> Response:
+        return _error(str(exc), 503)
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response:
+        return _error(f"{exc.code} {exc.name}: {exc.description}", exc.code or 500)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        error_id = uuid.uuid4().hex[:12]
+        log.exception("unexpected error %s on %s %s", error_id, request.method, request.path)
+        return _error(f"internal error {error_id}: the request failed; the backend log has the details", 500)
+
+    return app

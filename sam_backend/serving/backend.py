@@ -1,0 +1,160 @@
+"""The coordinator of one Label Studio `/predict` request.
+
+Path of a click: task image URL → (image memory) image SHA-256 → embedding (cache, single-flight)
+→ prompts (pixels of the decoded image) → engine masks (seeded with the object's previous
+low-res logits) → refinement → a `brushlabels` RLE result (or `polygonlabels`) → sidecar row.
+
+A request without a context (a task was opened) answers `{"results": []}` at once and queues
+the image's embedding on the background encoder, so the first click finds it cached.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from sam_backend import __version__
+from sam_backend.config import Settings
+from sam_backend.errors import ClientError
+from sam_backend.labelstudio.context import parse_context
+from sam_backend.labelstudio.images import ImageFetcher, LoadedImage, safe_url
+from sam_backend.labelstudio.labelconfig import LabelConfig, TargetControls, parse_label_config, task_image_url
+from sam_backend.labelstudio.results import mask_result
+from sam_backend.segment.embedding import Embedding
+from sam_backend.segment.engines import Engine, make_engine
+from sam_backend.segment.refine import refine
+from sam_backend.serving.cache import EmbeddingCache
+from sam_backend.serving.loader import EngineHolder
+from sam_backend.serving.memory import Memory
+from sam_backend.serving.metrics import Metrics
+from sam_backend.serving.prewarm import Prewarmer
+from sam_backend.sidecar.records import Interaction
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ClientError):
+    """The request itself cannot be served (400)."""
+
+
+class SamBackend:
+    """The model behind the server: engine, embedding cache, memories, background encoder, sidecar hook."""
+
+    def __init__(self, settings: Settings, engine_factory: Callable[[], Engine] | None = None,
+                 fetcher: ImageFetcher | None = None, recorder: Callable[[Interaction], None] | None = None) -> None:
+        self.settings = settings
+        self.engine = EngineHolder(engine_factory or (lambda: make_engine(settings)))
+        self.cache: EmbeddingCache[Embedding] = EmbeddingCache(settings.cache_mb * 1024 * 1024)
+        self.memory = Memory()
+        self.fetcher = fetcher or ImageFetcher(settings)
+        self.metrics = Metrics(self.cache.stats)
+        self.prewarm = Prewarmer(lambda url: self.embedding(url, self.engine.get()), settings.precompute_queue,
+                                 on_drop=self.metrics.precompute_dropped.inc)
+        self.recorder = recorder
+        self.setup_config: str | None = None
+
+    @property
+    def model_version(self) -> str:
+        kind = f"sam-{self.settings.model_type}" if self.settings.engine == "sam" else self.settings.engine
+        return f"sam-backend-{__version__}-{kind}"
+
+    def start(self) -> None:
+        """Load the engine and start the background encoder, both in the background."""
+        self.engine.start()
+        self.prewarm.start()
+
+    def setup(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """`/setup`: check the config; remember the `hostname` (used only without LABEL_STUDIO_URL)."""
+        schema = body.get("schema")
+        if schema is not None:
+            parse_label_config(schema)
+            self.setup_config = schema
+        hostname = body.get("hostname")
+        if isinstance(hostname, str) and hostname.startswith(("http://", "https://")):
+            self.fetcher.setup_hostname = hostname.rstrip("/")
+        return {"model_version": self.model_version}
+
+    def predict(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """`/predict`: masks for the context's objects, or (no context) queue the tasks' images."""
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list) or not all(isinstance(t, Mapping) for t in tasks):
+            raise RequestError(f"tasks: expected a list of task objects, got {type(tasks).__name__}")
+        params = body.get("params") or {}
+        if not isinstance(params, Mapping):
+            raise RequestError(f"params: expected an object, got {type(params).__name__}")
+        config = parse_label_config(body.get("label_config") or self.setup_config or "")
+        context = params.get("context")
+        if not context or not (isinstance(context, Mapping) and context.get("result")):
+            for task in tasks:
+                self.prewarm.schedule(_image_url(task, config.targets[0]))
+            return {"results": [], "model_version": self.model_version}
+        project = str(body.get("project") or "").split(".")[0] or None
+        results = [self._predict_task(task, config, context, project) for task in tasks]
+        return {"results": results, "model_version": self.model_version}
+
+    def _predict_task(self, task: Mapping[str, Any], config: LabelConfig, context: Mapping[str, Any],
+                      project: str | None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        engine = self.engine.get()
+        results = context.get("result") if isinstance(context, Mapping) else None
+        first = results[0] if isinstance(results, list) and results and isinstance(results[0], Mapping) else {}
+        target = config.for_image(first.get("to_name"))
+        url = _image_url(task, target)
+        image_id, embedding, hit = self.embedding(url, engine)
+        out, scores = [], []
+        for prompt in parse_context(context, image_size=embedding.image_size):
+            t_dec = time.perf_counter()
+            objects = self.memory.objects
+            pred = engine.predict(embedding, prompt, prev_logits=objects.previous(engine.engine_id, image_id, prompt))
+            best = pred.best
+            if pred.low_res_logits is not None:
+                objects.remember(engine.engine_id, image_id, prompt, pred.low_res_logits[best])
+            mask = refine(pred.masks[best], prompt, self.settings.refine)
+            self.metrics.decoder.observe(time.perf_counter() - t_dec)
+            score = float(pred.scores[best])
+            label = target.label_for(prompt.label)
+            result = mask_result(mask, label, score, target)
+            if result is None:
+                continue
+            out.append(result)
+            scores.append(score)
+            if self.recorder is not None:
+                self.recorder(Interaction(
+                    image_id=image_id, prompt=prompt.to_json(), mask=mask, project=project, task_id=task.get("id"),
+                    image_url=safe_url(url), engine=embedding.engine_id, model_version=self.model_version,
+                    label=label, score=score, latency_ms=(time.perf_counter() - t0) * 1000.0, cache_hit=hit))
+        return {"result": out, "score": float(np.mean(scores)) if scores else 0.0, "model_version": self.model_version}
+
+    def embedding(self, url: str, engine: Engine) -> tuple[str, Embedding, bool]:
+        """`(image sha256, embedding, cache hit)`; a known URL with a cached embedding is not fetched again."""
+        known = self.memory.images.digest(engine.engine_id, url)
+        if known is not None:
+            cached = self.cache.get((engine.engine_id, known))
+            if cached is not None:
+                return known, cached, True
+        loaded = self.fetcher.load(url)
+        self.memory.images.remember(engine.engine_id, url, loaded.sha256)
+        embedding, hit = self.cache.get_or_compute((engine.engine_id, loaded.sha256),
+                                                   lambda: self._encode(engine, loaded))
+        return loaded.sha256, embedding, hit
+
+    def _encode(self, engine: Engine, loaded: LoadedImage) -> Embedding:
+        t0 = time.perf_counter()
+        embedding = engine.embed(loaded.pixels)
+        self.metrics.encoder.observe(time.perf_counter() - t0)
+        log.info("encoded %s (%dx%d) in %.2f s", safe_url(loaded.url), *loaded.size, time.perf_counter() - t0)
+        return embedding
+
+
+def _image_url(task: Mapping[str, Any], target: TargetControls) -> str:
+    url = task_image_url(task, target.value_key)
+    if url is None:
+        data = task.get("data")
+        raise RequestError(f"task {task.get('id')}: expected data.{target.value_key} (the image URL named by "
+                           f"<Image value=\"${target.value_key}\">), got keys "
+                           f"{sorted(data) if isinstance(data, Mapping) else type(data).__name__}")
+    return url

@@ -1,0 +1,50 @@
+"""Prometheus metrics of one backend instance (own registry, so tests can build many apps)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from sam_backend.serving.cache import CacheStats
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    """Request counts and latencies, encoder/decoder seconds, embedding-cache counters."""
+
+    def __init__(self, cache_stats: Callable[[], CacheStats]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("sam_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("sam_request_seconds", "HTTP request latency in seconds", ["endpoint"],
+                                 buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.encoder = Histogram("sam_encoder_seconds", "Image encoder time per image in seconds",
+                                 buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.decoder = Histogram("sam_decoder_seconds", "Mask decoder time per object in seconds",
+                                 buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.precompute_dropped = Counter("sam_precompute_dropped", "Precompute jobs dropped (queue full)",
+                                          registry=self.registry)
+        self.registry.register(_CacheCollector(cache_stats))
+
+    def render(self) -> bytes:
+        """Prometheus text exposition format."""
+        return generate_latest(self.registry)
+
+
+class _CacheCollector:
+    def __init__(self, stats: Callable[[], CacheStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator:
+        s = self._stats()
+        for name, value, doc in (("hits", s.hits, "Embedding cache hits"),
+                                 ("misses", s.misses, "Embedding cache misses (encoder runs)"),
+                                 ("coalesced", s.coalesced, "Requests that waited for an encode already running"),
+                                 ("evictions", s.evictions, "Embeddings evicted by the byte bound"),
+                                 ("failures", s.failures, "Encodes that failed")):
+            yield CounterMetricFamily(f"sam_cache_{name}", doc, value=value)
+        yield GaugeMetricFamily("sam_cache_bytes", "Bytes held by the embedding cache", value=s.bytes)
+        yield GaugeMetricFamily("sam_cache_entries", "Embeddings held", value=s.entries)

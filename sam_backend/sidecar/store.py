@@ -1,0 +1,214 @@
+"""Sidecar SQLite store: one row per interactive prediction, no image or mask blobs.
+
+WAL journal, a busy timeout, `BEGIN IMMEDIATE` for writes (so concurrent writers queue instead of
+failing on upgrade), and the schema versioned by `PRAGMA user_version` with ordered migrations.
+Masks are kept as a COCO annotation (compressed RLE, column-major, pycocotools) in JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sam_backend.segment.masks import mask_to_coco
+from sam_backend.sidecar.records import Interaction
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the interaction log
+    """
+    CREATE TABLE interactions (
+        id INTEGER PRIMARY KEY,
+        created_at TEXT NOT NULL,
+        project TEXT,
+        task_id INTEGER,
+        image_id TEXT NOT NULL,
+        image_url TEXT,
+        prompt TEXT NOT NULL,
+        click_x REAL,
+        click_y REAL,
+        bbox TEXT,
+        engine TEXT,
+        model_version TEXT,
+        label TEXT,
+        score REAL,
+        mask_bbox TEXT,
+        mask_area INTEGER,
+        latency_ms REAL,
+        cache_hit INTEGER,
+        coco_annotation TEXT
+    );
+    CREATE INDEX ix_interactions_task ON interactions (task_id, created_at);
+    CREATE INDEX ix_interactions_project ON interactions (project, created_at);
+    CREATE INDEX ix_interactions_created ON interactions (created_at);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+COLUMNS = ("id", "created_at", "project", "task_id", "image_id", "image_url", "prompt", "click_x", "click_y", "bbox",
+           "engine", "model_version", "label", "score", "mask_bbox", "mask_area", "latency_ms", "cache_hit",
+           "coco_annotation")
+_JSON_COLUMNS = ("prompt", "bbox", "mask_bbox", "coco_annotation")
+
+
+class StoreError(RuntimeError):
+    """The database cannot be opened or is newer than this program."""
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class Store:
+    """Thread-safe handle: one connection per thread, all on the same file."""
+
+    def __init__(self, path: Path | str, busy_timeout_ms: int = 10_000) -> None:
+        self.path = Path(path)
+        self.busy_timeout_ms = busy_timeout_ms
+        self._local = threading.local()
+        self.migrate()
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000, isolation_level=None,
+                                       check_same_thread=False)
+                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot open the sidecar database {self.path}: {exc}") from None
+            conn.row_factory = sqlite3.Row
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def migrate(self) -> int:
+        """Apply the migrations this file lacks; return the schema version."""
+        with self._write() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{self.path} has schema version {version}, newer than this program's "
+                                 f"{SCHEMA_VERSION}; upgrade sam-backend")
+            for number in range(version, SCHEMA_VERSION):
+                for statement in MIGRATIONS[number].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {number + 1}")
+        return SCHEMA_VERSION
+
+    def record(self, item: Interaction) -> int:
+        """Insert one interaction; returns its row id."""
+        points = item.prompt.get("points") or []
+        coco = mask_to_coco(item.mask, item.label) if item.mask is not None else None
+        row = {
+            "created_at": item.created_at or utc_now(),
+            "project": None if item.project is None else str(item.project),
+            "task_id": item.task_id,
+            "image_id": item.image_id,
+            "image_url": item.image_url,
+            "prompt": json.dumps(item.prompt),
+            "click_x": points[0][0] if points else None,
+            "click_y": points[0][1] if points else None,
+            "bbox": json.dumps(item.prompt.get("box")),
+            "engine": item.engine,
+            "model_version": item.model_version,
+            "label": item.label,
+            "score": item.score,
+            "mask_bbox": json.dumps(coco["bbox"]) if coco else None,
+            "mask_area": coco["area"] if coco else None,
+            "latency_ms": item.latency_ms,
+            "cache_hit": None if item.cache_hit is None else int(bool(item.cache_hit)),
+            "coco_annotation": json.dumps(coco) if coco else None,
+        }
+        names = ", ".join(row)
+        marks = ", ".join(f":{k}" for k in row)
+        with self._write() as conn:
+            return int(conn.execute(f"INSERT INTO interactions ({names}) VALUES ({marks})", row).lastrowid)
+
+    def history(self, task: int | None = None, project: str | None = None, since: str | None = None,
+                limit: int | None = None) -> list[dict[str, Any]]:
+        """Interactions, oldest first, filtered by task id, project and `created_at >= since` (ISO 8601)."""
+        where, args = [], []
+        if task is not None:
+            where.append("task_id = ?")
+            args.append(task)
+        if project is not None:
+            where.append("project = ?")
+            args.append(str(project))
+        if since is not None:
+            where.append("created_at >= ?")
+            args.append(since)
+        sql = f"SELECT {', '.join(COLUMNS)} FROM interactions"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at, id"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        rows = []
+        for r in self._conn().execute(sql, args):
+            row = dict(r)
+            for key in _JSON_COLUMNS:
+                if row[key] is not None:
+                    row[key] = json.loads(row[key])
+            row["cache_hit"] = None if row["cache_hit"] is None else bool(row["cache_hit"])
+            rows.append(row)
+        return rows
+
+    def count(self) -> int:
+        return int(self._conn().execute("SELECT COUNT(*) FROM interactions").fetchone()[0])
+
+
+class AsyncRecorder:
+    """Writes interactions on a background thread so a click never waits for SQLite or RLE encoding."""
+
+    def __init__(self, store: Store, max_pending: int = 1000) -> None:
+        self.store = store
+        self._queue: queue.Queue[Interaction | None] = queue.Queue(maxsize=max_pending)
+        self._thread = threading.Thread(target=self._run, name="sidecar-writer", daemon=True)
+        self._thread.start()
+
+    def __call__(self, item: Interaction) -> None:
+        item = replace(item, created_at=item.created_at or utc_now())
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            log.warning("sidecar writer is behind: interaction on task %s not recorded", item.task_id)
+
+    def flush(self, timeout_s: float = 10.0) -> None:
+        """Wait until every queued interaction is written."""
+        done = threading.Event()
+        threading.Thread(target=lambda: (self._queue.join(), done.set()), daemon=True).start()
+        done.wait(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is not None:
+                    self.store.record(item)
+            except Exception:
+                log.exception("sidecar write failed for task %s", item.task_id if item else None)
+            finally:
+                self._queue.task_done()
