@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ENGINES = ("sam", "grabcut")
-MODEL_TYPES = ("vit_b", "vit_l", "vit_h")
+# Official checkpoint file names by model type (URLs and digests: sam_backend.segment.checkpoints).
+CHECKPOINT_FILES = {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_h": "sam_vit_h_4b8939.pth"}
+MODEL_TYPES = tuple(CHECKPOINT_FILES)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -62,9 +64,7 @@ class Settings:
         """The checkpoint to load: `SAM_CHECKPOINT`, else the official file name in the checkpoint dir."""
         if self.checkpoint is not None:
             return self.checkpoint
-        from sam_backend.segment.checkpoints import CHECKPOINTS
-
-        return self.checkpoint_dir / CHECKPOINTS[self.model_type].filename
+        return self.checkpoint_dir / CHECKPOINT_FILES[self.model_type]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

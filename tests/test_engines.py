@@ -40,7 +40,8 @@ def test_embed_shapes(tiny_engine):
     image, _, _ = disc_scene()
     emb = tiny_engine.embed(image)
     assert emb.image_size == ImageSize(width=320, height=240)
-    assert tuple(emb.features["image_embed"].shape) == (1, 64, 16, 16) and emb.features["image_embed"].dtype == torch.float32
+    features = emb.features["image_embed"]
+    assert tuple(features.shape) == (1, 64, 16, 16) and features.dtype == torch.float32
     assert emb.nbytes == 64 * 16 * 16 * 4
 
 

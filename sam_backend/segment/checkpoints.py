@@ -13,13 +13,11 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import requests
 from tqdm import tqdm
 
-if TYPE_CHECKING:
-    from sam_backend.config import Settings
+from sam_backend.config import CHECKPOINT_FILES, Settings
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +38,11 @@ class CheckpointSpec:
 
 _BASE = "https://dl.fbaipublicfiles.com/segment_anything/"
 CHECKPOINTS: dict[str, CheckpointSpec] = {
-    "vit_b": CheckpointSpec("vit_b", "sam_vit_b_01ec64.pth", _BASE + "sam_vit_b_01ec64.pth",
+    "vit_b": CheckpointSpec("vit_b", CHECKPOINT_FILES["vit_b"], _BASE + CHECKPOINT_FILES["vit_b"],
                             "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912", 375_042_383),
-    "vit_l": CheckpointSpec("vit_l", "sam_vit_l_0b3195.pth", _BASE + "sam_vit_l_0b3195.pth",
+    "vit_l": CheckpointSpec("vit_l", CHECKPOINT_FILES["vit_l"], _BASE + CHECKPOINT_FILES["vit_l"],
                             "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622"),
-    "vit_h": CheckpointSpec("vit_h", "sam_vit_h_4b8939.pth", _BASE + "sam_vit_h_4b8939.pth",
+    "vit_h": CheckpointSpec("vit_h", CHECKPOINT_FILES["vit_h"], _BASE + CHECKPOINT_FILES["vit_h"],
                             "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e"),
 }
 
