@@ -58,6 +58,7 @@ class Settings:
     max_image_pixels: int = 50_000_000
     fetch_timeout_s: float = 20.0
     precompute_queue: int = 16
+    click_deadline_s: float = 80.0  # answer a click still waiting for its encode before Label Studio's 100 s
 
     @property
     def checkpoint_path(self) -> Path:
@@ -113,6 +114,7 @@ class Settings:
             max_image_pixels=r.integer("SAM_MAX_IMAGE_PIXELS", 50_000_000, minimum=1),
             fetch_timeout_s=r.number("SAM_FETCH_TIMEOUT_S", 20.0, minimum=0.1),
             precompute_queue=r.integer("SAM_PRECOMPUTE_QUEUE", 16, minimum=0),
+            click_deadline_s=r.number("SAM_CLICK_DEADLINE_S", 80.0, minimum=0.1),
         )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 
 import cv2
 import numpy as np
@@ -205,6 +206,33 @@ def test_legacy_token_is_refused_with_a_clear_message(ls, tmp_path):
         [message] = answer["errors"]
         assert "401" in message and "personal access token" in message
         assert ls.legacy_token() not in message and ls.pat not in message
+    finally:
+        backend.stop()
+
+
+def test_a_long_encode_is_answered_before_label_studio_gives_up(ls, tmp_path):
+    """The click's image takes 4 s to encode and the deadline is 1 s: Label Studio passes on the backend's
+    'still encoding' error (not its own read timeout), /health answers meanwhile, and the next click hits."""
+    from slow_engine import SlowEngine
+
+    image, truth = scene()
+    engine = SlowEngine(encode_s=4.0)
+    settings = Settings.from_env({"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.pat,
+                                  "SAM_METADATA_DB": str(tmp_path / "sidecar.db"), "SAM_CLICK_DEADLINE_S": "1",
+                                  "SAM_PRECOMPUTE_QUEUE": "0"})
+    backend = BackendThread(settings, lambda: engine).start()
+    try:
+        _, [task], ml = setup_project(ls, "points-and-boxes-brush.xml", {"slow.png": png_bytes(image)}, backend)
+        answer = ls.interactive(ml, task, [keypoint(CX, CY)])
+        [message] = answer["errors"]
+        assert "503" in message and "image still encoding" in message and "click again" in message
+        assert requests.get(backend.url + "/health", timeout=5).json()["status"] == "UP"  # while encoding
+        deadline = time.monotonic() + 60
+        while backend.backend.cache.stats().entries == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [region] = ls.interactive(ml, task, [keypoint(CX, CY)])["data"]["result"]
+        assert iou(region_mask(region), truth) >= 0.8
+        assert len(engine.order) == 1 and backend.backend.cache.stats().misses == 1
     finally:
         backend.stop()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from sam_backend.segment.embedding import Embedding
 from sam_backend.segment.engines import Engine, make_engine
 from sam_backend.segment.refine import refine
 from sam_backend.serving.cache import EmbeddingCache
+from sam_backend.serving.encoder import BACKGROUND, CLICK, Encoder, StillEncoding
 from sam_backend.serving.loader import EngineHolder
 from sam_backend.serving.memory import Memory
 from sam_backend.serving.metrics import Metrics
@@ -52,8 +54,10 @@ class SamBackend:
         self.memory = Memory()
         self.fetcher = fetcher or ImageFetcher(settings)
         self.metrics = Metrics(self.cache.stats)
-        self.prewarm = Prewarmer(lambda url: self.embedding(url, self.engine.get()), settings.precompute_queue,
-                                 on_drop=self.metrics.precompute_dropped.inc)
+        self.encoder = Encoder(on_encoded=self.metrics.encoder.observe, on_yielded=self.metrics.background_yielded.inc,
+                               background_queued=lambda: self.prewarm.pending)
+        self.prewarm = Prewarmer(lambda url: self.embedding(url, self.engine.get(), priority=BACKGROUND),
+                                 settings.precompute_queue, on_drop=self.metrics.precompute_dropped.inc)
         self.recorder = recorder
         self.setup_config: str | None = None
 
@@ -129,8 +133,13 @@ class SamBackend:
                     label=label, score=score, latency_ms=(time.perf_counter() - t0) * 1000.0, cache_hit=hit))
         return {"result": out, "score": float(np.mean(scores)) if scores else 0.0, "model_version": self.model_version}
 
-    def embedding(self, url: str, engine: Engine) -> tuple[str, Embedding, bool]:
-        """`(image sha256, embedding, cache hit)`; a known URL with a cached embedding is not fetched again."""
+    def embedding(self, url: str, engine: Engine, priority: int = CLICK) -> tuple[str, Embedding, bool]:
+        """`(image sha256, embedding, cache hit)`; a known URL with a cached embedding is not fetched again.
+
+        A click waits at most `SAM_CLICK_DEADLINE_S` for an encode (its own, or one already running for
+        the same image), then gets `StillEncoding` (503) while the encode goes on; background work waits.
+        """
+        t0 = time.monotonic()
         known = self.memory.images.digest(engine.engine_id, url)
         if known is not None:
             cached = self.cache.get((engine.engine_id, known))
@@ -138,14 +147,28 @@ class SamBackend:
                 return known, cached, True
         loaded = self.fetcher.load(url)
         self.memory.images.remember(engine.engine_id, url, loaded.sha256)
-        embedding, hit = self.cache.get_or_compute((engine.engine_id, loaded.sha256),
-                                                   lambda: self._encode(engine, loaded))
+        key = (engine.engine_id, loaded.sha256)
+        if priority == CLICK:
+            self.encoder.gate.promote(key)
+        future, hit = self.cache.get_or_start(
+            key, lambda: self._encode(engine, loaded, key, priority),
+            run=self.encoder.submit if priority == CLICK else (lambda job: job()))
+        if hit or priority != CLICK:
+            return loaded.sha256, future.result(), hit
+        left = self.settings.click_deadline_s - (time.monotonic() - t0)
+        try:
+            embedding = future.result(timeout=max(0.0, left))
+        except FutureTimeout:
+            self.metrics.click_deadline.inc()
+            left_s = self.encoder.seconds_left(key)
+            when = "time left not known yet" if left_s is None else f"about {left_s:.0f} s left"
+            raise StillEncoding(f"image still encoding ({when}): click again") from None
+        self.metrics.click_wait.observe(time.monotonic() - t0)
         return loaded.sha256, embedding, hit
 
-    def _encode(self, engine: Engine, loaded: LoadedImage) -> Embedding:
+    def _encode(self, engine: Engine, loaded: LoadedImage, key: tuple[str, str], priority: int) -> Embedding:
         t0 = time.perf_counter()
-        embedding = engine.embed(loaded.pixels)
-        self.metrics.encoder.observe(time.perf_counter() - t0)
+        embedding = self.encoder.encode(engine, loaded.pixels, key, priority)
         log.info("encoded %s (%dx%d) in %.2f s", safe_url(loaded.url), *loaded.size, time.perf_counter() - t0)
         return embedding
 

@@ -49,35 +49,47 @@ class EmbeddingCache(Generic[V]):
         self._hits = self._misses = self._coalesced = self._evictions = self._failures = 0
 
     def get_or_compute(self, key: Hashable, compute: Callable[[], V]) -> tuple[V, bool]:
-        """Return `(value, hit)`; `hit` is True only when the value was already stored."""
+        """Return `(value, hit)`; `hit` is True only when the value was already stored. Computes in this
+        thread when no other computation for `key` runs."""
+        future, hit = self.get_or_start(key, compute, run=lambda job: job())
+        return future.result(), hit
+
+    def get_or_start(self, key: Hashable, compute: Callable[[], V],
+                     run: Callable[[Callable[[], None]], object]) -> tuple[Future[V], bool]:
+        """`(future of the value, hit)` without waiting: a stored value gives a done future; a running
+        computation for `key` is joined; else `run(job)` is called with the job that computes and stores
+        (`run` may call it at once or hand it to another thread)."""
         with self._lock:
             if key in self._data:
                 self._data.move_to_end(key)
                 self._hits += 1
-                return self._data[key][0], True
+                done: Future[V] = Future()
+                done.set_result(self._data[key][0])
+                return done, True
             future = self._inflight.get(key)
-            owner = future is None
-            if owner:
-                future = Future()
-                self._inflight[key] = future
-                self._misses += 1
-            else:
+            if future is not None:
                 self._coalesced += 1
-        if not owner:
-            return future.result(), False
-        try:
-            value = compute()
-        except BaseException as exc:
+                return future, False
+            future = Future()
+            self._inflight[key] = future
+            self._misses += 1
+
+        def job() -> None:
+            try:
+                value = compute()
+            except BaseException as exc:
+                with self._lock:
+                    del self._inflight[key]
+                    self._failures += 1
+                future.set_exception(exc)
+                return
             with self._lock:
+                self._store(key, value)
                 del self._inflight[key]
-                self._failures += 1
-            future.set_exception(exc)
-            raise
-        with self._lock:
-            self._store(key, value)
-            del self._inflight[key]
-        future.set_result(value)
-        return value, False
+            future.set_result(value)
+
+        run(job)
+        return future, False
 
     def get(self, key: Hashable) -> V | None:
         """The stored value (counted as a hit), or None without counting a miss."""

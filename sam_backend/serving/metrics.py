@@ -25,6 +25,15 @@ class Metrics:
                                  buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.decoder = Histogram("sam_decoder_seconds", "Mask decoder time per object in seconds",
                                  buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.click_wait = Histogram("sam_click_encode_wait_seconds",
+                                    "Seconds a click waited for its image's encode (cache misses only)",
+                                    buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.background_yielded = Counter("sam_background_yielded",
+                                          "Times a click's encode went before waiting background work",
+                                          registry=self.registry)
+        self.click_deadline = Counter("sam_click_deadline",
+                                      "Clicks answered 'still encoding' at SAM_CLICK_DEADLINE_S",
+                                      registry=self.registry)
         self.precompute_dropped = Counter("sam_precompute_dropped", "Precompute jobs dropped (queue full)",
                                           registry=self.registry)
         self.registry.register(_CacheCollector(cache_stats))
