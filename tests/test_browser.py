@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, require_or_skip
 from label_studio_sdk.converter.brush import decode_rle
 from stack import client_for, start_up
 
@@ -48,7 +48,7 @@ class Stack(tuple):
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     if not shutil.which("chromium") and not shutil.which("/usr/bin/chromium"):
-        pytest.skip("Debian's chromium is not installed (make test installs it with apt as root)")
+        require_or_skip("Debian's chromium is not installed (make test installs it with apt as root)")
     state = tmp_path_factory.mktemp("up")
     ls_port, port = free_port(), free_port()
     proc, _ = start_up(state, ls_port, port)
@@ -139,9 +139,11 @@ def test_click_negative_click_rectangle_submit(stack, page):
             page.mouse.click(*screen(cx + r + 60, cy))
             page.keyboard.up("Alt")
         wait_suggestion(page, info.value)
-        time.sleep(0.5)  # the sidecar writes off the request path
-        latest = Store(state / "annotations.db").history(task=task["id"])[-1]
-        assert [p[2] for p in latest["prompt"]["points"]] == [1, 0]
+        # The sidecar writes off the request path: wait (with a deadline) for the Alt-click's row.
+        store, deadline = Store(state / "annotations.db"), time.monotonic() + 30
+        while len(rows := store.history(task=task["id"])) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(rows) == 2 and [p[2] for p in rows[-1]["prompt"]["points"]] == [1, 0]
         page.click('[data-testid="bottombar-accept-suggestions-button"]')
 
         # 3. Smart rectangle around the disc.

@@ -33,6 +33,15 @@ def test_value_larger_than_the_cache_is_returned_not_stored():
     assert value.nbytes == 100 and not hit and "big" not in cache and cache.stats().bytes == 0
 
 
+def arrived(cache: EmbeddingCache, n: int, timeout_s: float = 10.0) -> None:
+    """Wait until `n` requests reached the cache (a miss each, or joined the one computing): a barrier on
+    the cache's own counters, not on the clock."""
+    deadline = time.monotonic() + timeout_s
+    while (lambda s: s.misses + s.coalesced)(cache.stats()) < n:
+        assert time.monotonic() < deadline, f"only {cache.stats()} after {timeout_s} s"
+        time.sleep(0.001)
+
+
 def test_single_flight_under_threads():
     cache = EmbeddingCache(max_bytes=10_000)
     calls = []
@@ -45,7 +54,7 @@ def test_single_flight_under_threads():
 
     with ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(cache.get_or_compute, "img", compute) for _ in range(16)]
-        time.sleep(0.2)
+        arrived(cache, 16)  # every thread is inside the cache: one computing, fifteen waiting for it
         gate.set()
         values = [f.result()[0] for f in futures]
     assert len(calls) == 1
@@ -63,7 +72,7 @@ def test_failures_reach_every_waiter_and_are_not_cached():
 
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(cache.get_or_compute, "img", boom) for _ in range(4)]
-        time.sleep(0.2)
+        arrived(cache, 4)
         gate.set()
         errors = [f.exception() for f in futures]
     assert all(isinstance(e, RuntimeError) for e in errors)

@@ -22,12 +22,19 @@ class Handler(BaseHTTPRequestHandler):
 
     cut_after: int | None = None
     ranges: list = []
+    mode = "range"  # "range", "ignore-range" (always 200, whole body) or "416" (Range not satisfiable)
 
     def do_GET(self):  # noqa: N802
         start = 0
         rng = self.headers.get("Range")
         Handler.ranges.append(rng)
-        if rng:
+        if rng and Handler.mode == "416":
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(PAYLOAD)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if rng and Handler.mode == "range":
             start = int(rng.split("=")[1].split("-")[0])
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}")
@@ -50,7 +57,7 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def server():
-    Handler.cut_after, Handler.ranges = None, []
+    Handler.cut_after, Handler.ranges, Handler.mode = None, [], "range"
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -79,6 +86,29 @@ def test_download_resumes_after_a_cut(server, tmp_path):
     path = download_checkpoint(spec_for(server), tmp_path, progress=False)
     assert path.read_bytes() == PAYLOAD
     assert Handler.ranges[-1] == f"bytes={have}-"
+
+
+def test_a_server_that_ignores_range_gets_the_whole_file_again(server, tmp_path):
+    Handler.mode = "ignore-range"
+    part = tmp_path / "sam_vit_b_01ec64.pth.part"
+    part.write_bytes(b"\xff" * 300_000)  # a stale partial file that must not be kept in front
+    path = download_checkpoint(spec_for(server), tmp_path, progress=False)
+    assert Handler.ranges == ["bytes=300000-"] and path.read_bytes() == PAYLOAD
+
+
+def test_416_on_a_complete_partial_file_verifies_it_without_downloading(server, tmp_path):
+    Handler.mode = "416"
+    (tmp_path / "sam_vit_b_01ec64.pth.part").write_bytes(PAYLOAD)
+    path = download_checkpoint(spec_for(server), tmp_path, progress=False)
+    assert Handler.ranges == [f"bytes={len(PAYLOAD)}-"] and path.read_bytes() == PAYLOAD
+
+
+def test_416_on_a_wrong_partial_file_removes_it(server, tmp_path):
+    Handler.mode = "416"
+    (tmp_path / "sam_vit_b_01ec64.pth.part").write_bytes(b"\x00" * len(PAYLOAD))
+    with pytest.raises(ChecksumError, match="partial file was removed"):
+        download_checkpoint(spec_for(server), tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_digest_removes_the_file_and_says_so(server, tmp_path):

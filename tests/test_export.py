@@ -74,7 +74,23 @@ def test_polygons_on_hole_free_shapes_and_a_warning_for_holes(tmp_path):
         rles = mask_utils.frPyObjects(ann["segmentation"], 120, 160)
         assert iou(mask_utils.decode(mask_utils.merge(rles)).astype(bool), original) >= 0.98
     assert len(coco["annotations"][0]["segmentation"]) == 2  # two components, two polygons
-    assert summary.holes_lost == 1 and any("holes dropped" in w for w in summary.warnings)
+    # The ring: one polygon, its outer edge; the hole is filled (and said so).
+    [outer] = coco["annotations"][2]["segmentation"]
+    filled = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([outer], 120, 160))).astype(bool)
+    disc = np.zeros((120, 160), np.uint8)
+    cv2.circle(disc, (50, 60), 35, 1, -1)
+    assert iou(filled, disc.astype(bool)) >= 0.98 and filled[60, 50]  # the hole's centre is inside
+    assert summary.holes_lost == 1
+    assert [w for w in summary.warnings if "holes dropped by" in w] == [
+        "task 3, annotation 30, region c: holes dropped by --polygons (use RLE to keep them)"]
+
+
+def test_yolo_seg_warns_where_a_hole_is_lost(tmp_path):
+    ring, parts, _ = tricky_masks()
+    out, _, summary = run([task(1, [brush(ring, "Cat", "r"), brush(parts, "Dog", "p")])], tmp_path)
+    assert [w for w in summary.warnings if "YOLO" in w] == [
+        "task 1, annotation 10, region r: holes dropped in YOLO-seg (its polygons cannot hold them)"]
+    assert len((out / "yolo" / "labels" / "abc00001-img1.txt").read_text().splitlines()) == 3
 
 
 def test_polygon_rectangle_and_keypoint_regions(tmp_path):
@@ -142,9 +158,21 @@ def test_crops_use_local_images_and_unreachable_ones_are_counted(tmp_path):
 
 
 def test_newest_non_cancelled_annotation_is_used(tmp_path):
-    ring, _, _ = tricky_masks()
-    _, coco, _ = run([task(1, [brush(ring, "Cat", "a")], cancelled_extra=True)], tmp_path)
-    assert len(coco["annotations"]) == 1
+    ring, parts, corner = tricky_masks()
+    # Task 1: a newer annotation that was cancelled (skipped) is passed over.
+    skipped = task(1, [brush(ring, "Cat", "a")], cancelled_extra=True)
+    skipped["annotations"][1]["result"] = [brush(corner, "Dog", "x")]
+    # Task 2: two live annotations; only the newer one (parts, by updated_at) is exported.
+    both = task(2, [brush(ring, "Cat", "old")])
+    both["annotations"].append({"id": 99, "result": [brush(parts, "Dog", "new")], "was_cancelled": False,
+                                "created_at": "2026-11-26T09:00:00Z", "updated_at": "2026-11-27T09:00:00Z"})
+    _, coco, _ = run([skipped, both], tmp_path)
+    by_image = {a["image_id"]: a for a in coco["annotations"]}
+    assert len(coco["annotations"]) == 2 and set(by_image) == {1, 2}
+    decode = lambda seg: mask_utils.decode({"size": seg["size"], "counts": seg["counts"].encode()}).astype(bool)  # noqa: E731
+    assert np.array_equal(decode(by_image[1]["segmentation"]), ring) and by_image[1]["category_id"] == 1
+    assert np.array_equal(decode(by_image[2]["segmentation"]), parts) and by_image[2]["category_id"] == 2
+    assert by_image[2]["attributes"]["ls_annotation"] == 99
 
 
 @pytest.mark.parametrize("content", [b'[{"id": 1, "data": {"image": "x"}, "annotations": [{"result": [', b"\xff\xfe",
@@ -190,7 +218,16 @@ def test_cli_zip_and_progress(tmp_path):
     assert again.exit_code == 1 and "already exists" in again.output
 
 
-def test_load_tasks_accepts_a_real_export_shape(tmp_path):
+def test_load_tasks_accepts_a_real_export_shape_and_refuses_a_broken_one(tmp_path):
+    ring, _, _ = tricky_masks()
+    tasks = [task(1, [brush(ring, "Cat", "a")]), task(2, [])]
+    tasks[0].update(predictions=[], drafts=[], meta={}, file_upload="abc00001-img1.png")  # fields LS adds
     src = tmp_path / "e.json"
-    src.write_text(json.dumps([task(1, [])]))
-    assert load_tasks(src)[0]["id"] == 1
+    src.write_text(json.dumps(tasks))
+    assert load_tasks(src) == tasks  # read as it is, nothing dropped or renamed
+    src.write_text(json.dumps(tasks[0]))
+    assert load_tasks(src) == [tasks[0]]  # one task object (the API's shape) is a list of one
+    broken = dict(tasks[1], annotations={"result": []})
+    src.write_text(json.dumps([tasks[0], broken]))
+    with pytest.raises(ExportError, match="task 2: 'annotations' must be a list"):
+        load_tasks(src)

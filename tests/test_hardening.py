@@ -163,7 +163,13 @@ def test_non_public_addresses_are_recognised(address):
 
 @pytest.mark.parametrize("address", ["8.8.8.8", "2606:4700:4700::1111"])
 def test_public_addresses_pass_the_check(address):
-    AddressPolicy().check("somewhere.example", 80, [address])  # a pure check: no connection is made
+    import ipaddress
+
+    assert describe(ipaddress.ip_address(address)) is None  # not classed as non-public
+    assert AddressPolicy().check("somewhere.example", 80, [address]) is None  # a pure check: no connection is made
+    # The same answer with one private address in it is refused: every resolved address counts.
+    with pytest.raises(BlockedAddress, match="10.0.0.1"):
+        AddressPolicy().check("somewhere.example", 80, [address, "10.0.0.1"])
 
 
 @pytest.mark.parametrize("url", ["http://169.254.169.254/latest/meta-data/", "http://10.1.2.3/a.png",
@@ -211,13 +217,15 @@ def test_label_studio_host_is_allowed_but_not_its_other_ports(ls_server):
         other.shutdown()
 
 
-@pytest.mark.parametrize("target", ["http://169.254.169.254/latest/meta-data/", "file:///etc/passwd",
-                                    "http://127.0.0.2:9/x.png"])
-def test_redirects_to_forbidden_places_are_refused(target, ls_server, no_outside_connections):
+@pytest.mark.parametrize(("target", "status", "reason"), [
+    ("http://169.254.169.254/latest/meta-data/", 403, "link-local address"),
+    ("file:///etc/passwd", 400, "only http and https URLs are fetched"),
+    ("http://127.0.0.2:9/x.png", 403, "loopback address")])
+def test_redirects_to_forbidden_places_are_refused(target, status, reason, ls_server, no_outside_connections):
     Script.redirect_to = target
-    with pytest.raises(ImageError) as info:
+    with pytest.raises(ImageError, match=reason) as info:
         fetcher(ls_server).load("/data/redirect")
-    assert info.value.status in (400, 403)
+    assert info.value.status == status
 
 
 def test_redirect_within_label_studio_is_followed(ls_server):
@@ -226,11 +234,17 @@ def test_redirect_within_label_studio_is_followed(ls_server):
 
 
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.com/a.png", "gopher://127.0.0.1/x",
-                                 "data:image/png;base64,AAAA", "//evil.example/a.png"])
+                                 "data:image/png;base64,AAAA"])
 def test_other_schemes_are_refused(url, tmp_path):
-    with pytest.raises(ImageError) as info:
+    with pytest.raises(ImageError, match="expected an http\\(s\\) URL, a Label Studio /data/ path") as info:
         fetcher(LOCAL_FILES_DOCUMENT_ROOT=str(tmp_path)).load(url)
-    assert info.value.status in (400, 403, 404)
+    assert info.value.status == 400
+
+
+def test_scheme_relative_url_is_a_path_outside_the_root(tmp_path):
+    with pytest.raises(ImageError, match="outside LOCAL_FILES_DOCUMENT_ROOT") as info:
+        fetcher(LOCAL_FILES_DOCUMENT_ROOT=str(tmp_path)).load("//evil.example/a.png")
+    assert info.value.status == 403
 
 
 # -- 2. path traversal -------------------------------------------------------------------------------
@@ -257,10 +271,9 @@ def test_path_traversal_is_refused(tmp_path):
 
 def test_trickling_server_is_cut_at_the_deadline(ls_server):
     f = fetcher(SAM_FETCH_TIMEOUT_S="0.5", SAM_ALLOWED_HOSTS="127.0.0.1")
-    t0 = time.monotonic()
-    with pytest.raises(ImageError, match="longer than") as info:
-        f.load(ls_server + "/trickle")
-    assert time.monotonic() - t0 < 5 and info.value.status == 504
+    with pytest.raises(ImageError, match="longer than 2 s") as info:
+        f.load(ls_server + "/trickle")  # 1000 bytes at 5 B/s would take 200 s
+    assert info.value.status == 504
 
 
 def test_streamed_body_over_the_cap_is_refused(ls_server):
@@ -282,12 +295,12 @@ def test_decompression_bomb_is_refused_from_the_header():
     import tracemalloc
 
     tracemalloc.start()
-    t0 = time.monotonic()
     with pytest.raises(ImageError, match="pixels") as info:
         decode_image(png_declaring(30000, 30000), 50_000_000)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert info.value.status == 413 and time.monotonic() - t0 < 1 and peak < 10 * 1024 * 1024
+    # Refused from the header: the 900-megapixel image (2.7 GB of RGB) was never allocated.
+    assert info.value.status == 413 and peak < 10 * 1024 * 1024
 
 
 # -- 4. malformed images (more in test_images.py) -------------------------------------------------------
@@ -386,9 +399,9 @@ def test_label_studio_errors_are_retried_only_when_it_helps(ls_server, code, req
 
 
 def test_connection_reset_is_a_clear_error(ls_server):
-    with pytest.raises(ImageError, match="reset|broke off|cannot connect|Connection") as info:
+    with pytest.raises(ImageError, match=r"/data/reset: cannot connect \(ConnectionError\)") as info:
         fetcher(ls_server).load("/data/reset")
-    assert info.value.status == 502 and Script.counts["/reset"] <= 2
+    assert info.value.status == 502 and Script.counts["/reset"] == 1  # a reset answer is not retried
 
 
 def local_settings(root, **env) -> Settings:
@@ -499,25 +512,31 @@ def test_health_answers_while_vit_b_encodes(tmp_path):
         disc_png(tmp_path / f"big{i}.png", (300, 300), h=768, w=1024, seed=i)
     settings = local_settings(tmp_path)
     backend, server, url = running_backend(settings, SamEngine.random("vit_b", device="cpu"))
-    latencies, done = [], threading.Event()
+    polls, done = [], threading.Event()  # (status, an encode was running before and after the call)
 
     def poll():
         while not done.is_set():
-            t0 = time.perf_counter()
-            assert requests.get(url + "/health", timeout=5).status_code == 200
-            latencies.append(time.perf_counter() - t0)
+            before = backend.encoder.gate.running_key is not None
+            status = requests.get(url + "/health", timeout=10).status_code
+            polls.append((status, before and backend.encoder.gate.running_key is not None))
             time.sleep(0.05)
 
     try:
         poller = threading.Thread(target=poll)
         poller.start()
         with ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda i: requests.post(url + "/predict", json=click(f"/data/local-files/?d=big{i}.png",
-                                                                                300, 300, 1024, 768), timeout=300),
-                          range(2)))
+            responses = list(pool.map(
+                lambda i: requests.post(url + "/predict", json=click(f"/data/local-files/?d=big{i}.png", 300, 300,
+                                                                     1024, 768), timeout=300), range(2)))
         done.set()
         poller.join()
-        assert backend.cache.stats().misses == 2 and len(latencies) > 20 and max(latencies) < 1.0
+        assert [r.status_code for r in responses] == [200, 200]
+        assert [len(r.json()["results"]) for r in responses] == [1, 1]
+        assert backend.cache.stats().misses == 2
+        # /health kept answering (200, within the 10 s client timeout) while encodes ran: the latency
+        # figures themselves are in benchmarks/bench_server.py.
+        assert polls and {status for status, _ in polls} == {200}
+        assert sum(during for _, during in polls) >= 3
     finally:
         done.set()
         server.shutdown()

@@ -31,19 +31,36 @@ def test_allowed_formats_decode_to_rgb(fmt):
     assert out[10, 5, 0] > 200 and out[10, 25, 0] < 50
 
 
-@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16"])
-def test_modes_become_rgb(mode):
-    img = Image.fromarray(RGB).convert("RGB")
-    if mode == "I;16":
-        img = Image.fromarray((np.linspace(0, 65535, 600).reshape(20, 30)).astype(np.uint16))
-        fmt = "PNG"
-    else:
-        img = img.convert(mode)
-        fmt = "JPEG" if mode == "CMYK" else "PNG"
-    out = decode_image(encode(img, fmt), 10**6)
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK"])
+def test_modes_become_rgb_as_pillow_converts_them(mode):
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    data = encode(Image.fromarray(RGB).convert(mode), fmt)
+    out = decode_image(data, 10**6)
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert out.shape == (20, 30, 3) and out.dtype == np.uint8 and np.array_equal(out, expected)
+
+
+@pytest.mark.parametrize("mode", ["LA", "RGBA"])
+def test_transparent_pixels_are_composited_on_white(mode):
+    img = Image.fromarray(RGB).convert(mode)
+    alpha = np.full((20, 30), 255, np.uint8)
+    alpha[:, 15:] = 64  # the right half mostly transparent
+    img.putalpha(Image.fromarray(alpha))
+    out = decode_image(encode(img, "PNG"), 10**6)
+    colour = np.asarray(img.convert("RGB"), dtype=np.float64)
+    a = alpha[:, :, None] / 255.0
+    expected = colour * a + 255.0 * (1 - a)
     assert out.shape == (20, 30, 3) and out.dtype == np.uint8
-    if mode == "I;16":
-        assert out[0, 0, 0] == 0 and out[-1, -1, 0] == 255  # 16-bit range scaled to 8 bits
+    assert np.abs(out.astype(np.float64) - expected).max() <= 1.0
+    assert (out[:, 20:] > 150).all()  # dark pixels behind alpha 64 turned light
+
+
+def test_16_bit_greyscale_is_scaled_to_8_bits():
+    ramp = np.linspace(0, 65535, 600).reshape(20, 30).astype(np.uint16)
+    out = decode_image(encode(Image.fromarray(ramp), "PNG"), 10**6)
+    expected = np.round(ramp / 257.0).astype(np.uint8)
+    assert out.shape == (20, 30, 3) and np.array_equal(out[:, :, 0], expected)
+    assert np.array_equal(out[:, :, 0], out[:, :, 2]) and out[0, 0, 0] == 0 and out[-1, -1, 0] == 255
 
 
 def test_exif_orientation_is_applied():

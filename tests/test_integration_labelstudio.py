@@ -186,13 +186,25 @@ def test_tiny_sam_gives_a_mask_of_the_image_size(ls, tmp_path, tiny_checkpoint):
     backend = backend_for(ls, tmp_path, engine_factory=lambda: SamEngine.from_checkpoint(tiny_checkpoint,
                                                                                           device="cpu"))
     try:
-        _, [task], ml = setup_project(ls, "points-and-boxes-brush.xml", {"tiny.png": png_bytes(image)}, backend)
+        project, [task], ml = setup_project(ls, "points-and-boxes-brush.xml", {"tiny.png": png_bytes(image)},
+                                            backend)
+        config = ls.project(project)["label_config"]
+        seen = 0
         for context in CASES.values():
             answer = ls.interactive(ml, task, context)
             assert "errors" not in answer, answer
-            for region in answer["data"]["result"]:  # random weights may give an empty mask: no region then
+            # Random weights may give an empty mask; the backend asked directly says how many regions to expect.
+            direct = requests.post(backend.url + "/predict", json={
+                "tasks": [ls.task(task)], "label_config": config, "params": {"context": {"result": context}}},
+                timeout=60).json()["results"][0]["result"]
+            regions = answer["data"]["result"]
+            assert len(regions) == len(direct)
+            for region, expected in zip(regions, direct, strict=True):
                 assert region_mask(region).shape == (H, W)
+                assert np.array_equal(region_mask(region), region_mask(expected))
                 assert region["value"]["brushlabels"] == ["Object"]
+            seen += len(regions)
+        assert seen >= 1  # at least one case gave a mask, so the checks above ran
     finally:
         backend.stop()
 

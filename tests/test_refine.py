@@ -104,3 +104,16 @@ def test_refine_does_not_modify_its_input():
 def test_non_bool_or_wrong_rank_is_refused(bad):
     with pytest.raises(ValueError, match=r"\(H, W\) bool"):
         fill_holes(bad, 10)
+
+
+def test_a_hole_made_by_a_negative_click_is_not_filled_again():
+    """Found while making the negative-click server test able to fail: refinement filled the small hole a
+    negative click had cut, so the Alt-click had no visible effect."""
+    mask = np.zeros((60, 80), bool)
+    mask[10:50, 10:70] = True
+    mask[28:33, 38:43] = False  # a 25 px hole where the negative click landed
+    filled = fill_holes(mask, 256)
+    kept = fill_holes(mask, 256, keep_open=np.array([[40.0, 30.0]]))
+    assert filled[30, 40] and not kept[30, 40] and kept.sum() == mask.sum()
+    prompt = ObjectPrompt(np.array([[20.0, 20.0], [40.0, 30.0]]), np.array([1, 0]), None, "a", None, None, (80, 60))
+    assert not refine(mask, prompt, RefineSettings())[30, 40]

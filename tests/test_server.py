@@ -133,8 +133,20 @@ def test_rectangle_and_negative_clicks(scene):
     resp = client.post("/predict", json=body)
     [result] = resp.json["results"][0]["result"]
     assert iou(decode_brush(result), truth) >= 0.85
-    resp = client.post("/predict", json=body_for("predict.browser-3-alt-click-negative"))
-    assert resp.status_code == 200 and len(resp.json["results"][0]["result"]) == 1
+    # Two positive clicks on the disc cover the point where the Alt-click (negative) lands next...
+    negative = body_for("predict.browser-3-alt-click-negative")
+    nx, ny = next((r["value"]["x"] / 100 * W, r["value"]["y"] / 100 * H)
+                  for r in negative["params"]["context"]["result"] if not r["is_positive"])
+    resp = client.post("/predict", json=body_for("predict.browser-2-second-click"))
+    [before] = resp.json["results"][0]["result"]
+    assert decode_brush(before)[int(ny), int(nx)]
+    # ...and the negative click takes that point out while the positive clicks stay in.
+    resp = client.post("/predict", json=negative)
+    assert resp.status_code == 200
+    [after] = resp.json["results"][0]["result"]
+    mask = decode_brush(after)
+    assert not mask[int(ny), int(nx)] and mask[int(CLICK_PX[1]), int(CLICK_PX[0])]
+    assert mask.sum() < decode_brush(before).sum()
 
 
 def test_second_click_reuses_the_first_clicks_logits(scene, tiny_checkpoint):
@@ -245,3 +257,241 @@ def test_webhook_versions_metrics(scene):
     text = client.get("/metrics").get_data(as_text=True)
     assert 'sam_requests_total{endpoint="/predict",status="200"} 1.0' in text
     assert "sam_cache_misses_total 1.0" in text and "sam_decoder_seconds_count 1.0" in text
+
+
+# -- paths that only GrabCut exercised, now with the tiny SAM; failure paths ----------------------------
+
+POLYGON_CONFIG = """<View><Image name="image" value="$image"/>
+<PolygonLabels name="poly" toName="image"><Label value="Object"/></PolygonLabels>
+<KeyPointLabels name="kp" toName="image" smart="true"><Label value="Object"/></KeyPointLabels></View>"""
+
+
+def tiny_sam(tiny_checkpoint):
+    from sam_backend.segment.engines.sam import SamEngine
+
+    return lambda: SamEngine.from_checkpoint(tiny_checkpoint, device="cpu")
+
+
+def metric(backend, name: str) -> float:
+    for line in backend.metrics.render().decode().splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_tiny_sam_polygon_output(scene, tiny_checkpoint):
+    from sam_backend.segment.refine import refine
+
+    client, backend, _ = make(scene[0], engine_factory=tiny_sam(tiny_checkpoint))
+    body = body_for("predict.browser-1-click")
+    body["label_config"] = POLYGON_CONFIG
+    resp = client.post("/predict", json=body)
+    assert resp.status_code == 200, resp.json
+    [region] = resp.json["results"][0]["result"]
+    assert region["type"] == "polygonlabels" and region["from_name"] == "poly"
+    assert region["value"]["closed"] is True and region["value"]["polygonlabels"] == ["Object"]
+    # The outline is the refined mask the model gave (largest component), drawn back within a pixel or so.
+    embedding, prompt = _embedding_and_prompt(backend, body)
+    direct = backend.engine.get().predict(embedding, prompt)
+    refined = refine(direct.masks[direct.best], prompt, backend.settings.refine)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(refined.astype(np.uint8), connectivity=8)
+    largest = (labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
+    contours, _ = cv2.findContours(largest, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    outline = cv2.drawContours(np.zeros((H, W), np.uint8), contours, -1, 1, -1).astype(bool)  # holes filled
+    pts = np.array(region["value"]["points"]) / 100 * [W, H]
+    drawn = np.zeros((H, W), np.uint8)
+    cv2.fillPoly(drawn, [np.round(pts).astype(np.int32)], 1)
+    assert iou(drawn.astype(bool), outline) >= 0.9
+
+
+def _embedding_and_prompt(backend, body):
+    from sam_backend.labelstudio.context import parse_context
+
+    _, embedding, _ = backend.embedding(body["tasks"][0]["data"]["image"], backend.engine.get())
+    [prompt] = parse_context(body["params"]["context"], image_size=embedding.image_size)
+    return embedding, prompt
+
+
+def test_tiny_sam_negative_click_reaches_the_model_with_the_previous_logits(scene, tiny_checkpoint):
+    engine = tiny_sam(tiny_checkpoint)()
+    calls = []
+    real_predict = engine.predict
+
+    def predict(embedding, prompt, prev_logits=None):
+        out = real_predict(embedding, prompt, prev_logits=prev_logits)
+        calls.append((prompt.labels.tolist(), prev_logits, out.low_res_logits[out.best]))
+        return out
+
+    engine.predict = predict
+    client, backend, _ = make(scene[0], engine_factory=lambda: engine)
+    assert client.post("/predict", json=body_for("predict.browser-2-second-click")).status_code == 200
+    assert client.post("/predict", json=body_for("predict.browser-3-alt-click-negative")).status_code == 200
+    (two, _, two_logits), (three, prev, _) = calls
+    assert two == [1, 1] and three == [1, 1, 0]  # the Alt-click is a negative third point
+    assert prev is not None and np.array_equal(prev, two_logits)  # seeded with the two-click answer
+    assert backend.memory.objects.stats().hits == 1
+
+
+def test_tiny_sam_precompute_then_a_hit(scene, tiny_checkpoint):
+    client, backend, _ = make(scene[0], engine_factory=tiny_sam(tiny_checkpoint))
+    assert client.post("/predict", json=body_for("predict.task-opened")).json["results"] == []
+    assert backend.prewarm.wait(60) and backend.cache.stats().misses == 1
+    assert client.post("/predict", json=body_for("predict.browser-1-click")).status_code == 200
+    s = backend.cache.stats()
+    assert (s.misses, s.hits) == (1, 1)
+
+
+def test_tiny_sam_concurrent_clicks_on_one_new_image_encode_once(scene, tiny_checkpoint):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, backend, _ = make(scene[0], engine_factory=tiny_sam(tiny_checkpoint), start=False)
+    backend.engine.get()
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda _: client.post("/predict", json=body_for("predict.browser-1-click")).status_code,
+                              range(8)))
+    s = backend.cache.stats()
+    assert codes == [200] * 8 and s.misses == 1 and s.coalesced + s.hits == 7 and s.coalesced > 0
+
+
+def test_negative_only_prompt_over_http_is_a_clear_422(scene):
+    client, _, _ = make(scene[0])
+    body = body_for("predict.browser-1-click")
+    body["params"]["context"]["result"][0]["is_positive"] = False
+    resp = client.post("/predict", json=body)
+    assert resp.status_code == 422
+    assert resp.json["errors"] == ["prompt: object 'Object' has only negative points (1); add a positive point or "
+                                   "a box"]
+
+
+def test_a_failing_sidecar_write_keeps_the_click_and_counts_the_loss(scene, caplog):
+    import sqlite3
+
+    tmp_path, _ = scene
+    settings = Settings.from_env({"LOCAL_FILES_DOCUMENT_ROOT": str(tmp_path),
+                                  "SAM_METADATA_DB": str(tmp_path / "s.db")})
+    recorder = AsyncRecorder(Store(settings.metadata_db, busy_timeout_ms=50))
+    backend = SamBackend(settings, engine_factory=GrabCutEngine, recorder=recorder)
+    client = create_app(settings, backend=backend).test_client()
+    holder = sqlite3.connect(settings.metadata_db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process holds the database: every write times out
+    try:
+        resp = client.post("/predict", json=body_for("predict.browser-1-click"))
+        assert resp.status_code == 200 and len(resp.json["results"][0]["result"]) == 1
+        recorder.flush()
+        assert metric(backend, "sam_sidecar_lost_total") == 1
+        assert 'reason="write_failed"' in backend.metrics.render().decode()
+        assert any("sidecar write failed" in r.getMessage() for r in caplog.records)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    client.post("/predict", json=body_for("predict.browser-1-click"))
+    recorder.flush()
+    assert Store(settings.metadata_db).count() == 1  # writes resume once the database is free
+
+
+def test_a_full_sidecar_queue_keeps_the_clicks_and_counts_the_loss(scene, caplog):
+    import sqlite3
+
+    tmp_path, _ = scene
+    settings = Settings.from_env({"LOCAL_FILES_DOCUMENT_ROOT": str(tmp_path),
+                                  "SAM_METADATA_DB": str(tmp_path / "s.db")})
+    recorder = AsyncRecorder(Store(settings.metadata_db, busy_timeout_ms=3000), max_pending=1)
+    backend = SamBackend(settings, engine_factory=GrabCutEngine, recorder=recorder)
+    client = create_app(settings, backend=backend).test_client()
+    holder = sqlite3.connect(settings.metadata_db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # the writer blocks on its first row; the queue (1) fills up
+    try:
+        codes = [client.post("/predict", json=body_for("predict.browser-1-click")).status_code for _ in range(5)]
+        assert codes == [200] * 5
+        lost = metric(backend, "sam_sidecar_lost_total")
+        assert lost >= 3 and 'reason="queue_full"' in backend.metrics.render().decode()
+        assert any("sidecar writer is behind" in r.getMessage() for r in caplog.records)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    recorder.flush()
+    assert Store(settings.metadata_db).count() == 5 - lost  # every click is either a row or counted
+
+
+def test_the_logits_memory_is_bounded_in_bytes():
+    from sam_backend.segment.prompts import ObjectPrompt
+    from sam_backend.serving.memory import ObjectMemory
+
+    logits = np.zeros((256, 256), np.float32)
+    memory = ObjectMemory(max_bytes=3 * logits.nbytes)
+    prompts = [ObjectPrompt(np.array([[float(i), 5.0]]), np.array([1]), None, "a", None, None, (64, 48))
+               for i in range(5)]
+    for p in prompts:
+        memory.remember("e", "img", p, logits)
+    s = memory.stats()
+    assert (s.entries, s.evictions, s.bytes) == (3, 2, 3 * logits.nbytes)
+    second = [ObjectPrompt(np.array([[float(i), 5.0], [9.0, 9.0]]), np.array([1, 1]), None, "a", None, None, (64, 48))
+              for i in range(5)]
+    assert [memory.previous("e", "img", p) is not None for p in second] == [False, False, True, True, True]
+
+
+def test_a_full_precompute_queue_drops_and_counts(tmp_path, caplog):
+    from slow_engine import SlowEngine, write_images
+
+    tags = {"a": 1, "b": 2, "c": 3, "d": 4}
+    write_images(tmp_path, tags)
+    settings = Settings.from_env({"LOCAL_FILES_DOCUMENT_ROOT": str(tmp_path), "SAM_METADATA_DB": str(tmp_path / "s.db"),
+                                  "SAM_PRECOMPUTE_QUEUE": "1"})
+    engine = SlowEngine(encode_s=0.5)
+    backend = SamBackend(settings, engine_factory=lambda: engine, recorder=lambda item: None)
+    client = create_app(settings, backend=backend).test_client()
+    opened = body_for("predict.task-opened")
+    for name in tags:
+        opened["tasks"][0]["data"]["image"] = f"{name}.png"
+        assert client.post("/predict", json=opened).json["results"] == []
+        if name == "a":
+            assert engine.started.wait(10)  # a is encoding; the queue (1) takes b, then is full
+    assert backend.prewarm.wait(30)
+    assert engine.order == [1, 2] and metric(backend, "sam_precompute_dropped_total") == 2
+    assert sum("precompute queue full" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_after_a_restart_a_setup_hostname_is_needed_again(tmp_path):
+    """Without LABEL_STUDIO_URL (and without an API key), Label Studio's address comes only from /setup: a
+    restarted backend says so clearly until Label Studio calls /setup again."""
+    import io as _io
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from PIL import Image as _Image
+
+    png = _io.BytesIO()
+    _Image.fromarray(np.full((48, 64, 3), 120, np.uint8)).save(png, format="PNG")
+
+    class Images(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(png.getvalue())))
+            self.end_headers()
+            self.wfile.write(png.getvalue())
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Images)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    hostname = f"http://127.0.0.1:{httpd.server_address[1]}"
+    body = body_for("predict.browser-1-click", image="/data/upload/3/a.png")
+    for task in body["tasks"]:
+        task["data"]["image"] = "/data/upload/3/a.png"
+    for r in body["params"]["context"]["result"]:
+        r["original_width"], r["original_height"] = 64, 48
+    try:
+        settings = Settings.from_env({"SAM_METADATA_DB": str(tmp_path / "s.db")})
+        first = create_app(settings, backend=SamBackend(settings, engine_factory=GrabCutEngine,
+                                                        recorder=lambda item: None)).test_client()
+        first.post("/setup", json=dict(load_request("setup"), hostname=hostname))
+        assert first.post("/predict", json=body).status_code == 200
+        restarted = create_app(settings, backend=SamBackend(settings, engine_factory=GrabCutEngine,
+                                                            recorder=lambda item: None)).test_client()
+        resp = restarted.post("/predict", json=body)
+        assert resp.status_code == 400
+        assert "LABEL_STUDIO_URL is not set (and no /setup call gave a hostname)" in resp.json["errors"][0]
+        restarted.post("/setup", json=dict(load_request("setup"), hostname=hostname))
+        assert restarted.post("/predict", json=body).status_code == 200
+    finally:
+        httpd.shutdown()

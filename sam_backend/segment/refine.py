@@ -36,8 +36,9 @@ def _components(mask: np.ndarray, connectivity: int) -> tuple[int, np.ndarray, n
     return n, labels, stats
 
 
-def fill_holes(mask: np.ndarray, max_hole_px: int) -> np.ndarray:
-    """Fill background regions enclosed by the mask whose area is below `max_hole_px`."""
+def fill_holes(mask: np.ndarray, max_hole_px: int, keep_open: np.ndarray | None = None) -> np.ndarray:
+    """Fill background regions enclosed by the mask whose area is below `max_hole_px`, except holes
+    holding a point of `keep_open` (`(N, 2)` pixel x, y: the negative clicks that made them)."""
     if max_hole_px <= 0 or not _check(mask).any():
         return mask.copy()
     n, labels, stats = _components(~mask, 4)
@@ -46,6 +47,8 @@ def fill_holes(mask: np.ndarray, max_hole_px: int) -> np.ndarray:
     touches_border = (x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)
     fill = ~touches_border & (area < max_hole_px)
     fill[0] = False  # label 0 is the mask itself
+    for i in _clicked_labels(labels, keep_open):
+        fill[i] = False
     return mask | fill[labels]
 
 
@@ -87,7 +90,8 @@ def keep_clicked_components(mask: np.ndarray, positive_points: np.ndarray) -> np
 
 
 def refine(mask: np.ndarray, prompt: ObjectPrompt, settings: RefineSettings) -> np.ndarray:
-    """Clamp to the box, keep clicked components, drop islands, fill holes (each per `settings`)."""
+    """Clamp to the box, keep clicked components, drop islands, fill holes (each per `settings`); a hole
+    a negative click made is never filled again."""
     out = _check(mask)
     if not settings.enabled:
         return out.copy()
@@ -97,4 +101,4 @@ def refine(mask: np.ndarray, prompt: ObjectPrompt, settings: RefineSettings) -> 
     if settings.keep_clicked:
         out = keep_clicked_components(out, positives)
     out = remove_islands(out, settings.min_island_px, protect_points=positives)
-    return fill_holes(out, settings.max_hole_px)
+    return fill_holes(out, settings.max_hole_px, keep_open=prompt.points[prompt.labels == 0])

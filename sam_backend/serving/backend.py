@@ -59,6 +59,8 @@ class SamBackend:
         self.prewarm = Prewarmer(lambda url: self.embedding(url, self.engine.get(), priority=BACKGROUND),
                                  settings.precompute_queue, on_drop=self.metrics.precompute_dropped.inc)
         self.recorder = recorder
+        if recorder is not None and hasattr(recorder, "on_lost"):
+            recorder.on_lost = lambda reason: self.metrics.sidecar_lost.labels(reason).inc()
         self.setup_config: str | None = None
 
     @property

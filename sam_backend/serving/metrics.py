@@ -34,6 +34,8 @@ class Metrics:
         self.click_deadline = Counter("sam_click_deadline",
                                       "Clicks answered 'still encoding' at SAM_CLICK_DEADLINE_S",
                                       registry=self.registry)
+        self.sidecar_lost = Counter("sam_sidecar_lost", "Interactions the sidecar could not keep, by reason",
+                                    ["reason"], registry=self.registry)
         self.precompute_dropped = Counter("sam_precompute_dropped", "Precompute jobs dropped (queue full)",
                                           registry=self.registry)
         self.registry.register(_CacheCollector(cache_stats))

@@ -12,7 +12,7 @@ import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -181,10 +181,15 @@ class Store:
 
 
 class AsyncRecorder:
-    """Writes interactions on a background thread so a click never waits for SQLite or RLE encoding."""
+    """Writes interactions on a background thread so a click never waits for SQLite or RLE encoding.
+
+    A row that cannot be kept (the queue is full, or the write fails) is logged and handed to
+    `on_lost(reason)` (`queue_full` or `write_failed`), which the backend counts in `/metrics`.
+    """
 
     def __init__(self, store: Store, max_pending: int = 1000) -> None:
         self.store = store
+        self.on_lost: Callable[[str], None] = lambda reason: None
         self._queue: queue.Queue[Interaction | None] = queue.Queue(maxsize=max_pending)
         self._thread = threading.Thread(target=self._run, name="sidecar-writer", daemon=True)
         self._thread.start()
@@ -195,9 +200,10 @@ class AsyncRecorder:
             self._queue.put_nowait(item)
         except queue.Full:
             log.warning("sidecar writer is behind: interaction on task %s not recorded", item.task_id)
+            self.on_lost("queue_full")
 
     def flush(self, timeout_s: float = 10.0) -> None:
-        """Wait until every queued interaction is written."""
+        """Wait until every queued interaction is written (or has failed)."""
         done = threading.Event()
         threading.Thread(target=lambda: (self._queue.join(), done.set()), daemon=True).start()
         done.wait(timeout_s)
@@ -208,7 +214,9 @@ class AsyncRecorder:
             try:
                 if item is not None:
                     self.store.record(item)
-            except Exception:
-                log.exception("sidecar write failed for task %s", item.task_id if item else None)
+            except Exception as exc:
+                log.error("sidecar write failed for task %s, interaction not recorded: %s",
+                          item.task_id if item else None, exc)
+                self.on_lost("write_failed")
             finally:
                 self._queue.task_done()

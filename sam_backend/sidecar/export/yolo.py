@@ -29,7 +29,9 @@ class YoloWriter:
             if self.options.polygons and obj.ring is not None:
                 polygons = [[float(v) for v in obj.ring.ravel()]]
             else:
-                polygons = obj.contours(self.options.tolerance_px)[0]
+                polygons, holes = obj.contours(self.options.tolerance_px)
+                if holes:
+                    report.warnings.append(f"{obj.where}: holes dropped in YOLO-seg (its polygons cannot hold them)")
             for poly in polygons:
                 xy = np.asarray(poly).reshape(-1, 2) / [task.width, task.height]
                 lines.append(f"{obj.category - 1} " + " ".join(f"{v:.6f}" for v in np.clip(xy, 0, 1).ravel()))
