@@ -10,11 +10,11 @@ COPY pyproject.toml README.md ./
 COPY sam_backend ./sam_backend
 COPY label_config ./label_config
 COPY checkpoints/README.md ./checkpoints/README.md
-RUN pip install .
+RUN pip install . && SAM2_BUILD_CUDA=0 pip install --no-build-isolation sam2
 
 # The checkpoint lives in a volume: downloaded and verified at first start, reused afterwards.
 ENV SAM_CHECKPOINT_DIR=/data/checkpoints SAM_METADATA_DB=/data/annotations.db
 VOLUME ["/data"]
 EXPOSE 9090
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s CMD curl -fsS http://127.0.0.1:9090/health || exit 1
-CMD ["sh", "-c", "if [ \"${SAM_ENGINE:-sam}\" = sam ]; then sam-backend download \"${SAM_MODEL_TYPE:-vit_b}\" --dest \"$SAM_CHECKPOINT_DIR\"; fi && exec sam-backend serve --host 0.0.0.0 --port 9090 --threads 8"]
+CMD ["sh", "-c", "if [ \"${SAM_ENGINE:-sam}\" != grabcut ]; then sam-backend download --dest \"$SAM_CHECKPOINT_DIR\"; fi && exec sam-backend serve --host 0.0.0.0 --port 9090 --threads 8"]

@@ -11,6 +11,9 @@ $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	@# SAM 2.1 (`sam2` on PyPI is an sdist): built against the torch installed above, without its optional
+	@# CUDA extension (it only fills small holes in the video predictor's post-processing).
+	SAM2_BUILD_CUDA=0 $(BIN)/python -m pip install -q --no-build-isolation sam2
 	touch $@
 
 $(LS_VENV)/bin/.installed:

@@ -11,10 +11,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ENGINES = ("sam", "grabcut")
+ENGINES = ("sam", "sam2", "grabcut")
 # Official checkpoint file names by model type (URLs and digests: sam_backend.segment.checkpoints).
-CHECKPOINT_FILES = {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_h": "sam_vit_h_4b8939.pth"}
+SAM_FILES = {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_h": "sam_vit_h_4b8939.pth"}
+SAM2_FILES = {f"sam2.1_hiera_{size}": f"sam2.1_hiera_{size}.pt" for size in ("tiny", "small", "base_plus", "large")}
+CHECKPOINT_FILES = {**SAM_FILES, **SAM2_FILES}
 MODEL_TYPES = tuple(CHECKPOINT_FILES)
+ENGINE_MODELS = {"sam": tuple(SAM_FILES), "sam2": tuple(SAM2_FILES), "grabcut": MODEL_TYPES}
+DEFAULT_MODEL = {"sam": "vit_b", "sam2": "sam2.1_hiera_tiny", "grabcut": "vit_b"}
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -79,6 +83,11 @@ class Settings:
             min_island_px=r.integer("SAM_MIN_ISLAND_PX", 256, minimum=0),
             keep_clicked=r.boolean("SAM_KEEP_CLICKED", True),
         )
+        engine = r.choice("SAM_ENGINE", "sam", ENGINES)
+        model_type = r.choice("SAM_MODEL_TYPE", DEFAULT_MODEL[engine], MODEL_TYPES)
+        if model_type not in ENGINE_MODELS[engine]:
+            raise ConfigError(f"SAM_MODEL_TYPE: {model_type!r} is not a model of SAM_ENGINE={engine}; expected one of "
+                              f"{', '.join(ENGINE_MODELS[engine])}")
         checkpoint = r.text("SAM_CHECKPOINT")
         digest = r.text("SAM_CHECKPOINT_SHA256")
         if digest is not None and (len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower())):
@@ -94,8 +103,8 @@ class Settings:
         root = r.text("LOCAL_FILES_DOCUMENT_ROOT")
         hosts = tuple(h.strip().lower() for h in (r.text("SAM_ALLOWED_HOSTS") or "").split(",") if h.strip())
         return cls(
-            engine=r.choice("SAM_ENGINE", "sam", ENGINES),
-            model_type=r.choice("SAM_MODEL_TYPE", "vit_b", MODEL_TYPES),
+            engine=engine,
+            model_type=model_type,
             checkpoint_dir=Path(r.text("SAM_CHECKPOINT_DIR") or "checkpoints"),
             checkpoint=Path(checkpoint) if checkpoint else None,
             checkpoint_sha256=digest.lower() if digest else None,

@@ -79,3 +79,36 @@ def tiny_engine(tiny_checkpoint):
     from sam_backend.segment.engines.sam import SamEngine
 
     return SamEngine.from_checkpoint(tiny_checkpoint, device="cpu", precision="fp32")
+
+
+# A small SAM 2.1 from the `sam2` package's own config and modules: the Hiera trunk shrunk (dim 32, blocks
+# 1-1-2-1, 256 px input, a 16 x 16 embedding grid), the real prompt encoder and mask decoder kept.
+TINY_SAM2_OVERRIDES = [
+    "++model.image_size=256", "++model.image_encoder.trunk.embed_dim=32", "++model.image_encoder.trunk.num_heads=1",
+    "++model.image_encoder.trunk.stages=[1,1,2,1]", "++model.image_encoder.trunk.global_att_blocks=[3]",
+    "++model.image_encoder.trunk.window_spec=[8,4,8,4]",
+    "++model.image_encoder.neck.backbone_channel_list=[256,128,64,32]",
+    "++model.memory_attention.num_layers=1", "++model.memory_attention.layer.dim_feedforward=64",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_sam2_checkpoint(tmp_path_factory) -> Path:
+    """A saved tiny SAM 2.1 (`{"model": state dict, "sam_backend": {architecture overrides}}`), seeded."""
+    import torch
+
+    from sam_backend.segment.engines.sam2 import build_model
+
+    torch.manual_seed(0)
+    model = build_model("sam2.1_hiera_tiny", TINY_SAM2_OVERRIDES)
+    path = tmp_path_factory.mktemp("ckpt2") / "tiny_sam2.pt"
+    torch.save({"model": model.state_dict(),
+                "sam_backend": {"model_type": "sam2.1_hiera_tiny", "overrides": TINY_SAM2_OVERRIDES}}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sam2_engine(tiny_sam2_checkpoint):
+    from sam_backend.segment.engines.sam2 import Sam2Engine
+
+    return Sam2Engine.from_checkpoint(tiny_sam2_checkpoint, device="cpu", precision="fp32")

@@ -25,7 +25,7 @@ def test_values_are_read():
 
 
 @pytest.mark.parametrize(("env", "needle"), [
-    ({"SAM_ENGINE": "yolo"}, "SAM_ENGINE: expected one of sam, grabcut, got 'yolo'"),
+    ({"SAM_ENGINE": "yolo"}, "SAM_ENGINE: expected one of sam, sam2, grabcut, got 'yolo'"),
     ({"SAM_CACHE_MB": "lots"}, "SAM_CACHE_MB: expected an integer, got 'lots'"),
     ({"SAM_CACHE_MB": "-1"}, "SAM_CACHE_MB: expected an integer >= 0"),
     ({"SAM_REFINE": "maybe"}, "SAM_REFINE: expected true/false"),

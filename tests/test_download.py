@@ -140,4 +140,71 @@ def test_known_digests_are_in_the_checkpoint_readme():
 
     readme = (ROOT / "checkpoints" / "README.md").read_text()
     for spec in CHECKPOINTS.values():
-        assert spec.sha256 in readme and spec.filename in readme
+        assert spec.filename in readme and spec.url in readme
+        if spec.sha256:
+            assert spec.sha256 in readme
+    assert "Meta publishes no SHA-256" in readme
+
+
+# -- SAM 2.1: no published digest ----------------------------------------------------------------------
+
+def sam2_spec(url, approx=len(PAYLOAD)):
+    return replace(CHECKPOINTS["sam2.1_hiera_tiny"], url=url, approx_size=approx)
+
+
+def test_sam2_specs_have_no_digest_and_the_official_urls():
+    for size in ("tiny", "small", "base_plus", "large"):
+        spec = CHECKPOINTS[f"sam2.1_hiera_{size}"]
+        assert spec.sha256 is None and spec.approx_size > 100 * 2**20
+        assert spec.url == f"https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_{size}.pt"
+
+
+def test_sam2_download_checks_size_and_load_and_records_the_digest(server, tmp_path):
+    from sam_backend.segment.checkpoints import recorded_sha256
+
+    checked = []
+    path = download_checkpoint(sam2_spec(server), tmp_path, progress=False, check=checked.append)
+    assert path.name == "sam2.1_hiera_tiny.pt" and path.read_bytes() == PAYLOAD
+    assert checked == [tmp_path / "sam2.1_hiera_tiny.pt.part"] and recorded_sha256(path) == DIGEST
+
+
+def test_sam2_download_that_does_not_load_is_removed(server, tmp_path):
+    def refuse(path):
+        raise RuntimeError("Missing key(s) in state_dict")
+
+    with pytest.raises(ChecksumError, match="does not load as a sam2.1_hiera_tiny model"):
+        download_checkpoint(sam2_spec(server), tmp_path, progress=False, check=refuse)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sam2_download_of_the_wrong_size_is_removed(server, tmp_path):
+    with pytest.raises(ChecksumError, match="expected about"):
+        download_checkpoint(sam2_spec(server, approx=10 * len(PAYLOAD)), tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_changed_sam2_file_is_refused_at_start(tiny_sam2_checkpoint, tmp_path):
+    """The digest recorded at download protects the file from then on: a changed file is refused."""
+    import os
+    import shutil
+
+    from sam_backend.config import Settings
+    from sam_backend.segment.checkpoints import expected_sha256, sha256_file
+    from sam_backend.segment.engines import EngineError
+    from sam_backend.segment.engines.sam2 import Sam2Engine
+
+    path = tmp_path / "sam2.1_hiera_tiny.pt"
+    shutil.copy(tiny_sam2_checkpoint, path)
+    stat = path.stat()
+    (tmp_path / "sam2.1_hiera_tiny.pt.sha256").write_text(f"{sha256_file(path)} {stat.st_size} {stat.st_mtime_ns}\n")
+    settings = Settings.from_env({"SAM_ENGINE": "sam2", "SAM_CHECKPOINT_DIR": str(tmp_path)})
+    assert Sam2Engine.from_checkpoint(path, device="cpu", expected_sha256=expected_sha256(settings))
+    with open(path, "r+b") as f:  # one byte changed, same size
+        f.seek(stat.st_size - 5)
+        f.write(b"\x00" if f.read(1) != b"\x00" else b"\x01")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    with pytest.raises(EngineError, match="SHA-256 is"):
+        Sam2Engine.from_checkpoint(path, device="cpu", expected_sha256=expected_sha256(settings))
+    pinned = Settings.from_env({"SAM_ENGINE": "sam2", "SAM_CHECKPOINT_DIR": str(tmp_path),
+                                "SAM_CHECKPOINT_SHA256": "a" * 64})
+    assert expected_sha256(pinned) == "a" * 64  # an operator's pin wins over the recorded digest

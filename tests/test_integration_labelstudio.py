@@ -209,6 +209,30 @@ def test_tiny_sam_gives_a_mask_of_the_image_size(ls, tmp_path, tiny_checkpoint):
         backend.stop()
 
 
+def test_sam2_engine_through_label_studio(ls, tmp_path, tiny_sam2_checkpoint):
+    """The full /predict path for SAM 2.1 (a tiny one): Label Studio → backend → its answer, region for region."""
+    from sam_backend.segment.engines.sam2 import Sam2Engine
+
+    image, _ = scene()
+    backend = backend_for(ls, tmp_path, engine_factory=lambda: Sam2Engine.from_checkpoint(
+        tiny_sam2_checkpoint, device="cpu", precision="fp32"))
+    try:
+        project, [task], ml = setup_project(ls, "points-and-boxes-brush.xml", {"sam2.png": png_bytes(image)},
+                                            backend)
+        config = ls.project(project)["label_config"]
+        answer = ls.interactive(ml, task, [keypoint(CX, CY)])
+        assert "errors" not in answer, answer
+        direct = requests.post(backend.url + "/predict", json={
+            "tasks": [ls.task(task)], "label_config": config, "params": {"context": {"result": [keypoint(CX, CY)]}}},
+            timeout=60).json()["results"][0]["result"]
+        [region] = answer["data"]["result"]
+        assert len(direct) == 1 and np.array_equal(region_mask(region), region_mask(direct[0]))
+        assert region_mask(region).shape == (H, W) and region["value"]["brushlabels"] == ["Object"]
+        assert backend.backend.engine.get().engine_id.startswith("sam2/")
+    finally:
+        backend.stop()
+
+
 def test_legacy_token_is_refused_with_a_clear_message(ls, tmp_path):
     image, _ = scene()
     backend = backend_for(ls, tmp_path, api_key=ls.legacy_token())

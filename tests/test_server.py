@@ -495,3 +495,25 @@ def test_after_a_restart_a_setup_hostname_is_needed_again(tmp_path):
         assert restarted.post("/predict", json=body).status_code == 200
     finally:
         httpd.shutdown()
+
+
+@pytest.mark.parametrize("config", ["brush", "polygon"])
+def test_sam2_engine_through_predict_refine_and_the_sidecar(scene, tiny_sam2_checkpoint, config):
+    from sam_backend.segment.engines.sam2 import Sam2Engine
+
+    client, backend, recorder = make(scene[0], engine_factory=lambda: Sam2Engine.from_checkpoint(
+        tiny_sam2_checkpoint, device="cpu", precision="fp32"))
+    body = body_for("predict.browser-1-click")
+    if config == "polygon":
+        body["label_config"] = POLYGON_CONFIG
+    first = client.post("/predict", json=body)
+    second = client.post("/predict", json=body_for("predict.browser-2-second-click"))
+    assert first.status_code == 200 and second.status_code == 200, first.json
+    regions = first.json["results"][0]["result"] + second.json["results"][0]["result"]
+    assert regions, "the tiny SAM 2 gave no mask at all"
+    for region in regions:
+        assert region["type"] in ("brushlabels", "polygonlabels") and region["original_width"] == W
+    assert backend.memory.objects.stats().hits == 1  # the second click was seeded with the first's logits
+    recorder.flush()
+    rows = Store(scene[0] / "sidecar.db").history()
+    assert len(rows) == len(regions) and all(r["engine"].startswith("sam2/sam2.1_hiera_tiny/") for r in rows)

@@ -4,7 +4,8 @@ All figures are medians in seconds over `repeats` runs, measured in one process 
 image (default 1024 × 768), so ratios compare like with like:
 
 - `encoder_fp32_s`, `encoder_bf16_s`: the image encoder alone, fp32 and bf16 autocast.
-- `decode_s`: prompt encoder + mask decoder on a cached embedding.
+- `decode_s`: prompt encoder + mask decoder on a cached embedding, masks upsampled to the image.
+- `refine_s`, `rle_s`: the stages after it: mask refinement, Label Studio brush RLE.
 - `first_click_s`: a new image: hash, encode (configured precision), decode, refine.
 - `repeat_click_s`: a click on a cached image: hash, cache hit, decode, refine.
 - `reembed_baseline_s`: re-encode (fp32) on every click, then decode, as Label Studio's SAM2 example does.
@@ -131,6 +132,13 @@ def run_bench(engine: Engine, *, width: int = 1024, height: int = 768, repeats: 
 
     emb = engine.embed(image)
     decode = _median(lambda: [engine.predict(emb, p) for p in prompts], click_repeats) / len(prompts)
+    # Stages of a cached click after the decoder: refinement and brush RLE of the answered mask.
+    from sam_backend.labelstudio.brush import encode_brush
+
+    pred = engine.predict(emb, prompts[0])
+    refine_s = _median(lambda: refine(pred.masks[pred.best], prompts[0], refine_settings), click_repeats)
+    refined = refine(pred.masks[pred.best], prompts[0], refine_settings)
+    rle_s = _median(lambda: encode_brush(refined), click_repeats)
 
     cache: EmbeddingCache = EmbeddingCache(1 << 30)
 
@@ -167,6 +175,8 @@ def run_bench(engine: Engine, *, width: int = 1024, height: int = 768, repeats: 
         "encoder_fp32_s": round(encoder_fp32, 4),
         "encoder_bf16_s": None if encoder_bf16 is None else round(encoder_bf16, 4),
         "decode_s": round(decode, 4),
+        "refine_s": round(refine_s, 4),
+        "rle_s": round(rle_s, 4),
         "first_click_s": round(first_click, 4),
         "repeat_click_s": round(repeat_click, 4),
         "reembed_baseline_s": round(reembed, 4),

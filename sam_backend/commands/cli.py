@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from sam_backend.config import ENGINES, MODEL_TYPES, ConfigError, Settings
+from sam_backend.config import DEFAULT_MODEL, ENGINE_MODELS, ENGINES, MODEL_TYPES, SAM2_FILES, ConfigError, Settings
 
 
 def _settings() -> Settings:
@@ -30,62 +30,94 @@ def main(verbose: int) -> None:
 
 
 @main.command()
-@click.argument("model_type", type=click.Choice(MODEL_TYPES), default="vit_b")
+@click.argument("model_type", type=click.Choice(MODEL_TYPES), required=False)
 @click.option("--dest", type=click.Path(path_type=Path), default=None,
               help="Folder for the checkpoint (default: SAM_CHECKPOINT_DIR or ./checkpoints).")
 @click.option("--url", default=None, help="Download from this mirror instead of the official URL.")
 @click.option("--sha256", "digest", default=None, help="Expected SHA-256 (required with a mirror of another file).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def download(model_type: str, dest: Path | None, url: str | None, digest: str | None, quiet: bool) -> None:
-    """Fetch an official SAM checkpoint, resumable, verified against its SHA-256."""
+def download(model_type: str | None, dest: Path | None, url: str | None, digest: str | None, quiet: bool) -> None:
+    """Fetch an official SAM or SAM 2.1 checkpoint (default: SAM_MODEL_TYPE, or the engine's default model),
+    resumable, verified (see checkpoints/README.md)."""
     from sam_backend.segment.checkpoints import CHECKPOINTS, DownloadError, download_checkpoint
 
+    settings = _settings()
+    model_type = model_type or settings.model_type
     spec = CHECKPOINTS[model_type]
     if url:
         spec = replace(spec, url=url)
-    if digest:
-        spec = replace(spec, sha256=digest.lower(), size=None)
-    dest = dest or _settings().checkpoint_dir
+    pinned = digest or settings.checkpoint_sha256
+    if pinned:
+        spec = replace(spec, sha256=pinned.lower(), size=None)
+    check = None
+    if model_type in SAM2_FILES:
+        def check(path: Path) -> None:
+            from sam_backend.segment.engines.sam2 import load_checked
+
+            load_checked(path, model_type)
     try:
-        path = download_checkpoint(spec, dest, progress=not quiet)
+        path = download_checkpoint(spec, dest or settings.checkpoint_dir, progress=not quiet, check=check)
     except DownloadError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"{path} verified (sha256 {spec.sha256})")
+    if spec.sha256:
+        click.echo(f"{path} verified (sha256 {spec.sha256})")
+    else:
+        from sam_backend.segment.checkpoints import recorded_sha256
+
+        click.echo(f"{path} downloaded: size and a strict load checked; Meta publishes no SHA-256 for it, its "
+                   f"sha256 is {recorded_sha256(path)} (kept in {path.name}.sha256; later starts refuse a changed "
+                   "file; pin it with SAM_CHECKPOINT_SHA256)")
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line, one line per engine.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line, one line per engine and model.")
 @click.option("--engine", "engines", multiple=True, type=click.Choice(ENGINES),
               help="Engine to measure; repeat to measure several in one run. Default: SAM_ENGINE.")
-@click.option("--model-type", type=click.Choice(MODEL_TYPES), default=None, help="Default: SAM_MODEL_TYPE.")
+@click.option("--model-type", "model_types", multiple=True, type=click.Choice(MODEL_TYPES),
+              help="Model to measure; repeatable; each goes to the engine it belongs to. Default: SAM_MODEL_TYPE, "
+                   "or the engine's default model.")
 @click.option("--random-weights", is_flag=True, help="Seeded random weights (timing does not depend on them).")
 @click.option("--repeats", default=3, show_default=True, help="Encoder runs per figure.")
 @click.option("--width", default=1024, show_default=True)
 @click.option("--height", default=768, show_default=True)
-def bench(as_json: bool, engines: tuple[str, ...], model_type: str | None, random_weights: bool, repeats: int,
+def bench(as_json: bool, engines: tuple[str, ...], model_types: tuple[str, ...], random_weights: bool, repeats: int,
           width: int, height: int) -> None:
-    """Median timings of encoder, decoder and clicks; see sam_backend/commands/bench.py."""
+    """Median timings of encoder, decoder and clicks, per stage; see sam_backend/commands/bench.py."""
     from sam_backend.commands.bench import run_bench
     from sam_backend.segment.engines import EngineError, make_engine
 
     settings = _settings()
     for name in engines or (settings.engine,):
-        try:
-            if name == "sam" and random_weights:
-                from sam_backend.segment.engines.sam import SamEngine
-
-                engine = SamEngine.random(model_type or settings.model_type, device=settings.device,
-                                          precision=settings.precision)
+        models = [m for m in model_types if m in ENGINE_MODELS[name]] if name != "grabcut" else ["-"]
+        if not models:
+            models = [settings.model_type if settings.model_type in ENGINE_MODELS[name] else DEFAULT_MODEL[name]]
+        for model in models:
+            try:
+                if name == "grabcut":
+                    engine = make_engine(replace(settings, engine=name))
+                elif random_weights:
+                    engine = _random_engine(name, model, settings)
+                else:
+                    engine = make_engine(replace(settings, engine=name, model_type=model))
+            except EngineError as exc:
+                raise click.ClickException(str(exc)) from None
+            result = run_bench(engine, width=width, height=height, repeats=repeats, refine_settings=settings.refine)
+            if as_json:
+                click.echo(json.dumps(result))
             else:
-                engine = make_engine(replace(settings, engine=name, model_type=model_type or settings.model_type))
-        except EngineError as exc:
-            raise click.ClickException(str(exc)) from None
-        result = run_bench(engine, width=width, height=height, repeats=repeats, refine_settings=settings.refine)
-        if as_json:
-            click.echo(json.dumps(result))
-        else:
-            for key, value in result.items():
-                click.echo(f"{key:>22}  {value}")
+                for key, value in result.items():
+                    click.echo(f"{key:>22}  {value}")
+                click.echo("")
+
+
+def _random_engine(engine: str, model_type: str, settings: Settings):  # noqa: ANN202 - an Engine
+    if engine == "sam2":
+        from sam_backend.segment.engines.sam2 import Sam2Engine
+
+        return Sam2Engine.random(model_type, device=settings.device, precision=settings.precision)
+    from sam_backend.segment.engines.sam import SamEngine
+
+    return SamEngine.random(model_type, device=settings.device, precision=settings.precision)
 
 
 @main.command()

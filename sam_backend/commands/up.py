@@ -16,12 +16,13 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from sam_backend.config import Settings
+from sam_backend.config import DEFAULT_MODEL, Settings
 from sam_backend.labelstudio.process import LabelStudio, stop_process, wait_for_health
 
 log = logging.getLogger(__name__)
@@ -78,22 +79,51 @@ def _save(path: Path, creds: dict) -> None:
     os.replace(tmp, path)
 
 
-def _engine(settings: Settings) -> str:
-    """`sam` if a checkpoint is there or can be downloaded; else say so and use GrabCut."""
-    if settings.engine != "sam":
-        return settings.engine
-    if settings.checkpoint_path.is_file():
-        return "sam"
+def recommended_model(has_gpu: bool) -> tuple[str, str]:
+    """`(engine, model type)` the README recommends for this hardware (see its measured table): SAM 2.1
+    Hiera-L on a GPU (the most accurate, fast there); Hiera-T on a CPU (several times faster to encode than
+    ViT-B, and more accurate per click)."""
+    return ("sam2", "sam2.1_hiera_large") if has_gpu else ("sam2", "sam2.1_hiera_tiny")
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # torch missing or broken: the CPU recommendation
+        return False
+
+
+def choose_model(settings: Settings, env: dict[str, str] | os._Environ = os.environ) -> tuple[str, str]:
+    """`(engine, model type)`: what SAM_ENGINE / SAM_MODEL_TYPE name, else the recommendation for this hardware;
+    then make sure its checkpoint is here (download it), else say so and use GrabCut."""
+    if env.get("SAM_ENGINE") or env.get("SAM_MODEL_TYPE"):
+        engine, model_type = settings.engine, settings.model_type
+    else:
+        engine, model_type = recommended_model(_has_gpu())
+        log.info("no SAM_ENGINE / SAM_MODEL_TYPE: using %s %s, recommended for this hardware", engine, model_type)
+    if engine == "grabcut":
+        return engine, model_type
+    chosen = replace(settings, engine=engine, model_type=model_type)
+    if chosen.checkpoint_path.is_file():
+        return engine, model_type
     from sam_backend.segment.checkpoints import CHECKPOINTS, DownloadError, download_checkpoint
 
+    check = None
+    if engine == "sam2":
+        def check(path: Path) -> None:
+            from sam_backend.segment.engines.sam2 import load_checked
+
+            load_checked(path, model_type)
     try:
-        download_checkpoint(CHECKPOINTS[settings.model_type], settings.checkpoint_dir, timeout_s=15)
-        return "sam"
+        download_checkpoint(CHECKPOINTS[model_type], chosen.checkpoint_dir, timeout_s=15, check=check)
+        return engine, model_type
     except DownloadError as exc:
-        log.warning("no SAM checkpoint and the download failed: %s", exc)
+        log.warning("no %s checkpoint and the download failed: %s", model_type, exc)
         log.warning("continuing with the GrabCut engine (no weights). Put %s in place and run again, or set "
-                    "SAM_ENGINE=grabcut to make this choice explicit.", settings.checkpoint_path)
-        return "grabcut"
+                    "SAM_ENGINE=grabcut to make this choice explicit.", chosen.checkpoint_path)
+        return "grabcut", model_type
 
 
 def run_up(state: Path = Path(".sam-up"), ls_port: int = 8080, backend_port: int = 9090) -> int:
@@ -101,7 +131,7 @@ def run_up(state: Path = Path(".sam-up"), ls_port: int = 8080, backend_port: int
     settings = Settings.from_env()
     state = state.resolve()
     creds, created = _credentials(state)
-    engine = _engine(settings)
+    engine, model_type = choose_model(settings)
     ls = LabelStudio(state / "label-studio", creds["email"], creds["password"], port=ls_port,
                      log_path=state / "label-studio.log")
     backend: subprocess.Popen | None = None
@@ -127,6 +157,7 @@ def run_up(state: Path = Path(".sam-up"), ls_port: int = 8080, backend_port: int
             log.info("created project %d with sample images", project)
         backend_url = f"http://127.0.0.1:{backend_port}"
         env = dict(os.environ, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=ls.pat, SAM_ENGINE=engine,
+                   SAM_MODEL_TYPE=model_type if engine != "grabcut" else DEFAULT_MODEL["grabcut"],
                    SAM_METADATA_DB=os.environ.get("SAM_METADATA_DB", str(state / "annotations.db")))
         backend = subprocess.Popen([sys.executable, "-m", "sam_backend", "serve", "--port", str(backend_port)],
                                    env=env, start_new_session=True)
@@ -139,7 +170,8 @@ def run_up(state: Path = Path(".sam-up"), ls_port: int = 8080, backend_port: int
                   f"(kept in {state / 'credentials.json'})", flush=True)
         else:
             print(f"Log in with the credentials in {state / 'credentials.json'}", flush=True)
-        print(f"Engine: {engine}. In the labeling view switch Auto-Annotation on, pick the smart keypoint tool, then "
+        shown = engine if engine == "grabcut" else f"{engine} {model_type}"
+        print(f"Engine: {shown}. In the labeling view switch Auto-Annotation on, pick the smart keypoint tool, then "
               "the label, and click an object. Ctrl-C stops both servers.", flush=True)
         while backend.poll() is None and ls.proc is not None and ls.proc.poll() is None:
             time.sleep(0.5)

@@ -1,9 +1,14 @@
-"""Official SAM checkpoints: names, URLs, SHA-256 digests; resumable, verified download.
+"""Official checkpoints (SAM ViT-B/L/H, SAM 2.1 Hiera-T/S/B+/L): names, URLs, digests; resumable, verified download.
 
 A download goes to `<name>.part` (resumed with an HTTP Range request when the server allows it),
-is hashed, and is renamed to `<name>` only when its SHA-256 matches. A wrong digest removes the
-partial file. A verified file gets a `<name>.sha256` note (digest, size, mtime) so that later
-starts skip re-hashing gigabytes.
+is hashed, and is renamed to `<name>` only when it verifies. A verified file gets a `<name>.sha256`
+note (digest, size, mtime) so that later starts skip re-hashing gigabytes.
+
+Meta publishes SHA-256 digests for SAM, none for SAM 2.1. For those files what can be verified is:
+the size (within 5 % of the published size), a strict `weights_only` load of the state dict into the
+architecture (the `check` given to `download_checkpoint`), and, from then on, the digest recorded at
+download: a later start re-hashes a file whose size or mtime changed and refuses it if its digest
+differs. `SAM_CHECKPOINT_SHA256` pins a digest the operator trusts.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +38,9 @@ class CheckpointSpec:
     model_type: str
     filename: str
     url: str
-    sha256: str
-    size: int | None = None
+    sha256: str | None  # None where the publisher gives none (SAM 2.1)
+    size: int | None = None  # exact, where known
+    approx_size: int | None = None  # the published size, rounded; checked within 5 %
 
 
 _BASE = "https://dl.fbaipublicfiles.com/segment_anything/"
@@ -45,17 +52,47 @@ CHECKPOINTS: dict[str, CheckpointSpec] = {
     "vit_h": CheckpointSpec("vit_h", CHECKPOINT_FILES["vit_h"], _BASE + CHECKPOINT_FILES["vit_h"],
                             "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e"),
 }
+_BASE2 = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
+for _name, _mb in (("sam2.1_hiera_tiny", 149), ("sam2.1_hiera_small", 176), ("sam2.1_hiera_base_plus", 309),
+                   ("sam2.1_hiera_large", 857)):
+    CHECKPOINTS[_name] = CheckpointSpec(_name, CHECKPOINT_FILES[_name], _BASE2 + CHECKPOINT_FILES[_name], None,
+                                        approx_size=_mb * 1024 * 1024)
 
 
 def expected_sha256(settings: Settings) -> str | None:
-    """The digest the configured checkpoint must have: `SAM_CHECKPOINT_SHA256`, else the official
-    digest when the file carries the official name, else None (nothing to verify against)."""
+    """The digest the configured checkpoint must have: `SAM_CHECKPOINT_SHA256`, else the official digest
+    when the file carries the official name, else the digest recorded when it was downloaded, else None."""
     if settings.checkpoint_sha256:
         return settings.checkpoint_sha256
     official = CHECKPOINTS.get(settings.model_type)
-    if official is not None and settings.checkpoint_path.name == official.filename:
+    if official is not None and official.sha256 and settings.checkpoint_path.name == official.filename:
         return official.sha256
-    return None
+    return recorded_sha256(settings.checkpoint_path)
+
+
+def recorded_sha256(path: Path) -> str | None:
+    """The digest noted beside `path` when it was downloaded and verified, or None."""
+    try:
+        digest = _note_path(path).read_text().split()[0]
+    except (OSError, IndexError):
+        return None
+    return digest if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest) else None
+
+
+def _check_unpublished(spec: CheckpointSpec, part: Path, check: Callable[[Path], None] | None) -> None:
+    """Size and strict-load checks of a file whose publisher gives no digest; removes it on failure."""
+    size = part.stat().st_size
+    if spec.approx_size is not None and abs(size - spec.approx_size) > 0.05 * spec.approx_size:
+        part.unlink()
+        raise ChecksumError(f"{spec.filename}: {size} bytes, expected about {spec.approx_size} (±5 %); the partial "
+                            "file was removed. Check the URL and try again.")
+    if check is not None:
+        try:
+            check(part)
+        except Exception as exc:
+            part.unlink()
+            raise ChecksumError(f"{spec.filename} does not load as a {spec.model_type} model ({exc}); the partial "
+                                "file was removed.") from None
 
 
 class DownloadError(RuntimeError):
@@ -108,13 +145,21 @@ def verify_checkpoint(path: Path, expected: str, progress: bool = False) -> str:
 
 
 def download_checkpoint(spec: CheckpointSpec, dest_dir: Path, *, progress: bool = True,
-                        timeout_s: float = 30.0, session: requests.Session | None = None) -> Path:
-    """Fetch `spec` into `dest_dir`, resuming a partial file; return the verified path."""
+                        timeout_s: float = 30.0, session: requests.Session | None = None,
+                        check: Callable[[Path], None] | None = None) -> Path:
+    """Fetch `spec` into `dest_dir`, resuming a partial file; return the verified path.
+
+    Without a published digest, `check(path)` (a strict load against the architecture) must pass and
+    the size must be within 5 % of the published one; the digest is then recorded beside the file.
+    """
     dest_dir.mkdir(parents=True, exist_ok=True)
     final = dest_dir / spec.filename
     if final.exists():
+        expected = spec.sha256 or recorded_sha256(final)
         try:
-            verify_checkpoint(final, spec.sha256, progress=progress)
+            if expected is None:
+                raise ChecksumError(f"{final}: no digest known or recorded")
+            verify_checkpoint(final, expected, progress=progress)
             log.info("%s is already here and verified", final)
             return final
         except ChecksumError:
@@ -149,10 +194,12 @@ def download_checkpoint(spec: CheckpointSpec, dest_dir: Path, *, progress: bool 
             f"{part.stat().st_size if part.exists() else 0} bytes"
         ) from None
     actual = sha256_file(part, progress=progress)
-    if actual != spec.sha256.lower():
+    if spec.sha256 is not None and actual != spec.sha256.lower():
         part.unlink()
         raise ChecksumError(f"{spec.filename}: SHA-256 is {actual}, expected {spec.sha256}; "
                             "the partial file was removed. Check the URL and try again.")
+    if spec.sha256 is None:
+        _check_unpublished(spec, part, check)
     os.replace(part, final)
     stat = final.stat()
     _note_path(final).write_text(f"{actual} {stat.st_size} {stat.st_mtime_ns}\n")

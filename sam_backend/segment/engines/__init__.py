@@ -5,7 +5,8 @@ encoder for SAM), `predict(embedding, prompt, prev_logits)` the cheap per-click 
 
 What an embedding holds (`Embedding`): the engine id that made it, the image's `ImageSize`, and
 named arrays (`features`) that are everything `predict` needs, nothing else. SAM keeps
-`image_embed` `(1, 256, 64, 64) float32`; GrabCut keeps the downscaled `image` `(h, w, 3) uint8 BGR`.
+`image_embed` `(1, 256, 64, 64) float32`; SAM 2.1 adds `high_res_0` `(1, 32, 256, 256)` and `high_res_1`
+`(1, 64, 128, 128)`; GrabCut keeps the downscaled `image` `(h, w, 3) uint8 BGR`.
 `Engine.dump` / `Engine.load` turn an embedding into bytes and back (arrays on the CPU, dtype kept,
 no pickle: see `sam_backend.segment.embedding`), so that an embedding can live outside the process.
 
@@ -90,6 +91,10 @@ def make_engine(settings: Settings) -> Engine:
         from sam_backend.segment.engines.grabcut import GrabCutEngine
 
         return GrabCutEngine()
+    if settings.engine == "sam2":
+        from sam_backend.segment.engines.sam2 import Sam2Engine
+
+        return Sam2Engine.from_settings(settings)
     from sam_backend.segment.engines.sam import SamEngine
 
     return SamEngine.from_settings(settings)

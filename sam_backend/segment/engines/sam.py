@@ -255,7 +255,7 @@ class SamEngine:
             raise EngineError(str(exc)) from None
         if digest is None:
             log.warning("no known SHA-256 for %s: loading it unverified", path)
-        state = _load_state_dict(path)
+        state = load_state_dict(path)
         if not isinstance(state, dict):
             raise EngineError(f"refused to load {path}: expected a state dict, got {type(state).__name__}")
         arch = SamArchitecture.from_state_dict(state)
@@ -268,7 +268,7 @@ class SamEngine:
         except RuntimeError as exc:
             raise EngineError(f"{path} does not fit a {arch.name} SAM: {str(exc).splitlines()[0]}") from None
         dev = resolve_device(device)
-        weights_id = f"{arch.name}/{(digest or _path_id(path))[:12]}"
+        weights_id = f"{arch.name}/{(digest or path_id(path))[:12]}"
         log.info("loaded SAM %s from %s on %s", arch.name, path, dev)
         return cls(model, device=dev, precision=resolve_precision(precision, dev), weights_id=weights_id)
 
@@ -363,7 +363,7 @@ class SamEngine:
         return features.to(self.device)
 
 
-def _load_state_dict(path: Path) -> object:
+def load_state_dict(path: Path) -> object:
     """`torch.load(weights_only=True)`, memory-mapped where the file format allows it."""
     try:
         try:
@@ -380,6 +380,6 @@ def _load_state_dict(path: Path) -> object:
         ) from None
 
 
-def _path_id(path: Path) -> str:
+def path_id(path: Path) -> str:
     stat = path.stat()
     return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()

@@ -1,0 +1,246 @@
+"""SAM 2.1 engine (the `sam2` package's Hiera-T/S/B+/L image models).
+
+The model is built from the `sam2` package's own config files (`configs/sam2.1/*.yaml`, never from a
+network) with hydra, as `sam2.build_sam.build_sam2` does, and its weights are loaded with
+`torch.load(weights_only=True)` and a strict `load_state_dict`. Which config: `SAM_MODEL_TYPE`, or for
+another checkpoint the trunk's shape read off its tensors. A smaller SAM 2 saved by the tests carries
+its architecture as a few numeric config overrides (allow-listed: nothing in a file can name a class).
+
+`embed` runs the image encoder once: features `image_embed` `(1, 256, 64, 64)`, `high_res_0`
+`(1, 32, 256, 256)` and `high_res_1` `(1, 64, 128, 128)` float32 for a 1024 model (≈ 16 MiB), the same
+tensors `SAM2ImagePredictor.set_image` keeps. `predict` runs the prompt encoder and mask decoder with
+them: box corners go first as points labelled 2 and 3, the previous low-res logits `(256, 256)` as the
+mask input, masks are upsampled to the image size and thresholded at 0, as `SAM2ImagePredictor` does.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from sam_backend.segment.checkpoints import expected_sha256
+from sam_backend.segment.embedding import Embedding, pack, unpack
+from sam_backend.segment.engines import EngineError, MaskPrediction, check_image
+from sam_backend.segment.engines.sam import bf16_native, load_state_dict, resolve_device, resolve_precision
+from sam_backend.segment.geometry import ImageSize
+
+if TYPE_CHECKING:
+    from sam_backend.config import Settings
+    from sam_backend.segment.prompts import ObjectPrompt
+
+log = logging.getLogger(__name__)
+
+CONFIGS = {
+    "sam2.1_hiera_tiny": "configs/sam2.1/sam2.1_hiera_t.yaml",
+    "sam2.1_hiera_small": "configs/sam2.1/sam2.1_hiera_s.yaml",
+    "sam2.1_hiera_base_plus": "configs/sam2.1/sam2.1_hiera_b+.yaml",
+    "sam2.1_hiera_large": "configs/sam2.1/sam2.1_hiera_l.yaml",
+}
+# (trunk embed dim, trunk blocks) of the official checkpoints.
+TRUNK_SHAPES = {(96, 12): "sam2.1_hiera_tiny", (96, 16): "sam2.1_hiera_small", (112, 24): "sam2.1_hiera_base_plus",
+                (144, 48): "sam2.1_hiera_large"}
+# What `build_sam2` adds for image prediction: fall back to multimask when a single mask is unstable.
+POSTPROCESSING = [
+    "++model.sam_mask_decoder_extra_args.dynamic_multimask_via_stability=true",
+    "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_delta=0.05",
+    "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_thresh=0.98",
+]
+# Overrides a checkpoint may carry: architecture numbers only.
+_ALLOWED_OVERRIDE = re.compile(
+    r"^\+\+model\.(image_size|image_encoder\.trunk\.(embed_dim|num_heads|stages|global_att_blocks|window_spec"
+    r"|window_pos_embed_bkg_spatial_size)|image_encoder\.neck\.(d_model|backbone_channel_list|fpn_top_down_levels)"
+    r"|memory_attention\.num_layers|memory_attention\.layer\.dim_feedforward)=\[?[0-9, ]+\]?$")
+
+
+def build_model(model_type: str, overrides: list[str] | tuple[str, ...] = ()) -> torch.nn.Module:
+    """A SAM 2.1 model with random weights from the installed package's config (eval mode)."""
+    import sam2  # noqa: F401 - registers the package's configs with hydra
+    from hydra import compose
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    for o in overrides:
+        if not _ALLOWED_OVERRIDE.match(o):
+            raise EngineError(f"SAM 2 architecture override {o!r} is not allowed: expected ++model.<size>=<numbers>")
+    cfg = compose(config_name=CONFIGS[model_type], overrides=[*POSTPROCESSING, *overrides])
+    OmegaConf.resolve(cfg)
+    return instantiate(cfg.model, _recursive_=True).eval()
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], str | None, list[str]]:
+    """`(state dict, model type from the trunk's shape or None, architecture overrides)` of a SAM 2 file."""
+    obj = load_state_dict(path)
+    if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
+        raise EngineError(f"{path}: expected a SAM 2 checkpoint (a dict with 'model'), got "
+                          f"{type(obj).__name__} with keys {sorted(obj)[:5] if isinstance(obj, dict) else '-'}")
+    state = obj["model"]
+    extra = obj.get("sam_backend") or {}
+    overrides = [str(o) for o in extra.get("overrides", [])] if isinstance(extra, dict) else []
+    try:
+        dim = int(state["image_encoder.trunk.patch_embed.proj.weight"].shape[0])
+        blocks = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"image_encoder\.trunk\.blocks\.(\d+)\.", k)))
+    except (KeyError, ValueError) as exc:
+        raise EngineError(f"{path}: not a SAM 2 checkpoint: expected sam2 tensor names ({exc})") from None
+    model_type = extra.get("model_type") if isinstance(extra, dict) and extra.get("model_type") in CONFIGS else None
+    return state, model_type or TRUNK_SHAPES.get((dim, blocks)), overrides
+
+
+def load_checked(path: Path, model_type: str | None = None) -> tuple[torch.nn.Module, str]:
+    """Build the architecture the file holds and load it strictly; `(model, model type)`."""
+    state, found, overrides = read_checkpoint(path)
+    if found is None:
+        raise EngineError(f"{path}: a SAM 2 trunk of a shape no official model has; expected Hiera-T/S/B+/L")
+    if model_type is not None and found != model_type and not overrides:
+        raise EngineError(f"{path} holds a {found} model but SAM_MODEL_TYPE={model_type}")
+    model = build_model(found, overrides)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise EngineError(f"{path} does not fit a {found} SAM 2: {str(exc).splitlines()[0]}") from None
+    return model, found
+
+
+class Sam2Engine:
+    """SAM 2.1 behind the `Engine` protocol; safe to share across threads."""
+
+    def __init__(self, model: torch.nn.Module, *, device: torch.device, precision: str, weights_id: str) -> None:
+        from sam2.utils.transforms import SAM2Transforms
+
+        self.model = model.to(device).eval()
+        self.device = device
+        self.precision = precision
+        self.architecture_name = weights_id.split("/")[0]
+        self.engine_id = f"sam2/{weights_id}/{precision}"
+        self.transforms = SAM2Transforms(resolution=self.model.image_size, mask_threshold=0.0)
+        self._encode_lock = threading.Lock()
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Sam2Engine:
+        return cls.from_checkpoint(settings.checkpoint_path,
+                                   model_type=settings.model_type if settings.checkpoint is None else None,
+                                   device=settings.device, precision=settings.precision,
+                                   expected_sha256=expected_sha256(settings))
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, *, model_type: str | None = None, device: str = "auto",
+                        precision: str = "auto", expected_sha256: str | None = None) -> Sam2Engine:
+        """Verify the file where a digest is known (pinned, or recorded at download) and load it strictly."""
+        from sam_backend.segment.checkpoints import ChecksumError, verify_checkpoint
+
+        path = Path(path)
+        if not path.is_file():
+            raise EngineError(f"SAM 2 checkpoint not found at {path}. Run `sam-backend download "
+                              f"{model_type or 'sam2.1_hiera_tiny'}` to fetch it, or set SAM_ENGINE=grabcut to label "
+                              "without weights.")
+        try:
+            digest = verify_checkpoint(path, expected_sha256) if expected_sha256 else None
+        except ChecksumError as exc:
+            raise EngineError(str(exc)) from None
+        if digest is None:
+            log.warning("no SHA-256 known for %s (Meta publishes none): loading it after a strict shape check", path)
+        model, found = load_checked(path, model_type)
+        dev = resolve_device(device)
+        from sam_backend.segment.engines.sam import path_id
+
+        weights_id = f"{found}/{(digest or path_id(path))[:12]}"
+        log.info("loaded SAM 2.1 %s from %s on %s", found, path, dev)
+        return cls(model, device=dev, precision=resolve_precision(precision, dev), weights_id=weights_id)
+
+    @classmethod
+    def random(cls, model_type: str = "sam2.1_hiera_tiny", *, device: str = "auto", precision: str = "auto",
+               seed: int = 0) -> Sam2Engine:
+        """An official architecture with seeded random weights (for timing; its masks mean nothing)."""
+        torch.manual_seed(seed)
+        model = build_model(model_type)
+        dev = resolve_device(device)
+        return cls(model, device=dev, precision=resolve_precision(precision, dev),
+                   weights_id=f"{model_type}/random{seed}")
+
+    @property
+    def bf16_native(self) -> bool:
+        return bf16_native(self.device)
+
+    def with_precision(self, precision: str) -> Sam2Engine:
+        """The same weights with another encoder precision (`fp32` or `bf16`)."""
+        other = Sam2Engine.__new__(Sam2Engine)
+        other.__dict__.update(self.__dict__)
+        other.precision = resolve_precision(precision, self.device)
+        other.engine_id = self.engine_id.rsplit("/", 1)[0] + "/" + other.precision
+        return other
+
+    # -- Engine protocol ----------------------------------------------------------------------
+    def embed(self, image: np.ndarray) -> Embedding:
+        """Run the image encoder on an `(H, W, 3) uint8 RGB` image; see the module docstring for the features."""
+        check_image(image)
+        writable = image if image.flags.writeable else image.copy()  # torchvision warns on read-only arrays
+        pixels = self.transforms(writable)[None].to(self.device)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        with self._encode_lock, torch.inference_mode(), autocast:
+            backbone = self.model.forward_image(pixels)
+            levels = backbone["backbone_fpn"][-self.model.num_feature_levels:]
+            image_embed = levels[-1]
+            if self.model.directly_add_no_mem_embed:
+                image_embed = image_embed + self.model.no_mem_embed.reshape(1, -1, 1, 1)
+        features = {"image_embed": image_embed.float(), "high_res_0": levels[0].float(),
+                    "high_res_1": levels[1].float()}
+        return Embedding(self.engine_id, ImageSize.of(image), features)
+
+    def predict(self, embedding: Embedding, prompt: ObjectPrompt, prev_logits: np.ndarray | None = None
+                ) -> MaskPrediction:
+        """Masks for one object; a lone first click asks for 3 candidates, later clicks for one seeded with
+        the previous low-res logits (4 × the embedding grid)."""
+        if embedding.engine_id != self.engine_id:
+            raise EngineError(f"embedding from {embedding.engine_id} given to {self.engine_id}")
+        orig_hw = embedding.image_size.shape
+        multimask = prev_logits is None and prompt.box is None and len(prompt.points) == 1
+        coords: list[torch.Tensor] = []
+        labels: list[torch.Tensor] = []
+        if prompt.box is not None:  # box corners first, labelled 2 and 3
+            box = torch.as_tensor(prompt.box, dtype=torch.float, device=self.device)
+            coords.append(self.transforms.transform_boxes(box, normalize=True, orig_hw=orig_hw))
+            labels.append(torch.tensor([[2, 3]], dtype=torch.int, device=self.device))
+        if len(prompt.points):
+            pts = torch.as_tensor(prompt.points, dtype=torch.float, device=self.device)
+            coords.append(self.transforms.transform_coords(pts, normalize=True, orig_hw=orig_hw)[None])
+            labels.append(torch.as_tensor(prompt.labels, dtype=torch.int, device=self.device)[None])
+        mask_input = None
+        if prev_logits is not None:
+            expected = tuple(self.model.sam_prompt_encoder.mask_input_size)
+            logits = np.asarray(prev_logits, dtype=np.float32)
+            if logits.shape[-2:] != expected:
+                raise EngineError(f"prev_logits: expected {expected}, got {logits.shape}")
+            mask_input = torch.as_tensor(logits.reshape(1, 1, *expected), device=self.device)
+        features = self._features(embedding)
+        with torch.inference_mode():
+            sparse, dense = self.model.sam_prompt_encoder(
+                points=(torch.cat(coords, dim=1), torch.cat(labels, dim=1)), boxes=None, masks=mask_input)
+            low_res, iou, _, _ = self.model.sam_mask_decoder(
+                image_embeddings=features["image_embed"], image_pe=self.model.sam_prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
+                repeat_image=False, high_res_features=[features["high_res_0"], features["high_res_1"]])
+            masks = self.transforms.postprocess_masks(low_res, orig_hw) > 0.0
+            low_res = torch.clamp(low_res, -32.0, 32.0)
+        return MaskPrediction(masks[0].cpu().numpy(), iou[0].float().cpu().numpy(),
+                              low_res[0].float().cpu().numpy())
+
+    def dump(self, embedding: Embedding) -> bytes:
+        """The three feature maps as float32 bytes on the CPU (see `sam_backend.segment.embedding`)."""
+        return pack(embedding, {k: v.detach().float().cpu().numpy() for k, v in embedding.features.items()})
+
+    def load(self, data: bytes) -> Embedding:
+        stored, arrays = unpack(data)
+        if stored.engine_id != self.engine_id:
+            raise EngineError(f"embedding from {stored.engine_id} given to {self.engine_id}")
+        return Embedding(stored.engine_id, stored.image_size,
+                         {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}, stored.meta)
+
+    def _features(self, embedding: Embedding) -> dict[str, Any]:
+        return {k: (v if isinstance(v, torch.Tensor) else torch.as_tensor(v)).to(self.device)
+                for k, v in embedding.features.items()}
