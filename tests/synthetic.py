@@ -43,3 +43,22 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two bool masks (1.0 for two empty masks)."""
     union = np.logical_or(a, b).sum()
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def touching_scene(h: int = 480, w: int = 640, seed: int = 7) -> dict:
+    """A disc (the target) with a yellower bar pressed against its right side, both inside a loosely drawn box.
+    GrabCut learns the background from outside the box, so the box alone takes the bar in; one negative click
+    on the bar teaches it the bar's colour. Returns `image`, `target` mask, `box` XYXY, `negative` (x, y)."""
+    image = textured_background(h, w, seed)
+    cx, cy, r = 260, 240, 110
+    target = np.zeros((h, w), np.uint8)
+    cv2.circle(target, (cx, cy), r, 1, -1)
+    bar = np.zeros((h, w), np.uint8)
+    bar[cy - 90:cy + 90, cx + r - 25:cx + r + 60] = 1
+    bar[target > 0] = 0
+    rng = np.random.default_rng(seed + 1)
+    for mask, rgb in ((target, (225, 125, 35)), (bar, (235, 185, 40))):
+        colour = np.clip(np.array(rgb) + rng.normal(0, 8, size=(h, w, 3)), 0, 255).astype(np.uint8)
+        image[mask > 0] = colour[mask > 0]
+    box = (cx - r - 12, cy - r - 12, cx + r + 72, cy + r + 12)
+    return {"image": image, "target": target.astype(bool), "box": box, "negative": (cx + r + 30, cy)}

@@ -148,8 +148,8 @@ def test_known_digests_are_in_the_checkpoint_readme():
 
 # -- SAM 2.1: no published digest ----------------------------------------------------------------------
 
-def sam2_spec(url, approx=len(PAYLOAD)):
-    return replace(CHECKPOINTS["sam2.1_hiera_tiny"], url=url, approx_size=approx)
+def sam2_spec(url, approx=None):
+    return replace(CHECKPOINTS["sam2.1_hiera_tiny"], url=url, approx_size=approx or len(PAYLOAD))
 
 
 def test_sam2_specs_have_no_digest_and_the_official_urls():

@@ -192,11 +192,16 @@ def test_tiny_sam_gives_a_mask_of_the_image_size(ls, tmp_path, tiny_checkpoint):
         seen = 0
         for context in CASES.values():
             answer = ls.interactive(ml, task, context)
-            assert "errors" not in answer, answer
-            # Random weights may give an empty mask; the backend asked directly says how many regions to expect.
-            direct = requests.post(backend.url + "/predict", json={
+            # Random weights may give an empty mask (then a 422 that says so); the backend asked directly says what
+            # Label Studio must pass on.
+            resp = requests.post(backend.url + "/predict", json={
                 "tasks": [ls.task(task)], "label_config": config, "params": {"context": {"result": context}}},
-                timeout=60).json()["results"][0]["result"]
+                timeout=60)
+            if resp.status_code == 422:
+                assert resp.json()["errors"][0] in answer["errors"][0]
+                continue
+            assert "errors" not in answer, answer
+            direct = resp.json()["results"][0]["result"]
             regions = answer["data"]["result"]
             assert len(regions) == len(direct)
             for region, expected in zip(regions, direct, strict=True):
@@ -242,6 +247,26 @@ def test_legacy_token_is_refused_with_a_clear_message(ls, tmp_path):
         [message] = answer["errors"]
         assert "401" in message and "personal access token" in message
         assert ls.legacy_token() not in message and ls.pat not in message
+    finally:
+        backend.stop()
+
+
+def test_box_then_alt_click_through_label_studio(ls, tmp_path):
+    """Held scene (GrabCut): a smart rectangle leaks into the touching bar (IoU 0.75); the Alt-click on the bar,
+    which Label Studio sends alone, refines that box's object (IoU 1.00)."""
+    from synthetic import touching_scene
+
+    scene = touching_scene()
+    backend = backend_for(ls, tmp_path)
+    try:
+        _, [task], ml = setup_project(ls, "points-and-boxes-brush.xml", {"touching.png": png_bytes(scene["image"])},
+                                      backend)
+        [boxed] = ls.interactive(ml, task, [rectangle(*scene["box"])])["data"]["result"]
+        answer = ls.interactive(ml, task, [keypoint(*scene["negative"], positive=False)])
+        assert "errors" not in answer, answer
+        [refined] = answer["data"]["result"]
+        before, after = iou(region_mask(boxed), scene["target"]), iou(region_mask(refined), scene["target"])
+        assert before < 0.8 and after >= 0.9, (before, after)
     finally:
         backend.stop()
 

@@ -9,29 +9,40 @@ Output frame: see `sam_backend.segment.prompts`. Pixels are those of the decoded
 size is given (percentages are scale-free), else of `original_width × original_height`.
 
 Grouping of several objects in one context: each box together with the points inside it is one
-object; points outside every box form one object per label, in order of first appearance.
+object; each smart brush stroke is one object (the stroke as a mask prompt plus positive points
+sampled on it); points outside every box form one object per label, in order of first appearance.
+
+Label Studio sends keypoints and rectangles in separate requests, so keypoints that refine a box
+drawn earlier arrive without it. `remembered_box(label, newest_point)` (the backend's object memory)
+may give that box back: the points inside it then join it as one object, the others are dropped.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 
+from sam_backend.labelstudio.brush import BrushError, decode_brush
 from sam_backend.labelstudio.geometry import percent_to_pixels
 from sam_backend.segment.geometry import ImageSize
 from sam_backend.segment.prompts import ObjectPrompt, PromptError
 
 POINT_TYPES = ("keypointlabels", "keypoint")
 BOX_TYPES = ("rectanglelabels", "rectangle")
+BRUSH_TYPES = ("brushlabels", "brush")
+STROKE_POINTS = 3  # positive points sampled on a brush stroke
+RememberedBox = Callable[[str | None, tuple[float, float]], "np.ndarray | None"]
 _EPS_PCT = 1e-3  # tolerance for float noise at the image border, in percent
 
 
 def parse_context(
-    context: Mapping[str, Any] | None, image_size: ImageSize | tuple[int, int] | None = None
+    context: Mapping[str, Any] | None, image_size: ImageSize | tuple[int, int] | None = None,
+    remembered_box: RememberedBox | None = None,
 ) -> list[ObjectPrompt]:
     """Turn `params.context` into object prompts.
 
@@ -52,6 +63,7 @@ def parse_context(
 
     points: list[_Point] = []
     boxes: list[_Box] = []
+    strokes: list[_Stroke] = []
     skipped: list[str] = []
     for i, item in enumerate(results):
         where = f"context.result[{i}]"
@@ -62,16 +74,17 @@ def parse_context(
             points.append(_parse_point(item, where, image_size))
         elif kind in BOX_TYPES:
             boxes.append(_parse_box(item, where, image_size))
+        elif kind in BRUSH_TYPES:
+            strokes.append(_parse_stroke(item, where, image_size))
         else:
             skipped.append(repr(kind))
-    if not points and not boxes:
-        raise PromptError(
-            f"context.result: expected keypointlabels or rectanglelabels results, got types {', '.join(skipped)}"
-        )
-    sizes = {p.size for p in points} | {b.size for b in boxes}
+    if not points and not boxes and not strokes:
+        raise PromptError(f"context.result: expected keypointlabels, rectanglelabels or brushlabels results, got "
+                          f"types {', '.join(skipped)}")
+    sizes = {p.size for p in points} | {b.size for b in boxes} | {s.size for s in strokes}
     if len(sizes) > 1:
         raise PromptError(f"context.result: results disagree on the image size: {sorted(sizes)}")
-    return _group(points, boxes)
+    return _group(points, boxes, remembered_box) + [_stroke_prompt(s) for s in strokes]
 
 
 @dataclass
@@ -87,6 +100,15 @@ class _Point:
 @dataclass
 class _Box:
     xyxy: tuple[float, float, float, float]
+    label: str | None
+    from_name: str | None
+    to_name: str | None
+    size: ImageSize
+
+
+@dataclass
+class _Stroke:
+    mask: np.ndarray  # (H, W) bool in the frame of `size`
     label: str | None
     from_name: str | None
     to_name: str | None
@@ -196,8 +218,52 @@ def _parse_box(item: Mapping[str, Any], where: str, image_size: ImageSize | None
                 _name(item, "to_name"), size)
 
 
-def _group(points: list[_Point], boxes: list[_Box]) -> list[ObjectPrompt]:
-    """Each box with the points inside it (a point in several boxes goes to the smallest); the rest by label."""
+def _parse_stroke(item: Mapping[str, Any], where: str, image_size: ImageSize | None) -> _Stroke:
+    size = _image_size(item, where, image_size)
+    value = _value(item, where)
+    rle = value.get("rle")
+    if value.get("format", "rle") != "rle" or not isinstance(rle, list) or not all(isinstance(v, int) for v in rle):
+        raise PromptError(f"{where}.value.rle: expected Label Studio brush RLE (a list of integers), got "
+                          f"{type(rle).__name__}")
+    width, height = int(item["original_width"]), int(item["original_height"])
+    try:
+        mask = decode_brush(rle, width, height)
+    except BrushError as exc:
+        raise PromptError(f"{where}.value.rle: {exc}") from None
+    if (width, height) != tuple(size):
+        mask = cv2.resize(mask.astype(np.uint8), tuple(size), interpolation=cv2.INTER_NEAREST) > 0
+    if not mask.any():
+        raise PromptError(f"{where}.value.rle: the brush stroke is empty")
+    return _Stroke(mask, _label(value, "brushlabels", where), _name(item, "from_name"), _name(item, "to_name"), size)
+
+
+def stroke_points(mask: np.ndarray, n: int = STROKE_POINTS) -> np.ndarray:
+    """`(k, 2) float32` pixel (x, y), k ≤ n, spread over a stroke: the point deepest inside it, then each next
+    one the stroke pixel farthest from those chosen (so a long scribble gets points along its length)."""
+    depth = cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
+    ys, xs = np.nonzero(mask)
+    pixels = np.stack([xs, ys], axis=1).astype(np.float32)
+    chosen = [int(np.argmax(depth[ys, xs]))]
+    nearest = np.linalg.norm(pixels - pixels[chosen[0]], axis=1)
+    while len(chosen) < min(n, len(pixels)):
+        far = int(np.argmax(nearest))
+        if nearest[far] < 4.0:  # a small blot: more points would add nothing
+            break
+        chosen.append(far)
+        nearest = np.minimum(nearest, np.linalg.norm(pixels - pixels[far], axis=1))
+    return pixels[chosen] + 0.5  # pixel centres
+
+
+def _stroke_prompt(stroke: _Stroke) -> ObjectPrompt:
+    pts = stroke_points(stroke.mask)
+    return ObjectPrompt(pts, np.ones(len(pts), np.int32), None, stroke.label, stroke.from_name, stroke.to_name,
+                        stroke.size, stroke.mask)
+
+
+def _group(points: list[_Point], boxes: list[_Box], remembered_box: RememberedBox | None = None
+           ) -> list[ObjectPrompt]:
+    """Each box with the points inside it (a point in several boxes goes to the smallest); the rest by label,
+    joined to the box `remembered_box` gives for their label and newest point, where it gives one."""
     inside: list[list[_Point]] = [[] for _ in boxes]
     loose: dict[str | None, list[_Point]] = {}
     for p in points:
@@ -213,8 +279,15 @@ def _group(points: list[_Point], boxes: list[_Box]) -> list[ObjectPrompt]:
     prompts = []
     for box, pts in zip(boxes, inside, strict=True):
         prompts.append(_make(pts, box))
-    for pts in loose.values():
-        prompts.append(_make(pts, None))
+    for label, pts in loose.items():
+        remembered = remembered_box(label, pts[-1].xy) if remembered_box is not None else None
+        if remembered is not None:
+            x1, y1, x2, y2 = (float(v) for v in remembered)
+            first = pts[-1]
+            box = _Box((x1, y1, x2, y2), label, first.from_name, first.to_name, first.size)
+            prompts.append(_make([p for p in pts if x1 <= p.xy[0] <= x2 and y1 <= p.xy[1] <= y2], box))
+        else:
+            prompts.append(_make(pts, None))
     return prompts
 
 

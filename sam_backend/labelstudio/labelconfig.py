@@ -109,3 +109,14 @@ def task_image_url(task: Mapping[str, Any], key: str | None = None) -> str | Non
         if isinstance(data.get(k), str):
             return data[k]
     return next((v for v in data.values() if isinstance(v, str)), None)
+
+
+def required_image_url(task: Mapping[str, Any], target: TargetControls) -> str:
+    """The image URL the config's `<Image value="$key">` names in this task; `LabelConfigError` (400) if absent."""
+    url = task_image_url(task, target.value_key)
+    if url is None:
+        data = task.get("data")
+        raise LabelConfigError(f"task {task.get('id')}: expected data.{target.value_key} (the image URL named by "
+                               f"<Image value=\"${target.value_key}\">), got keys "
+                               f"{sorted(data) if isinstance(data, Mapping) else type(data).__name__}")
+    return url

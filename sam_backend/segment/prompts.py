@@ -1,8 +1,9 @@
 """One object to segment, in pixels: the prompt every engine takes.
 
 Frame (SAM's): `ObjectPrompt.points` is `(N, 2) float32` pixel `(x, y)`, `labels` is `(N,) int32`
-with 1 = positive and 0 = negative, `box` is `(4,) float32` pixel `XYXY` or None, all in the frame
-of an image of `image_size` (`ImageSize(width, height)`). Label Studio's percent frame is turned
+with 1 = positive and 0 = negative, `box` is `(4,) float32` pixel `XYXY` or None, `stroke` an `(H, W)
+bool` scribble over the object (a smart brush stroke) or None, all in the frame of an image of
+`image_size` (`ImageSize(width, height)`). Label Studio's percent frame is turned
 into this one by `sam_backend.labelstudio.context`.
 """
 
@@ -31,6 +32,7 @@ class ObjectPrompt:
     from_name: str | None
     to_name: str | None
     image_size: ImageSize
+    stroke: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         points = np.asarray(self.points, dtype=np.float32).reshape(-1, 2)
@@ -53,6 +55,11 @@ class ObjectPrompt:
         object.__setattr__(self, "labels", labels)
         object.__setattr__(self, "box", box)
         object.__setattr__(self, "image_size", ImageSize(*self.image_size))
+        if self.stroke is not None:
+            stroke = np.asarray(self.stroke, dtype=bool)
+            if stroke.shape != self.image_size.shape:
+                raise PromptError(f"stroke: expected a {self.image_size.shape} mask, got {stroke.shape}")
+            object.__setattr__(self, "stroke", stroke)
 
     @property
     def positive_points(self) -> np.ndarray:
@@ -63,7 +70,8 @@ class ObjectPrompt:
         """A hashable identity of the prompt's geometry (rounded to 0.1 px), for logits memory."""
         box = None if self.box is None else tuple(np.round(self.box, 1).tolist())
         pts = tuple(map(tuple, np.round(self.points, 1).tolist()))
-        return (self.label, box, pts, tuple(self.labels.tolist()))
+        stroke = None if self.stroke is None else hash(np.packbits(self.stroke).tobytes())
+        return (self.label, box, pts, tuple(self.labels.tolist()), stroke)
 
     def without_last_point(self) -> ObjectPrompt | None:
         """The same object before its newest point was added, or None where that leaves nothing valid."""
@@ -72,7 +80,7 @@ class ObjectPrompt:
         try:
             return ObjectPrompt(
                 self.points[:-1], self.labels[:-1], self.box, self.label, self.from_name, self.to_name,
-                self.image_size,
+                self.image_size, self.stroke,
             )
         except PromptError:
             return None
@@ -85,4 +93,5 @@ class ObjectPrompt:
             "label": self.label,
             "from_name": self.from_name,
             "image_size": list(self.image_size),
+            "stroke_px": None if self.stroke is None else int(self.stroke.sum()),
         }

@@ -4,8 +4,8 @@ Path of a click: task image URL → (image memory) image SHA-256 → embedding (
 → prompts (pixels of the decoded image) → engine masks (seeded with the object's previous
 low-res logits) → refinement → a `brushlabels` RLE result (or `polygonlabels`) → sidecar row.
 
-A request without a context (a task was opened) answers `{"results": []}` at once and queues
-the image's embedding on the background encoder, so the first click finds it cached.
+A request without a context (a task was opened) answers `{"results": []}` at once and queues the image
+for the background encoder; keypoints may join a box drawn earlier (`serving.memory`'s object rule).
 """
 
 from __future__ import annotations
@@ -23,15 +23,16 @@ from sam_backend.config import Settings
 from sam_backend.errors import ClientError
 from sam_backend.labelstudio.context import parse_context
 from sam_backend.labelstudio.images import ImageFetcher, LoadedImage, safe_url
-from sam_backend.labelstudio.labelconfig import LabelConfig, TargetControls, parse_label_config, task_image_url
+from sam_backend.labelstudio.labelconfig import LabelConfig, parse_label_config, required_image_url
 from sam_backend.labelstudio.results import mask_result
 from sam_backend.segment.embedding import Embedding
 from sam_backend.segment.engines import Engine, make_engine
-from sam_backend.segment.refine import refine
+from sam_backend.segment.prompts import ObjectPrompt
+from sam_backend.segment.refine import clamp_to_box, refine
 from sam_backend.serving.cache import EmbeddingCache
 from sam_backend.serving.encoder import BACKGROUND, CLICK, Encoder, StillEncoding
 from sam_backend.serving.loader import EngineHolder
-from sam_backend.serving.memory import Memory
+from sam_backend.serving.memory import Memory, ObjectMemory, ObjectRule
 from sam_backend.serving.metrics import Metrics
 from sam_backend.serving.prewarm import Prewarmer
 from sam_backend.sidecar.records import Interaction
@@ -51,7 +52,7 @@ class SamBackend:
         self.settings = settings
         self.engine = EngineHolder(engine_factory or (lambda: make_engine(settings)))
         self.cache: EmbeddingCache[Embedding] = EmbeddingCache(settings.cache_mb * 1024 * 1024)
-        self.memory = Memory()
+        self.memory = Memory(objects=ObjectMemory(box_ttl_s=settings.object_memory_ttl_s))
         self.fetcher = fetcher or ImageFetcher(settings)
         self.metrics = Metrics(self.cache.stats)
         self.encoder = Encoder(on_encoded=self.metrics.encoder.observe, on_yielded=self.metrics.background_yielded.inc,
@@ -96,7 +97,7 @@ class SamBackend:
         context = params.get("context")
         if not context or not (isinstance(context, Mapping) and context.get("result")):
             for task in tasks:
-                self.prewarm.schedule(_image_url(task, config.targets[0]))
+                self.prewarm.schedule(required_image_url(task, config.targets[0]))
             return {"results": [], "model_version": self.model_version}
         project = str(body.get("project") or "").split(".")[0] or None
         results = [self._predict_task(task, config, context, project) for task in tasks]
@@ -109,22 +110,20 @@ class SamBackend:
         results = context.get("result") if isinstance(context, Mapping) else None
         first = results[0] if isinstance(results, list) and results and isinstance(results[0], Mapping) else {}
         target = config.for_image(first.get("to_name"))
-        url = _image_url(task, target)
+        url = required_image_url(task, target)
         image_id, embedding, hit = self.embedding(url, engine)
-        out, scores = [], []
-        for prompt in parse_context(context, image_size=embedding.image_size):
+        memory = ObjectRule(self.memory.objects, (engine.engine_id, image_id, task.get("id")),
+                             self.settings.object_memory)
+        out, scores, empty = [], [], 0
+        for prompt in parse_context(context, image_size=embedding.image_size, remembered_box=memory.box_for):
             t_dec = time.perf_counter()
-            objects = self.memory.objects
-            pred = engine.predict(embedding, prompt, prev_logits=objects.previous(engine.engine_id, image_id, prompt))
-            best = pred.best
-            if pred.low_res_logits is not None:
-                objects.remember(engine.engine_id, image_id, prompt, pred.low_res_logits[best])
-            mask = refine(pred.masks[best], prompt, self.settings.refine)
+            mask, score = self._segment(engine, embedding, image_id, prompt)
             self.metrics.decoder.observe(time.perf_counter() - t_dec)
-            score = float(pred.scores[best])
+            memory.answered(prompt)
             label = target.label_for(prompt.label)
-            result = mask_result(mask, label, score, target)
+            result = mask_result(mask, label, score, target) if mask.any() else None
             if result is None:
+                empty += 1
                 continue
             out.append(result)
             scores.append(score)
@@ -133,14 +132,31 @@ class SamBackend:
                     image_id=image_id, prompt=prompt.to_json(), mask=mask, project=project, task_id=task.get("id"),
                     image_url=safe_url(url), engine=embedding.engine_id, model_version=self.model_version,
                     label=label, score=score, latency_ms=(time.perf_counter() - t0) * 1000.0, cache_hit=hit))
+        if empty and not out:
+            raise EmptyAnswer("the model found no object at this prompt (its mask is empty): click inside the "
+                              "object, add a positive click, or draw a box around it")
         return {"result": out, "score": float(np.mean(scores)) if scores else 0.0, "model_version": self.model_version}
 
-    def embedding(self, url: str, engine: Engine, priority: int = CLICK) -> tuple[str, Embedding, bool]:
-        """`(image sha256, embedding, cache hit)`; a known URL with a cached embedding is not fetched again.
+    def _segment(self, engine: Engine, embedding: Embedding, image_id: str, prompt: ObjectPrompt
+                 ) -> tuple[np.ndarray, float]:
+        """`(mask (H, W) bool, score)` for one object: the model's best mask (seeded with the object's previous
+        logits), refined; where refinement would empty it, the unrefined mask clamped to the box instead."""
+        objects = self.memory.objects
+        pred = engine.predict(embedding, prompt, prev_logits=objects.previous(engine.engine_id, image_id, prompt))
+        best = pred.best
+        if pred.low_res_logits is not None:
+            objects.remember(engine.engine_id, image_id, prompt, pred.low_res_logits[best])
+        raw = pred.masks[best]
+        mask = refine(raw, prompt, self.settings.refine)
+        if not mask.any() and raw.any():
+            margin = self.settings.refine.box_margin_px
+            mask = clamp_to_box(raw, prompt.box, margin) if prompt.box is not None else raw.copy()
+            self.metrics.refine_emptied.inc()
+        return mask, float(pred.scores[best])
 
-        A click waits at most `SAM_CLICK_DEADLINE_S` for an encode (its own, or one already running for
-        the same image), then gets `StillEncoding` (503) while the encode goes on; background work waits.
-        """
+    def embedding(self, url: str, engine: Engine, priority: int = CLICK) -> tuple[str, Embedding, bool]:
+        """`(image sha256, embedding, cache hit)`; a known URL with a cached embedding is not fetched again. A click
+        waits at most `SAM_CLICK_DEADLINE_S` for an encode, then gets `StillEncoding` (503) while it goes on."""
         t0 = time.monotonic()
         known = self.memory.images.digest(engine.engine_id, url)
         if known is not None:
@@ -175,11 +191,7 @@ class SamBackend:
         return embedding
 
 
-def _image_url(task: Mapping[str, Any], target: TargetControls) -> str:
-    url = task_image_url(task, target.value_key)
-    if url is None:
-        data = task.get("data")
-        raise RequestError(f"task {task.get('id')}: expected data.{target.value_key} (the image URL named by "
-                           f"<Image value=\"${target.value_key}\">), got keys "
-                           f"{sorted(data) if isinstance(data, Mapping) else type(data).__name__}")
-    return url
+class EmptyAnswer(ClientError):
+    """The model returned an empty mask for every object of the request (422): said, never a silent `[]`."""
+
+    default_status = 422

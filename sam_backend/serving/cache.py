@@ -107,6 +107,12 @@ class EmbeddingCache(Generic[V]):
                 self._bytes -= self._data.pop(key)[1]
             self._store(key, value)
 
+    def discard(self, key: Hashable) -> None:
+        """Drop `key` if stored."""
+        with self._lock:
+            if key in self._data:
+                self._bytes -= self._data.pop(key)[1]
+
     def __contains__(self, key: Hashable) -> bool:
         with self._lock:
             return key in self._data

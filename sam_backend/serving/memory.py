@@ -4,6 +4,16 @@
   finds its embedding without downloading the image again;
 - objects: an object's prompt → the low-res logits `(256, 256) float32` its last answer came from, so
   the next click on the same object (same points plus one) is seeded with them. Bounded in bytes.
+  And per task, image and label, the box of the current object, for `SAM_OBJECT_MEMORY_TTL_S`.
+
+The object rule (Label Studio sends smart keypoints and smart rectangles in separate requests, so a
+box's refining clicks arrive without it):
+- a smart rectangle starts a new object and is remembered as the current object's box;
+- keypoints whose newest point lies inside that box refine that object: the box, the keypoints
+  inside it (positive or negative: an Alt-click inside the box removes a part, a click outside the
+  current mask adds one) and the previous answer's logits; keypoints outside the box are dropped;
+- keypoints whose newest point lies outside the box start a new object (the box is forgotten);
+- a remembered box older than the time limit is forgotten; `SAM_OBJECT_MEMORY=false` turns it off.
 
 Keys carry the engine id and the image digest, so another model or image never reads them.
 """
@@ -47,8 +57,30 @@ class ImageMemory:
 class ObjectMemory:
     """An object's prompt → the low-res logits of its last answer, bounded in bytes."""
 
-    def __init__(self, max_bytes: int = LOGITS_BYTES) -> None:
+    def __init__(self, max_bytes: int = LOGITS_BYTES, box_ttl_s: float = 600.0, boxes: int = 4096) -> None:
         self._logits: EmbeddingCache[np.ndarray] = EmbeddingCache(max_bytes)
+        self._boxes: EmbeddingCache[tuple[np.ndarray, float]] = EmbeddingCache(boxes, size_of=lambda v: 1)
+        self.box_ttl_s = box_ttl_s
+
+    def box_containing(self, key: tuple, point: tuple[float, float]) -> np.ndarray | None:
+        """The current object's box `(4,) XYXY` pixels under `key` (engine, image, task, label) if `point`
+        lies inside it and it has not expired; else None, and the box is forgotten (a new object starts)."""
+        entry = self._boxes.get(key)
+        if entry is None:
+            return None
+        box, at = entry
+        x, y = point
+        if time.monotonic() - at < self.box_ttl_s and box[0] <= x <= box[2] and box[1] <= y <= box[3]:
+            self._boxes.put(key, (box, time.monotonic()))  # in use: its time limit starts again
+            return box
+        self.forget_box(key)
+        return None
+
+    def remember_box(self, key: tuple, box: np.ndarray) -> None:
+        self._boxes.put(key, (np.asarray(box, np.float32).copy(), time.monotonic()))
+
+    def forget_box(self, key: tuple) -> None:
+        self._boxes.discard(key)
 
     def previous(self, engine_id: str, image_id: str, prompt: ObjectPrompt) -> np.ndarray | None:
         """Logits of the answer to this object before its newest point, or None."""
@@ -70,3 +102,29 @@ class Memory:
     def __init__(self, images: ImageMemory | None = None, objects: ObjectMemory | None = None) -> None:
         self.images = images or ImageMemory()
         self.objects = objects or ObjectMemory()
+
+
+class ObjectRule:
+    """The object memory's rule for one request (see `sam_backend.serving.memory`): the hook that gives a
+    remembered box back to the prompt parser, and what each answered object leaves for the next click."""
+
+    def __init__(self, objects: ObjectMemory, where: tuple, enabled: bool) -> None:
+        self.objects, self.where, self.enabled = objects, where, enabled
+        self.refined: set[str | None] = set()  # labels whose keypoints joined a remembered box
+
+    def box_for(self, label: str | None, newest: tuple[float, float]) -> np.ndarray | None:
+        if not self.enabled:
+            return None
+        box = self.objects.box_containing((*self.where, label), newest)
+        if box is not None:
+            self.refined.add(label)
+        return box
+
+    def answered(self, prompt: ObjectPrompt) -> None:
+        if not self.enabled or prompt.stroke is not None:
+            return
+        key = (*self.where, prompt.label)
+        if prompt.box is None:
+            self.objects.forget_box(key)  # keypoints outside the box: a new object
+        elif prompt.label not in self.refined:
+            self.objects.remember_box(key, prompt.box)  # a new rectangle: the current object

@@ -34,6 +34,9 @@ class Metrics:
         self.click_deadline = Counter("sam_click_deadline",
                                       "Clicks answered 'still encoding' at SAM_CLICK_DEADLINE_S",
                                       registry=self.registry)
+        self.refine_emptied = Counter("sam_refine_emptied",
+                                      "Masks the refinement emptied; answered unrefined (clamped to the box)",
+                                      registry=self.registry)
         self.sidecar_lost = Counter("sam_sidecar_lost", "Interactions the sidecar could not keep, by reason",
                                     ["reason"], registry=self.registry)
         self.precompute_dropped = Counter("sam_precompute_dropped", "Precompute jobs dropped (queue full)",

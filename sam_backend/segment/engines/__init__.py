@@ -85,6 +85,18 @@ class Engine(Protocol):
         ...
 
 
+STROKE_LOGIT = 8.0  # a brush stroke as a mask prompt: +8 where it lies, -8 elsewhere (SAM logits scale)
+
+
+def stroke_logits(stroke: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`(H, W) bool` stroke, already placed in a model's input frame, → `size` `(h, w) float32` logits; any
+    stroke pixel in a low-res cell makes it positive, so a thin scribble survives the downsampling."""
+    import cv2
+
+    cover = cv2.resize(stroke.astype(np.float32), (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    return np.where(cover > 0, STROKE_LOGIT, -STROKE_LOGIT).astype(np.float32)
+
+
 def make_engine(settings: Settings) -> Engine:
     """Build the engine the settings name (loads weights: call it off the request path)."""
     if settings.engine == "grabcut":

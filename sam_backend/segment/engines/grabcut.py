@@ -53,10 +53,16 @@ class GrabCutEngine:
         points = prompt.points * scale
         labels = prompt.labels
         seeds = np.full((sh, sw), cv2.GC_BGD, dtype=np.uint8)
+        stroke = None
+        if prompt.stroke is not None:
+            stroke = cv2.resize(prompt.stroke.astype(np.uint8), (sw, sh), interpolation=cv2.INTER_NEAREST) > 0
         if prompt.box is not None:
             x1, y1, x2, y2 = prompt.box * scale
         else:
             pos = points[labels == 1]
+            if stroke is not None and stroke.any():
+                ys, xs = np.nonzero(stroke)
+                pos = np.concatenate([pos, [[xs.min(), ys.min()], [xs.max(), ys.max()]]])
             margin = self.window_frac * max(sh, sw)
             x1, y1 = pos.min(axis=0) - margin
             x2, y2 = pos.max(axis=0) + margin
@@ -69,8 +75,12 @@ class GrabCutEngine:
         for (x, y), lab in zip(points, labels, strict=True):
             if lab == 1 and prompt.box is None:
                 cv2.circle(seeds, (int(x), int(y)), radius * 4, int(cv2.GC_PR_FGD), -1)
+            elif lab == 0:  # the region of like colour around a negative click is probably background
+                seeds[self._like_colour(bgr, int(x), int(y))] = cv2.GC_PR_BGD
         for (x, y), lab in zip(points, labels, strict=True):
             cv2.circle(seeds, (int(x), int(y)), radius, int(cv2.GC_FGD if lab == 1 else cv2.GC_BGD), -1)
+        if stroke is not None:
+            seeds[stroke] = cv2.GC_FGD  # the scribble lies on the object
         if not np.any((seeds == cv2.GC_BGD) | (seeds == cv2.GC_PR_BGD)) or not np.any(
             (seeds == cv2.GC_FGD) | (seeds == cv2.GC_PR_FGD)
         ):
@@ -95,6 +105,18 @@ class GrabCutEngine:
         if embedding.engine_id != self.engine_id:
             raise EngineError(f"embedding from {embedding.engine_id} given to {self.engine_id}")
         return embedding
+
+    @staticmethod
+    def _like_colour(bgr: np.ndarray, x: int, y: int, tolerance: int = 24) -> np.ndarray:
+        """`(h, w) bool`: the pixels connected to (x, y) whose colour is within `tolerance` of the clicked one
+        (OpenCV's flood fill), i.e. the surface the negative click landed on."""
+        h, w = bgr.shape[:2]
+        x, y = min(max(x, 0), w - 1), min(max(y, 0), h - 1)
+        filled = np.zeros((h + 2, w + 2), np.uint8)
+        blurred = cv2.GaussianBlur(bgr, (5, 5), 0)
+        cv2.floodFill(blurred, filled, (x, y), (0, 0, 0), (tolerance,) * 3, (tolerance,) * 3,
+                      4 | cv2.FLOODFILL_MASK_ONLY | cv2.FLOODFILL_FIXED_RANGE | (1 << 8))
+        return filled[1:-1, 1:-1] > 0
 
     @staticmethod
     def _empty(h: int, w: int) -> MaskPrediction:

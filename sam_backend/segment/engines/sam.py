@@ -30,7 +30,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from sam_backend.segment.checkpoints import expected_sha256
 from sam_backend.segment.embedding import Embedding, pack, unpack
-from sam_backend.segment.engines import EngineError, MaskPrediction, check_image
+from sam_backend.segment.engines import EngineError, MaskPrediction, check_image, stroke_logits
 from sam_backend.segment.geometry import ImageSize
 
 if TYPE_CHECKING:
@@ -320,7 +320,7 @@ class SamEngine:
             raise EngineError(f"embedding from {embedding.engine_id} given to {self.engine_id}")
         original = embedding.image_size.shape
         input_size = tuple(embedding.meta["input_size"])
-        multimask = prev_logits is None and prompt.box is None and len(prompt.points) == 1
+        multimask = prev_logits is None and prompt.box is None and prompt.stroke is None and len(prompt.points) == 1
         points = box = mask_input = None
         if len(prompt.points) > 0:
             coords = self.transform.apply_coords(prompt.points, original)
@@ -335,6 +335,15 @@ class SamEngine:
             if logits.shape[-2:] != expected:
                 raise EngineError(f"prev_logits: expected {expected}, got {logits.shape}")
             mask_input = torch.as_tensor(logits.reshape(1, 1, *expected), device=self.device)
+        elif prompt.stroke is not None:  # the scribble, resized and padded as the image was, as the mask prompt
+            import cv2
+
+            h_in, w_in = input_size
+            frame = np.zeros((self.transform.target_length,) * 2, bool)
+            frame[:h_in, :w_in] = cv2.resize(prompt.stroke.astype(np.uint8), (w_in, h_in),
+                                             interpolation=cv2.INTER_NEAREST) > 0
+            low = stroke_logits(frame, tuple(4 * s for s in self.model.prompt_encoder.image_embedding_size))
+            mask_input = torch.as_tensor(low[None, None], device=self.device)
         with torch.inference_mode():
             sparse, dense = self.model.prompt_encoder(points=points, boxes=box, masks=mask_input)
             low_res, iou = self.model.mask_decoder(

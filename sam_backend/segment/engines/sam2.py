@@ -26,7 +26,7 @@ import torch
 
 from sam_backend.segment.checkpoints import expected_sha256
 from sam_backend.segment.embedding import Embedding, pack, unpack
-from sam_backend.segment.engines import EngineError, MaskPrediction, check_image
+from sam_backend.segment.engines import EngineError, MaskPrediction, check_image, stroke_logits
 from sam_backend.segment.engines.sam import bf16_native, load_state_dict, resolve_device, resolve_precision
 from sam_backend.segment.geometry import ImageSize
 
@@ -199,7 +199,7 @@ class Sam2Engine:
         if embedding.engine_id != self.engine_id:
             raise EngineError(f"embedding from {embedding.engine_id} given to {self.engine_id}")
         orig_hw = embedding.image_size.shape
-        multimask = prev_logits is None and prompt.box is None and len(prompt.points) == 1
+        multimask = prev_logits is None and prompt.box is None and prompt.stroke is None and len(prompt.points) == 1
         coords: list[torch.Tensor] = []
         labels: list[torch.Tensor] = []
         if prompt.box is not None:  # box corners first, labelled 2 and 3
@@ -217,6 +217,9 @@ class Sam2Engine:
             if logits.shape[-2:] != expected:
                 raise EngineError(f"prev_logits: expected {expected}, got {logits.shape}")
             mask_input = torch.as_tensor(logits.reshape(1, 1, *expected), device=self.device)
+        elif prompt.stroke is not None:  # SAM 2 resizes the image to a square: the stroke follows it
+            low = stroke_logits(prompt.stroke, tuple(self.model.sam_prompt_encoder.mask_input_size))
+            mask_input = torch.as_tensor(low[None, None], device=self.device)
         features = self._features(embedding)
         with torch.inference_mode():
             sparse, dense = self.model.sam_prompt_encoder(
