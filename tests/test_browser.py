@@ -172,3 +172,113 @@ def test_click_negative_click_rectangle_submit(stack, page):
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "browser-failure.png"))
         raise
+
+
+def open_task(page, ls, project: int, task: int):
+    page.goto(f"{ls.url}/projects/{project}/data?task={task}")
+    page.wait_for_selector("canvas")
+    page.wait_for_function("window.Htx?.annotationStore?.selected && window.ToolManager?.allInstances().length")
+    box = page.locator("canvas").first.bounding_box()
+    return lambda x, y, w, h: (box["x"] + x / w * box["width"], box["y"] + y / h * box["height"])
+
+
+def drag(page, start: tuple[float, float], end: tuple[float, float], steps: int = 8) -> None:
+    page.mouse.move(*start)
+    page.mouse.down()
+    for i in range(1, steps + 1):
+        page.mouse.move(start[0] + (end[0] - start[0]) * i / steps, start[1] + (end[1] - start[1]) * i / steps)
+    page.mouse.up()
+
+
+def suggested_mask(data: dict, w: int, h: int) -> np.ndarray:
+    [region] = data["result"]
+    return decode_rle(region["value"]["rle"]).reshape(h, w, 4)[:, :, 3] > 0
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def test_box_then_click_then_alt_click_then_a_scribble(stack, page):
+    """The smart tools together (label_config/smart-tools-brush.xml) on the held scene: the rectangle leaks into
+    the touching bar; a click inside the box and an Alt-click on the bar refine the same object; the accepted,
+    submitted brush is the refined mask. Then a smart brush scribble over a disc comes back as its mask."""
+    import io
+    import json
+
+    from PIL import Image
+    from synthetic import disc_scene, touching_scene
+
+    ls, _, state = stack
+    demo = next(p["id"] for p in ls.projects() if p["title"] == "sam-backend demo")
+    backend_url = ls.ml_backends(demo)[0]["url"]
+    scene = touching_scene()
+    disc, disc_truth, (dx, dy, dr) = disc_scene(480, 640)
+
+    def png(image: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        return buf.getvalue()
+
+    project = ls.create_project("smart tools", (ROOT / "label_config" / "smart-tools-brush.xml").read_text())
+    touching_task, disc_task = ls.upload(project, {"touching.png": png(scene["image"]), "disc.png": png(disc)})
+    ls.add_ml_backend(project, backend_url, interactive=True)
+    sw, sh = 640, 480
+    try:
+        screen = open_task(page, ls, project, touching_task)
+        at = lambda x, y: screen(x, y, sw, sh)  # noqa: E731
+        x1, y1, x2, y2 = scene["box"]
+        # Labels: brush 1-2, keypoint 3-4, rectangle 5-6 (config order).
+        pick_smart_tool(page, "rectangle-tool", "5")
+        with page.expect_response(lambda resp: "interactive-annotating" in resp.url) as info:
+            drag(page, at(x1, y1), at(x2, y2))
+        boxed = iou(suggested_mask(wait_suggestion(page, info.value), sw, sh), scene["target"])
+
+        pick_smart_tool(page, "key-point-tool", "3")
+        cx, cy = 260, 240  # the disc's centre, inside the box
+        with page.expect_response(lambda resp: "interactive-annotating" in resp.url) as info:
+            page.mouse.click(*at(cx, cy))
+        sent = info.value.request.post_data_json["context"]["result"]
+        assert [r["type"] for r in sent] == ["keypointlabels"]  # Label Studio sends the click without the box
+        clicked = suggested_mask(wait_suggestion(page, info.value), sw, sh)
+
+        ensure_label(page, 2, "3")
+        with page.expect_response(lambda resp: "interactive-annotating" in resp.url) as info:
+            page.keyboard.down("Alt")
+            page.mouse.click(*at(*scene["negative"]))
+            page.keyboard.up("Alt")
+        refined = suggested_mask(wait_suggestion(page, info.value), sw, sh)
+        after = iou(refined, scene["target"])
+        assert boxed < 0.8 and after >= 0.9, (boxed, iou(clicked, scene["target"]), after)
+        store = Store(state / "annotations.db")
+        deadline = time.monotonic() + 30
+        while len(rows := store.history(task=touching_task)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [r["bbox"] is not None for r in rows[-3:]] == [True, True, True]  # the box stayed with the clicks
+        assert [p[2] for p in rows[-1]["prompt"]["points"]] == [1, 0]
+        page.click('[data-testid="bottombar-accept-suggestions-button"]')
+        with page.expect_response(lambda resp: f"/api/tasks/{touching_task}/annotations" in resp.url
+                                  and resp.request.method == "POST") as info:
+            page.click('[data-testid="bottombar-submit-button"]')
+        assert info.value.status == 201
+        [annotation] = ls.task(touching_task)["annotations"]
+        [saved] = [r for r in annotation["result"] if r["type"] == "brushlabels"]
+        assert np.array_equal(decode_rle(saved["value"]["rle"]).reshape(sh, sw, 4)[:, :, 3] > 0, refined)
+
+        # A smart brush scribble over the disc.
+        screen = open_task(page, ls, project, disc_task)
+        at = lambda x, y: screen(x, y, sw, sh)  # noqa: E731
+        pick_smart_tool(page, "brush-tool", "1")
+        with page.expect_response(lambda resp: "interactive-annotating" in resp.url, timeout=30_000) as info:
+            drag(page, at(dx - dr // 2, dy - dr // 4), at(dx + dr // 2, dy + dr // 5), steps=12)
+        request = info.value.request.post_data_json
+        (ARTIFACTS / "smart-brush.request.json").parent.mkdir(exist_ok=True)
+        (ARTIFACTS / "smart-brush.request.json").write_text(json.dumps(request, indent=1))
+        [stroke] = request["context"]["result"]
+        assert stroke["type"] == "brushlabels" and stroke["value"]["format"] == "rle"
+        scribbled = iou(suggested_mask(wait_suggestion(page, info.value), sw, sh), disc_truth)
+        assert scribbled >= 0.8, scribbled
+    except BaseException:
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "browser-smart-tools-failure.png"))
+        raise

@@ -128,7 +128,7 @@ def run_bench(engine: Engine, *, width: int = 1024, height: int = 768, repeats: 
         emb32, emb16 = fp32.embed(image), bf16.embed(image)
         for p in prompts:
             a, b = fp32.predict(emb32, p), bf16.predict(emb16, p)
-            ious.append(_iou(a.masks[a.best], b.masks[b.best]))
+            ious.append(_iou(a.best_mask, b.best_mask))
 
     emb = engine.embed(image)
     decode = _median(lambda: [engine.predict(emb, p) for p in prompts], click_repeats) / len(prompts)
@@ -136,8 +136,8 @@ def run_bench(engine: Engine, *, width: int = 1024, height: int = 768, repeats: 
     from sam_backend.labelstudio.brush import encode_brush
 
     pred = engine.predict(emb, prompts[0])
-    refine_s = _median(lambda: refine(pred.masks[pred.best], prompts[0], refine_settings), click_repeats)
-    refined = refine(pred.masks[pred.best], prompts[0], refine_settings)
+    refine_s = _median(lambda: refine(pred.best_mask, prompts[0], refine_settings), click_repeats)
+    refined = refine(pred.best_mask, prompts[0], refine_settings)
     rle_s = _median(lambda: encode_brush(refined), click_repeats)
 
     cache: EmbeddingCache = EmbeddingCache(1 << 30)
@@ -146,7 +146,7 @@ def run_bench(engine: Engine, *, width: int = 1024, height: int = 768, repeats: 
         key = (engine.engine_id, hashlib.sha256(img.tobytes()).hexdigest())
         embedding, _ = cache.get_or_compute(key, lambda: engine.embed(img))
         pred = engine.predict(embedding, prompt)
-        return refine(pred.masks[pred.best], prompt, refine_settings)
+        return refine(pred.best_mask, prompt, refine_settings)
 
     seeds = iter(range(100, 100 + repeats))
     log.info("first click x%d", repeats)
@@ -156,7 +156,7 @@ def run_bench(engine: Engine, *, width: int = 1024, height: int = 768, repeats: 
 
     def reembed_click() -> None:
         pred = fp32.predict(fp32.embed(image), prompts[0])
-        refine(pred.masks[pred.best], prompts[0], refine_settings)
+        refine(pred.best_mask, prompts[0], refine_settings)
 
     log.info("re-embed baseline x%d", repeats)
     reembed = _median(reembed_click, repeats)

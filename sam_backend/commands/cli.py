@@ -289,5 +289,56 @@ def precompute(project: int, backend_url: str, limit: int | None) -> None:
     click.echo(json.dumps(summary))
 
 
+@main.command()
+@click.argument("data", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--images", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Folder of the images (matched by file name); default: the URLs in the data.")
+@click.option("--engine", "engines", multiple=True, type=click.Choice(ENGINES), help="Repeatable. Default: SAM_ENGINE.")
+@click.option("--model-type", "model_types", multiple=True, type=click.Choice(MODEL_TYPES),
+              help="Repeatable; each goes to the engine it belongs to.")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(["auto", "fp32", "bf16"]),
+              help="Repeatable. Default: SAM_PRECISION.")
+@click.option("--no-refine", is_flag=True, help="Measure the model's masks without the backend's refinement.")
+@click.option("--no-logit-feedback", is_flag=True, help="Do not seed later clicks with the previous answer's logits.")
+@click.option("--protocol", type=click.Choice(["clicks", "box", "both"]), default="clicks", show_default=True)
+@click.option("--max-clicks", default=20, show_default=True)
+@click.option("--limit", type=int, default=None, help="At most this many objects.")
+@click.option("--backend", "backend_url", default=None, help="Evaluate a running backend over HTTP instead.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def evaluate(data: Path, images: Path | None, engines: tuple[str, ...], model_types: tuple[str, ...],
+             precisions: tuple[str, ...], no_refine: bool, no_logit_feedback: bool, protocol: str, max_clicks: int,
+             limit: int | None, backend_url: str | None, out: Path, quiet: bool) -> None:
+    """Clicks-to-quality (NoC@85/90, mIoU per click) on a Label Studio export or a COCO file, with a plot."""
+    from sam_backend.commands.evaluate import Configuration, EvaluateError, evaluate, load_objects
+    from sam_backend.segment.engines import EngineError, make_engine
+
+    settings = _settings()
+    if images is not None:
+        settings = replace(settings, local_files_root=images.resolve())
+    protocols = ["clicks", "box"] if protocol == "both" else [protocol]
+    extra = ("" if not no_refine else "/no-refine") + ("" if not no_logit_feedback else "/no-feedback")
+    configs: list[Configuration] = []
+    try:
+        objects = load_objects(data, images, limit)
+        if backend_url:
+            configs = [Configuration(f"{backend_url}/{p}{extra}", None, protocol=p) for p in protocols]
+        for name in () if backend_url else (engines or (settings.engine,)):
+            models = [m for m in model_types if m in ENGINE_MODELS[name]] if name != "grabcut" else ["-"]
+            for model in models or [settings.model_type if settings.model_type in ENGINE_MODELS[name]
+                                    else DEFAULT_MODEL[name]]:
+                base = make_engine(replace(settings, engine=name, model_type=model))
+                for precision in precisions or (settings.precision,):
+                    engine = base.with_precision(precision) if hasattr(base, "with_precision") else base
+                    label = name if name == "grabcut" else f"{name}/{model}/{getattr(engine, 'precision', precision)}"
+                    configs += [Configuration(f"{label}/{p}{extra}", engine, not no_refine, not no_logit_feedback, p)
+                                for p in protocols]
+        summary = evaluate(objects, configs, settings, out, max_clicks=max_clicks, backend_url=backend_url,
+                           progress=not quiet)
+    except (EvaluateError, EngineError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(summary, indent=1))
+
+
 if __name__ == "__main__":
     main()

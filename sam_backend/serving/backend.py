@@ -146,7 +146,7 @@ class SamBackend:
         best = pred.best
         if pred.low_res_logits is not None:
             objects.remember(engine.engine_id, image_id, prompt, pred.low_res_logits[best])
-        raw = pred.masks[best]
+        raw = pred.best_mask
         mask = refine(raw, prompt, self.settings.refine)
         if not mask.any() and raw.any():
             margin = self.settings.refine.box_margin_px

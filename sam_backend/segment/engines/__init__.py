@@ -16,7 +16,8 @@ Shapes: images are `(H, W, 3) uint8 RGB`; masks are `(K, H, W) bool` in the imag
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -43,22 +44,53 @@ def check_image(image: np.ndarray) -> None:
 
 @dataclass(frozen=True)
 class MaskPrediction:
-    """Candidate masks for one object, best first is not implied: use `best`."""
+    """Candidate masks for one object, best first is not implied: use `best` and `best_mask`.
 
-    masks: np.ndarray
+    An engine may give the full-resolution masks (`masks`) or, to do only the work the answer needs,
+    `upsample(i) -> (H, W) bool` for candidate `i`: then only the chosen mask is brought to full resolution
+    (`best_mask`), and `masks` computes all of them on first use.
+    """
+
+    masks_: np.ndarray | None
     scores: np.ndarray
     low_res_logits: np.ndarray | None
+    upsample: Callable[[int], np.ndarray] | None = field(default=None, repr=False, compare=False)
+    _cache: dict[int, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.masks.ndim != 3 or self.masks.dtype != np.bool_:
-            raise ValueError(f"masks: expected (K, H, W) bool, got {self.masks.shape} {self.masks.dtype}")
-        if self.scores.shape != (self.masks.shape[0],):
-            raise ValueError(f"scores: expected ({self.masks.shape[0]},), got {self.scores.shape}")
+        if self.masks_ is None:
+            if self.upsample is None:
+                raise ValueError("masks: expected the masks or an upsample function, got neither")
+            return
+        if self.masks_.ndim != 3 or self.masks_.dtype != np.bool_:
+            raise ValueError(f"masks: expected (K, H, W) bool, got {self.masks_.shape} {self.masks_.dtype}")
+        if self.scores.shape != (self.masks_.shape[0],):
+            raise ValueError(f"scores: expected ({self.masks_.shape[0]},), got {self.scores.shape}")
 
     @property
     def best(self) -> int:
         """Index of the mask with the highest score."""
         return int(np.argmax(self.scores))
+
+    def mask(self, i: int) -> np.ndarray:
+        """Candidate `i` as `(H, W) bool` (upsampled once, on demand)."""
+        if self.masks_ is not None:
+            return self.masks_[i]
+        if i not in self._cache:
+            self._cache[i] = self.upsample(i)
+        return self._cache[i]
+
+    @property
+    def best_mask(self) -> np.ndarray:
+        """The highest-scoring mask, `(H, W) bool`."""
+        return self.mask(self.best)
+
+    @property
+    def masks(self) -> np.ndarray:
+        """All candidates, `(K, H, W) bool`."""
+        if self.masks_ is not None:
+            return self.masks_
+        return np.stack([self.mask(i) for i in range(len(self.scores))])
 
 
 class Engine(Protocol):

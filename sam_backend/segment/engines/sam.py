@@ -349,9 +349,14 @@ class SamEngine:
             low_res, iou = self.model.mask_decoder(
                 image_embeddings=self._features(embedding), image_pe=self.model.prompt_encoder.get_dense_pe(),
                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask)
-            masks = self.model.postprocess_masks(low_res, input_size, original) > self.model.mask_threshold
-        return MaskPrediction(masks[0].cpu().numpy(), iou[0].float().cpu().numpy(),
-                              low_res[0].float().cpu().numpy())
+        model = self.model
+
+        def upsample(i: int) -> np.ndarray:  # only the mask the answer needs goes to full resolution
+            with torch.inference_mode():
+                up = model.postprocess_masks(low_res[:, i:i + 1], input_size, original) > model.mask_threshold
+            return up[0, 0].cpu().numpy()
+
+        return MaskPrediction(None, iou[0].float().cpu().numpy(), low_res[0].float().cpu().numpy(), upsample)
 
     def dump(self, embedding: Embedding) -> bytes:
         """`image_embed` as float32 bytes on the CPU (see `sam_backend.segment.embedding`)."""

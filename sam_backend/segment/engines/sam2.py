@@ -228,10 +228,14 @@ class Sam2Engine:
                 image_embeddings=features["image_embed"], image_pe=self.model.sam_prompt_encoder.get_dense_pe(),
                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
                 repeat_image=False, high_res_features=[features["high_res_0"], features["high_res_1"]])
-            masks = self.transforms.postprocess_masks(low_res, orig_hw) > 0.0
-            low_res = torch.clamp(low_res, -32.0, 32.0)
-        return MaskPrediction(masks[0].cpu().numpy(), iou[0].float().cpu().numpy(),
-                              low_res[0].float().cpu().numpy())
+        transforms = self.transforms
+
+        def upsample(i: int) -> np.ndarray:  # only the mask the answer needs goes to full resolution
+            with torch.inference_mode():
+                return (transforms.postprocess_masks(low_res[:, i:i + 1], orig_hw) > 0.0)[0, 0].cpu().numpy()
+
+        clamped = torch.clamp(low_res, -32.0, 32.0)
+        return MaskPrediction(None, iou[0].float().cpu().numpy(), clamped[0].float().cpu().numpy(), upsample)
 
     def dump(self, embedding: Embedding) -> bytes:
         """The three feature maps as float32 bytes on the CPU (see `sam_backend.segment.embedding`)."""
