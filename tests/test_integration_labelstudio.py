@@ -391,6 +391,20 @@ def test_export_a_project_read_from_label_studio(ls, tmp_path):
     decoded = mask_utils.decode({"size": seg["size"], "counts": seg["counts"].encode()}).astype(bool)
     assert np.array_equal(decoded, region_mask(region)) and iou(decoded, truth) >= 0.8
 
+    # The same export, evaluated: images come from Label Studio through the backend's loader (PAT).
+    from click.testing import CliRunner
+
+    from sam_backend.commands.cli import main
+
+    src = tmp_path / "export.json"
+    src.write_text(json.dumps(tasks))
+    env = {"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.pat, "SAM_METADATA_DB": str(tmp_path / "e.db")}
+    result = CliRunner(env=env).invoke(main, ["evaluate", str(src), "--engine", "grabcut", "--max-clicks", "3",
+                                              "--quiet", "-o", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    evaluated = json.loads((tmp_path / "eval" / "summary.json").read_text())["grabcut/clicks"]
+    assert evaluated["objects"] == 1 and evaluated["miou"][-1] >= 0.7
+
 
 def test_precompute_command_warms_the_running_backend(ls, tmp_path, monkeypatch):
     from click.testing import CliRunner
