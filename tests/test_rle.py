@@ -32,3 +32,33 @@ def test_identical_to_the_sdk_and_round_trips(mask):
 def test_rank_is_checked():
     with pytest.raises(ValueError, match=r"expected \(H, W\)"):
         encode_brush(np.zeros((2, 2, 2), bool))
+
+
+@pytest.mark.parametrize("mask", CASES, ids=lambda m: f"{m.shape}-{int(m.sum())}")
+def test_decoder_equals_the_sdk(mask):
+    """`decode_values` is ours for speed; label-studio-sdk's `decode_rle` is the reference."""
+    from sam_backend.labelstudio.brush import decode_brush, decode_values
+
+    rle = mask2rle(mask.astype(np.uint8) * 255)
+    assert np.array_equal(decode_values(rle), decode_rle(rle))
+    assert np.array_equal(decode_brush(rle, mask.shape[1], mask.shape[0]), mask)
+
+
+def test_literal_tokens_decode_like_the_sdk():
+    """A hand-built RLE with literal tokens (flag 0), which the SDK's encoder never writes but the UI's may."""
+    bits = format(6, "032b") + format(7, "05b") + "".join(format(s - 1, "04b") for s in (3, 4, 8, 16))
+    bits += "0" + "00" + format(2, "03b") + "".join(format(v, "08b") for v in (1, 2, 3))  # 3 literals
+    bits += "1" + "00" + format(2, "03b") + format(9, "08b")  # a run of 3 nines
+    bits += "0" * (-len(bits) % 8)
+    rle = [int(bits[i:i + 8], 2) for i in range(0, len(bits), 8)]
+    from sam_backend.labelstudio.brush import decode_values
+
+    assert decode_values(rle).tolist() == decode_rle(rle).tolist() == [1, 2, 3, 9, 9, 9]
+
+
+def test_a_truncated_rle_is_a_clear_error():
+    from sam_backend.labelstudio.brush import BrushError, decode_brush
+
+    rle = encode_brush(np.ones((10, 10), bool))
+    with pytest.raises(BrushError, match="values, expected 12x10x4"):
+        decode_brush(rle, 12, 10)
