@@ -117,3 +117,28 @@ def test_a_hole_made_by_a_negative_click_is_not_filled_again():
     assert filled[30, 40] and not kept[30, 40] and kept.sum() == mask.sum()
     prompt = ObjectPrompt(np.array([[20.0, 20.0], [40.0, 30.0]]), np.array([1, 0]), None, "a", None, None, (80, 60))
     assert not refine(mask, prompt, RefineSettings())[30, 40]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_refine_on_the_masks_box_equals_refine_on_the_whole_image(seed):
+    """`refine` works on the mask's bounding box (speed); the same steps on the whole image are the reference."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    h, w = 120, 160
+    mask = np.zeros((h, w), np.uint8)
+    for _ in range(rng.integers(1, 5)):  # blobs, some touching the image edge, some with holes and specks
+        cv2.circle(mask, (int(rng.integers(0, w)), int(rng.integers(0, h))), int(rng.integers(4, 40)), 1, -1)
+    mask[rng.random((h, w)) > 0.985] ^= 1
+    mask = mask.astype(bool)
+    points = rng.uniform([0, 0], [w, h], size=(int(rng.integers(1, 4)), 2)).astype(np.float32)
+    labels = rng.integers(0, 2, len(points))
+    labels[0] = 1
+    box = np.array([10, 8, 150, 110], np.float32) if seed % 2 else None
+    prompt = ObjectPrompt(points, labels, box, "a", None, None, (w, h))
+    settings = RefineSettings(max_hole_px=300, min_island_px=30)
+    ref = clamp_to_box(mask, box, settings.box_margin_px) if box is not None else mask
+    ref = keep_clicked_components(ref, prompt.positive_points)
+    ref = remove_islands(ref, settings.min_island_px, protect_points=prompt.positive_points)
+    ref = fill_holes(ref, settings.max_hole_px, keep_open=prompt.points[prompt.labels == 0])
+    assert np.array_equal(refine(mask, prompt, settings), ref)

@@ -91,14 +91,40 @@ def keep_clicked_components(mask: np.ndarray, positive_points: np.ndarray) -> np
 
 def refine(mask: np.ndarray, prompt: ObjectPrompt, settings: RefineSettings) -> np.ndarray:
     """Clamp to the box, keep clicked components, drop islands, fill holes (each per `settings`); a hole
-    a negative click made is never filled again."""
+    a negative click made is never filled again.
+
+    Everything after the clamp works on the mask's bounding box plus a one-pixel background ring, not the
+    whole image: components and enclosed holes are the same there (the ring joins every background region
+    that reaches the box's edge to the outside), so the result is identical and costs a fraction.
+    """
     out = _check(mask)
     if not settings.enabled:
         return out.copy()
-    positives = prompt.positive_points
     if prompt.box is not None:
         out = clamp_to_box(out, prompt.box, settings.box_margin_px)
+    ys, xs = np.nonzero(out.any(axis=1))[0], np.nonzero(out.any(axis=0))[0]
+    if len(ys) == 0:
+        return out.copy()
+    h, w = out.shape
+    y0, y1 = max(0, ys[0] - 1), min(h, ys[-1] + 2)
+    x0, x1 = max(0, xs[0] - 1), min(w, xs[-1] + 2)
+    crop = out[y0:y1, x0:x1]
+    ring = np.zeros((y1 - y0 + 2, x1 - x0 + 2), bool)  # where the box meets the image edge, pad it there too
+    ring[1:-1, 1:-1] = crop
+    pad_y, pad_x = y0 - 1, x0 - 1
+
+    def local(points: np.ndarray) -> np.ndarray:
+        """Points in the padded crop's frame; points outside it are moved onto its background ring."""
+        p = np.asarray(points, dtype=np.float64).reshape(-1, 2) - [pad_x, pad_y]
+        outside = (p[:, 0] < 0) | (p[:, 1] < 0) | (p[:, 0] >= ring.shape[1]) | (p[:, 1] >= ring.shape[0])
+        p[outside] = 0.0  # the ring's corner: background, on no component and in no hole
+        return p
+
+    positives = local(prompt.positive_points)
     if settings.keep_clicked:
-        out = keep_clicked_components(out, positives)
-    out = remove_islands(out, settings.min_island_px, protect_points=positives)
-    return fill_holes(out, settings.max_hole_px, keep_open=prompt.points[prompt.labels == 0])
+        ring = keep_clicked_components(ring, positives)
+    ring = remove_islands(ring, settings.min_island_px, protect_points=positives)
+    ring = fill_holes(ring, settings.max_hole_px, keep_open=local(prompt.points[prompt.labels == 0]))
+    result = np.zeros_like(out)
+    result[y0:y1, x0:x1] = ring[1:-1, 1:-1]
+    return result
