@@ -25,9 +25,15 @@ import numpy as np
 import torch
 
 from sam_backend.segment.checkpoints import expected_sha256
-from sam_backend.segment.embedding import Embedding, pack, unpack
+from sam_backend.segment.embedding import Embedding
 from sam_backend.segment.engines import EngineError, MaskPrediction, check_image, stroke_logits
-from sam_backend.segment.engines.sam import bf16_native, load_state_dict, resolve_device, resolve_precision
+from sam_backend.segment.engines.torch_engine import (
+    TorchEngine,
+    load_state_dict,
+    path_id,
+    resolve_device,
+    resolve_precision,
+)
 from sam_backend.segment.geometry import ImageSize
 
 if TYPE_CHECKING:
@@ -106,7 +112,7 @@ def load_checked(path: Path, model_type: str | None = None) -> tuple[torch.nn.Mo
     return model, found
 
 
-class Sam2Engine:
+class Sam2Engine(TorchEngine):
     """SAM 2.1 behind the `Engine` protocol; safe to share across threads."""
 
     def __init__(self, model: torch.nn.Module, *, device: torch.device, precision: str, weights_id: str) -> None:
@@ -147,33 +153,13 @@ class Sam2Engine:
             log.warning("no SHA-256 known for %s (Meta publishes none): loading it after a strict shape check", path)
         model, found = load_checked(path, model_type)
         dev = resolve_device(device)
-        from sam_backend.segment.engines.sam import path_id
-
         weights_id = f"{found}/{(digest or path_id(path))[:12]}"
         log.info("loaded SAM 2.1 %s from %s on %s", found, path, dev)
         return cls(model, device=dev, precision=resolve_precision(precision, dev), weights_id=weights_id)
 
     @classmethod
-    def random(cls, model_type: str = "sam2.1_hiera_tiny", *, device: str = "auto", precision: str = "auto",
-               seed: int = 0) -> Sam2Engine:
-        """An official architecture with seeded random weights (for timing; its masks mean nothing)."""
-        torch.manual_seed(seed)
-        model = build_model(model_type)
-        dev = resolve_device(device)
-        return cls(model, device=dev, precision=resolve_precision(precision, dev),
-                   weights_id=f"{model_type}/random{seed}")
-
-    @property
-    def bf16_native(self) -> bool:
-        return bf16_native(self.device)
-
-    def with_precision(self, precision: str) -> Sam2Engine:
-        """The same weights with another encoder precision (`fp32` or `bf16`)."""
-        other = Sam2Engine.__new__(Sam2Engine)
-        other.__dict__.update(self.__dict__)
-        other.precision = resolve_precision(precision, self.device)
-        other.engine_id = self.engine_id.rsplit("/", 1)[0] + "/" + other.precision
-        return other
+    def build(cls, model_type: str) -> torch.nn.Module:
+        return build_model(model_type)
 
     # -- Engine protocol ----------------------------------------------------------------------
     def embed(self, image: np.ndarray) -> Embedding:
@@ -236,17 +222,6 @@ class Sam2Engine:
 
         clamped = torch.clamp(low_res, -32.0, 32.0)
         return MaskPrediction(None, iou[0].float().cpu().numpy(), clamped[0].float().cpu().numpy(), upsample)
-
-    def dump(self, embedding: Embedding) -> bytes:
-        """The three feature maps as float32 bytes on the CPU (see `sam_backend.segment.embedding`)."""
-        return pack(embedding, {k: v.detach().float().cpu().numpy() for k, v in embedding.features.items()})
-
-    def load(self, data: bytes) -> Embedding:
-        stored, arrays = unpack(data)
-        if stored.engine_id != self.engine_id:
-            raise EngineError(f"embedding from {stored.engine_id} given to {self.engine_id}")
-        return Embedding(stored.engine_id, stored.image_size,
-                         {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}, stored.meta)
 
     def _features(self, embedding: Embedding) -> dict[str, Any]:
         return {k: (v if isinstance(v, torch.Tensor) else torch.as_tensor(v)).to(self.device)

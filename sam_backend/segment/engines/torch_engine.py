@@ -1,0 +1,130 @@
+"""What the torch engines (SAM, SAM 2.1) share: device and precision choice, the checkpoint loader, random
+weights for timing, another precision of the same weights, and the byte form of their embeddings."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from sam_backend.segment.embedding import Embedding, pack, unpack
+from sam_backend.segment.engines import EngineError
+
+T = TypeVar("T", bound="TorchEngine")
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` → cuda, then mps, then cpu; a named device must be available."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EngineError("SAM_DEVICE=cuda but torch sees no CUDA device; use SAM_DEVICE=auto or cpu")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise EngineError("SAM_DEVICE=mps but MPS is not available; use SAM_DEVICE=auto or cpu")
+    return torch.device(device)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU has AVX-512 BF16 or AMX instructions (bf16 matmul at full speed)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def bf16_native(device: torch.device) -> bool:
+    """True where `device` runs bf16 matmuls in hardware (a bf16 GPU; a CPU with AVX-512 BF16 or AMX)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        return cpu_has_native_bf16()
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` → `bf16` where the device runs it natively (`bf16_native`), else `fp32`."""
+    if precision != "auto":
+        return precision
+    return "bf16" if bf16_native(device) else "fp32"
+
+
+class TorchEngine:
+    """Base of the torch engines: `model`, `device`, `precision`, `engine_id`; subclasses give `build`."""
+
+    model: torch.nn.Module
+    device: torch.device
+    precision: str
+    engine_id: str
+
+    @classmethod
+    def build(cls, model_type: str) -> torch.nn.Module:
+        """An official architecture with random weights."""
+        raise NotImplementedError
+
+    @classmethod
+    def random(cls: type[T], model_type: str, *, device: str = "auto", precision: str = "auto", seed: int = 0) -> T:
+        """An official architecture with seeded random weights (for timing; its masks mean nothing)."""
+        torch.manual_seed(seed)
+        model = cls.build(model_type)
+        dev = resolve_device(device)
+        return cls(model, device=dev, precision=resolve_precision(precision, dev),
+                   weights_id=f"{model_type}/random{seed}")
+
+    @property
+    def bf16_native(self) -> bool:
+        """Whether this engine's device runs bf16 natively (else a bf16 encode is emulated: minutes on a CPU)."""
+        return bf16_native(self.device)
+
+    def with_precision(self: T, precision: str) -> T:
+        """The same weights with another encoder precision (`fp32` or `bf16`)."""
+        other = type(self).__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other.precision = resolve_precision(precision, self.device)
+        other.engine_id = self.engine_id.rsplit("/", 1)[0] + "/" + other.precision
+        return other
+
+    def dump(self, embedding: Embedding) -> bytes:
+        """The feature tensors as float32 bytes on the CPU (see `sam_backend.segment.embedding`)."""
+        return pack(embedding, {k: v.detach().float().cpu().numpy() for k, v in embedding.features.items()})
+
+    def load(self, data: bytes) -> Embedding:
+        """An embedding from `dump`, its features moved to this engine's device."""
+        stored, arrays = unpack(data)
+        if stored.engine_id != self.engine_id:
+            raise EngineError(f"embedding from {stored.engine_id} given to {self.engine_id}")
+        features: dict[str, Any] = {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
+        return Embedding(stored.engine_id, stored.image_size, features, stored.meta)
+
+
+def load_state_dict(path: Path) -> object:
+    """`torch.load(weights_only=True)`, memory-mapped where the file format allows it."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unpickling failure means the file is refused
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise EngineError(
+            f"refused to load {path}: expected a plain tensor checkpoint "
+            f"({exc.__class__.__name__}: {first})"
+        ) from None
+
+
+def path_id(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
