@@ -58,7 +58,7 @@ def wait_until(predicate, timeout_s: float = 30.0) -> None:
 
 
 def test_a_click_goes_before_queued_background_encodes(tmp_path):
-    client, backend, engine = make(tmp_path, encode_s=0.4)
+    client, backend, engine = make(tmp_path, encode_s=1.0)  # room for the click to reach the gate
     for name in "CDE":
         assert client.post("/predict", json=open_task(name)).json["results"] == []
     assert engine.started.wait(10)  # C is encoding; D and E wait in the queue
@@ -73,7 +73,7 @@ def test_a_click_goes_before_queued_background_encodes(tmp_path):
 
 
 def test_a_click_joining_a_queued_background_encode_of_its_image_promotes_it(tmp_path):
-    client, backend, engine = make(tmp_path, encode_s=0.4)
+    client, backend, engine = make(tmp_path, encode_s=1.0)  # room for the click to reach the gate
     for name in "CDE":
         client.post("/predict", json=open_task(name))
     assert engine.started.wait(10)
