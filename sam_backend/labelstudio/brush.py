@@ -93,6 +93,11 @@ def decode_values(rle: list[int] | bytes) -> np.ndarray:
         j = min(num, i + 1 + read(sizes[read(2)]))
         if is_run:
             out[i:j] = read(word)
+        elif word == 8:  # literal bytes, possibly not byte-aligned: shift them out with numpy
+            count, start, shift = j - i, pos >> 3, pos & 7
+            raw = np.frombuffer(data, np.uint8, count + 1, start).astype(np.uint16)
+            out[i:j] = ((raw[:-1] << shift) | (raw[1:] >> (8 - shift))).astype(np.uint8)
+            pos += 8 * count
         else:
             out[i:j] = [read(word) for _ in range(j - i)]
         i = j
