@@ -133,3 +133,18 @@ def test_data_without_masks_is_a_clear_error(tmp_path):
     src.write_text(json.dumps([{"id": 1, "data": {"image": "x.png"}, "annotations": []}]))
     result = CliRunner().invoke(main, ["evaluate", str(src), "--engine", "grabcut", "-o", str(tmp_path / "o")])
     assert result.exit_code == 1 and "no object with a mask" in result.output
+
+
+def test_the_deepest_point_on_the_regions_box_equals_the_whole_image():
+    from sam_backend.segment import simulator
+
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        region = np.zeros((90, 120), np.uint8)
+        cv2.ellipse(region, (int(rng.integers(0, 120)), int(rng.integers(0, 90))),
+                    (int(rng.integers(3, 40)), int(rng.integers(3, 30))), float(rng.integers(0, 180)), 0, 360, 1, -1)
+        region = region.astype(bool)
+        full = cv2.distanceTransform(np.pad(region, 1).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+        y, x = np.unravel_index(int(np.argmax(full)), full.shape)
+        depth, point = simulator._deepest(region)
+        assert point == (int(x), int(y)) and depth == pytest.approx(float(full[y, x]), abs=1e-4)

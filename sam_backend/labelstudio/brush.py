@@ -87,12 +87,24 @@ def decode_values(rle: list[int] | bytes) -> np.ndarray:
     word = read(5) + 1
     sizes = [read(4) + 1 for _ in range(4)]
     out = np.zeros(num, dtype=np.uint8)
+    word_mask = (1 << word) - 1
+    from_bytes = int.from_bytes
     i = 0
     while i < num:
-        is_run = read(1)
-        j = min(num, i + 1 + read(sizes[read(2)]))
-        if is_run:
-            out[i:j] = read(word)
+        # One 64-bit window holds a whole run token (3 + ≤ 16 + ≤ 32 bits after ≤ 7 bits of offset when
+        # word ≤ 8): read its fields with shifts instead of a call per field.
+        start, shift = pos >> 3, pos & 7
+        window = from_bytes(data[start:start + 8], "big")
+        head = (window >> (61 - shift)) & 0b111
+        n = sizes[head & 3]
+        j = min(num, i + 1 + ((window >> (61 - shift - n)) & ((1 << n) - 1)))
+        pos += 3 + n
+        if head >> 2:
+            if word <= 8:
+                out[i:j] = (window >> (61 - shift - n - word)) & word_mask
+                pos += word
+            else:
+                out[i:j] = read(word)
         elif word == 8:  # literal bytes, possibly not byte-aligned: shift them out with numpy
             count, start, shift = j - i, pos >> 3, pos & 7
             raw = np.frombuffer(data, np.uint8, count + 1, start).astype(np.uint16)

@@ -23,11 +23,15 @@ Click = tuple[float, float, bool]
 
 def _deepest(region: np.ndarray) -> tuple[float, tuple[int, int]]:
     """`(distance, (x, y))` of the pixel of `region` farthest from its boundary (image border included)."""
-    if not region.any():
+    rows, cols = np.nonzero(region.any(axis=1))[0], np.nonzero(region.any(axis=0))[0]
+    if len(rows) == 0:
         return 0.0, (0, 0)
-    depth = cv2.distanceTransform(np.pad(region, 1).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+    # On the region's bounding box: nothing of the region lies outside it, so the distances are the same.
+    y0, x0 = rows[0], cols[0]
+    crop = region[y0:rows[-1] + 1, x0:cols[-1] + 1]
+    depth = cv2.distanceTransform(np.pad(crop, 1).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
     y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
-    return float(depth[y, x]), (int(x), int(y))
+    return float(depth[y, x]), (int(x + x0), int(y + y0))
 
 
 def first_click(target: np.ndarray) -> Click:
