@@ -87,15 +87,14 @@ class PriorityGate:
             self._cond.notify_all()
 
     def ahead_of(self, key: Hashable) -> tuple[int, float | None]:
-        """`(encodes waiting before key's, seconds the running encode has run or None)`."""
+        """`(-1, seconds it has run)` while `key` itself encodes; else `(encodes waiting before it, seconds the
+        running encode has run, or None when the gate is free)`."""
         with self._cond:
-            ordered = sorted(self._waiting)
-            keys = [e[2] for e in ordered]
-            ahead = keys.index(key) if key in keys else 0
-            running = time.monotonic() - self.running_since if self._busy and self.running_key != key else None
+            running = time.monotonic() - self.running_since if self._busy else None
             if self._busy and self.running_key == key:
-                return -1, time.monotonic() - self.running_since
-            return ahead, running
+                return -1, running
+            keys = [entry[2] for entry in sorted(self._waiting)]
+            return (keys.index(key) if key in keys else 0), running
 
 
 class Encoder:
