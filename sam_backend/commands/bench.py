@@ -82,11 +82,16 @@ def bench_prompts(width: int, height: int) -> list[ObjectPrompt]:
     ]
 
 
-def _median(fn: Callable[[], Any], repeats: int) -> float:
-    """Median wall seconds of `fn`, waiting for queued GPU work so that asynchronous kernels count."""
+def _loaded_torch() -> Any:
+    """torch if an engine that runs it has imported it, else None (GrabCut alone never loads it)."""
     import sys
 
-    torch = sys.modules.get("torch")  # only an engine that runs torch has imported it
+    return sys.modules.get("torch")
+
+
+def _median(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall seconds of `fn`, waiting for queued GPU work so that asynchronous kernels count."""
+    torch = _loaded_torch()
     sync = torch.cuda.synchronize if torch is not None and torch.cuda.is_available() else (lambda: None)
     times = []
     for _ in range(repeats):
@@ -160,7 +165,7 @@ def run_bench(engine: Engine, *, width: int = 1024, height: int = 768, repeats: 
 
     log.info("re-embed baseline x%d", repeats)
     reembed = _median(reembed_click, repeats)
-    torch = __import__("sys").modules.get("torch")
+    torch = _loaded_torch()
     return {
         "model": getattr(engine, "architecture_name", engine.engine_id.split("/")[0]),
         "engine_id": engine.engine_id,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from sam_backend.config import DEFAULT_MODEL, ENGINE_MODELS, ENGINES, MODEL_TYPES, SAM2_FILES, ConfigError, Settings
+from sam_backend.config import DEFAULT_MODEL, ENGINE_MODELS, ENGINES, MODEL_TYPES, ConfigError, Settings
 
 
 def _settings() -> Settings:
@@ -49,14 +49,11 @@ def download(model_type: str | None, dest: Path | None, url: str | None, digest:
     pinned = digest or settings.checkpoint_sha256
     if pinned:
         spec = replace(spec, sha256=pinned.lower(), size=None)
-    check = None
-    if model_type in SAM2_FILES:
-        def check(path: Path) -> None:
-            from sam_backend.segment.engines.sam2 import load_checked
+    from sam_backend.segment.engines import download_check
 
-            load_checked(path, model_type)
     try:
-        path = download_checkpoint(spec, dest or settings.checkpoint_dir, progress=not quiet, check=check)
+        path = download_checkpoint(spec, dest or settings.checkpoint_dir, progress=not quiet,
+                                   check=download_check(model_type))
     except DownloadError as exc:
         raise click.ClickException(str(exc)) from None
     if spec.sha256:

@@ -188,15 +188,16 @@ def run_object(ask: Callable[[dict[str, Any]], dict[str, Any] | None], obj: Eval
 def in_process_asker(settings: Settings, config: Configuration, shared: dict[str, Any]) -> Callable:
     """`/predict` through a `SamBackend` in this process; backends of one engine share embeddings and images."""
     from sam_backend.serving.backend import SamBackend
-    from sam_backend.serving.memory import ObjectMemory
+    from sam_backend.serving.cache import EmbeddingCache
+    from sam_backend.serving.memory import LOGITS_BYTES, ImageMemory, Memory, ObjectMemory
 
     engine = config.engine
+    cache = shared.setdefault("cache", EmbeddingCache(settings.cache_mb * 1024 * 1024))
+    objects = ObjectMemory(max_bytes=LOGITS_BYTES if config.logit_feedback else 0,
+                           box_ttl_s=settings.object_memory_ttl_s)
+    memory = Memory(images=shared.setdefault("images", ImageMemory()), objects=objects)
     backend = SamBackend(replace(settings, refine=replace(settings.refine, enabled=config.refine)),
-                         engine_factory=lambda: engine, recorder=None)
-    backend.cache = shared.setdefault("cache", backend.cache)
-    backend.memory.images = shared.setdefault("images", backend.memory.images)
-    if not config.logit_feedback:
-        backend.memory.objects = ObjectMemory(max_bytes=0, box_ttl_s=settings.object_memory_ttl_s)
+                         engine_factory=lambda: engine, cache=cache, memory=memory)
 
     def ask(body: dict[str, Any]) -> dict[str, Any] | None:
         try:

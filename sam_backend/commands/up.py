@@ -109,15 +109,11 @@ def choose_model(settings: Settings, env: dict[str, str] | os._Environ = os.envi
     if chosen.checkpoint_path.is_file():
         return engine, model_type
     from sam_backend.segment.checkpoints import CHECKPOINTS, DownloadError, download_checkpoint
+    from sam_backend.segment.engines import download_check
 
-    check = None
-    if engine == "sam2":
-        def check(path: Path) -> None:
-            from sam_backend.segment.engines.sam2 import load_checked
-
-            load_checked(path, model_type)
     try:
-        download_checkpoint(CHECKPOINTS[model_type], chosen.checkpoint_dir, timeout_s=15, check=check)
+        download_checkpoint(CHECKPOINTS[model_type], chosen.checkpoint_dir, timeout_s=15,
+                            check=download_check(model_type))
         return engine, model_type
     except DownloadError as exc:
         log.warning("no %s checkpoint and the download failed: %s", model_type, exc)

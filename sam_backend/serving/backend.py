@@ -48,11 +48,13 @@ class SamBackend:
     """The model behind the server: engine, embedding cache, memories, background encoder, sidecar hook."""
 
     def __init__(self, settings: Settings, engine_factory: Callable[[], Engine] | None = None,
-                 fetcher: ImageFetcher | None = None, recorder: Callable[[Interaction], None] | None = None) -> None:
+                 fetcher: ImageFetcher | None = None, recorder: Callable[[Interaction], None] | None = None,
+                 cache: EmbeddingCache[Embedding] | None = None, memory: Memory | None = None) -> None:
+        """`cache` and `memory` may be shared by several backends of one engine (the evaluator does)."""
         self.settings = settings
         self.engine = EngineHolder(engine_factory or (lambda: make_engine(settings)))
-        self.cache: EmbeddingCache[Embedding] = EmbeddingCache(settings.cache_mb * 1024 * 1024)
-        self.memory = Memory(objects=ObjectMemory(box_ttl_s=settings.object_memory_ttl_s))
+        self.cache = cache if cache is not None else EmbeddingCache(settings.cache_mb * 1024 * 1024)
+        self.memory = memory or Memory(objects=ObjectMemory(box_ttl_s=settings.object_memory_ttl_s))
         self.fetcher = fetcher or ImageFetcher(settings)
         self.metrics = Metrics(self.cache.stats)
         self.encoder = Encoder(on_encoded=self.metrics.encoder.observe, on_yielded=self.metrics.background_yielded.inc,

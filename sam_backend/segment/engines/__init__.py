@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -127,6 +128,22 @@ def stroke_logits(stroke: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
     cover = cv2.resize(stroke.astype(np.float32), (size[1], size[0]), interpolation=cv2.INTER_AREA)
     return np.where(cover > 0, STROKE_LOGIT, -STROKE_LOGIT).astype(np.float32)
+
+
+def download_check(model_type: str) -> Callable[[Path], None] | None:
+    """What a download of `model_type` must pass besides its size: a strict load into the architecture for
+    SAM 2.1 (Meta publishes no digest); None for SAM, whose files are checked against published digests."""
+    from sam_backend.config import SAM2_FILES
+
+    if model_type not in SAM2_FILES:
+        return None
+
+    def check(path: Path) -> None:
+        from sam_backend.segment.engines.sam2 import load_checked
+
+        load_checked(path, model_type)
+
+    return check
 
 
 def make_engine(settings: Settings) -> Engine:

@@ -32,8 +32,8 @@ from sam_backend.segment.embedding import Embedding
 from sam_backend.segment.engines import EngineError, MaskPrediction, check_image, stroke_logits
 from sam_backend.segment.engines.torch_engine import (
     TorchEngine,
+    checked_file_id,
     load_state_dict,
-    path_id,
     resolve_device,
     resolve_precision,
 )
@@ -201,21 +201,9 @@ class SamEngine(TorchEngine):
         expected_sha256: str | None = None,
     ) -> SamEngine:
         """Load weights with `torch.load(weights_only=True)`; the architecture comes from the tensors."""
-        from sam_backend.segment.checkpoints import ChecksumError, verify_checkpoint
-
         path = Path(path)
-        if not path.is_file():
-            hint = f"sam-backend download {model_type or 'vit_b'}"
-            raise EngineError(
-                f"SAM checkpoint not found at {path}. Run `{hint}` to fetch and verify it, "
-                "or set SAM_ENGINE=grabcut to label without weights."
-            )
-        try:
-            digest = verify_checkpoint(path, expected_sha256) if expected_sha256 else None
-        except ChecksumError as exc:
-            raise EngineError(str(exc)) from None
-        if digest is None:
-            log.warning("no known SHA-256 for %s: loading it unverified", path)
+        file_id = checked_file_id(path, expected_sha256, label="SAM", model_type=model_type or "vit_b",
+                                  unverified="loading it unverified")
         state = load_state_dict(path)
         if not isinstance(state, dict):
             raise EngineError(f"refused to load {path}: expected a state dict, got {type(state).__name__}")
@@ -229,7 +217,7 @@ class SamEngine(TorchEngine):
         except RuntimeError as exc:
             raise EngineError(f"{path} does not fit a {arch.name} SAM: {str(exc).splitlines()[0]}") from None
         dev = resolve_device(device)
-        weights_id = f"{arch.name}/{(digest or path_id(path))[:12]}"
+        weights_id = f"{arch.name}/{file_id[:12]}"
         log.info("loaded SAM %s from %s on %s", arch.name, path, dev)
         return cls(model, device=dev, precision=resolve_precision(precision, dev), weights_id=weights_id)
 

@@ -29,8 +29,8 @@ from sam_backend.segment.embedding import Embedding
 from sam_backend.segment.engines import EngineError, MaskPrediction, check_image, stroke_logits
 from sam_backend.segment.engines.torch_engine import (
     TorchEngine,
+    checked_file_id,
     load_state_dict,
-    path_id,
     resolve_device,
     resolve_precision,
 )
@@ -138,22 +138,12 @@ class Sam2Engine(TorchEngine):
     def from_checkpoint(cls, path: Path, *, model_type: str | None = None, device: str = "auto",
                         precision: str = "auto", expected_sha256: str | None = None) -> Sam2Engine:
         """Verify the file where a digest is known (pinned, or recorded at download) and load it strictly."""
-        from sam_backend.segment.checkpoints import ChecksumError, verify_checkpoint
-
         path = Path(path)
-        if not path.is_file():
-            raise EngineError(f"SAM 2 checkpoint not found at {path}. Run `sam-backend download "
-                              f"{model_type or 'sam2.1_hiera_tiny'}` to fetch it, or set SAM_ENGINE=grabcut to label "
-                              "without weights.")
-        try:
-            digest = verify_checkpoint(path, expected_sha256) if expected_sha256 else None
-        except ChecksumError as exc:
-            raise EngineError(str(exc)) from None
-        if digest is None:
-            log.warning("no SHA-256 known for %s (Meta publishes none): loading it after a strict shape check", path)
+        file_id = checked_file_id(path, expected_sha256, label="SAM 2", model_type=model_type or "sam2.1_hiera_tiny",
+                                  unverified="Meta publishes none; loading it after a strict shape check")
         model, found = load_checked(path, model_type)
         dev = resolve_device(device)
-        weights_id = f"{found}/{(digest or path_id(path))[:12]}"
+        weights_id = f"{found}/{file_id[:12]}"
         log.info("loaded SAM 2.1 %s from %s on %s", found, path, dev)
         return cls(model, device=dev, precision=resolve_precision(precision, dev), weights_id=weights_id)
 

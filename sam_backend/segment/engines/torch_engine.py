@@ -4,6 +4,7 @@ weights for timing, another precision of the same weights, and the byte form of 
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -13,6 +14,7 @@ from sam_backend.segment.embedding import Embedding, pack, unpack
 from sam_backend.segment.engines import EngineError
 
 T = TypeVar("T", bound="TorchEngine")
+log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -58,6 +60,25 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision
     return "bf16" if bf16_native(device) else "fp32"
+
+
+def checked_file_id(path: Path, expected_sha256: str | None, *, label: str, model_type: str,
+                    unverified: str) -> str:
+    """A checkpoint file's identity for the engine id: its verified SHA-256, else a digest of path, size and mtime
+    (logged as `unverified`). `EngineError` names the download command where the file is missing, and the
+    digests where it does not verify."""
+    from sam_backend.segment.checkpoints import ChecksumError, verify_checkpoint
+
+    if not path.is_file():
+        raise EngineError(f"{label} checkpoint not found at {path}. Run `sam-backend download {model_type}` to fetch "
+                          "and verify it, or set SAM_ENGINE=grabcut to label without weights.")
+    try:
+        digest = verify_checkpoint(path, expected_sha256) if expected_sha256 else None
+    except ChecksumError as exc:
+        raise EngineError(str(exc)) from None
+    if digest is None:
+        log.warning("no known SHA-256 for %s: %s", path, unverified)
+    return digest or path_id(path)
 
 
 class TorchEngine:
