@@ -21,6 +21,7 @@ ENGINE_MODELS = {"sam": tuple(SAM_FILES), "sam2": tuple(SAM2_FILES), "grabcut": 
 DEFAULT_MODEL = {"sam": "vit_b", "sam2": "sam2.1_hiera_tiny", "grabcut": "vit_b"}
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
+DECODERS = ("auto", "eager", "onnx", "compile")
 
 
 class ConfigError(ValueError):
@@ -49,6 +50,7 @@ class Settings:
     checkpoint_sha256: str | None = None
     device: str = "auto"
     precision: str = "auto"
+    decoder: str = "auto"  # the click's decoder path: auto | onnx | compile | eager (segment.engines.fast_decoder)
     cache_mb: int = 1024
     refine: RefineSettings = field(default_factory=RefineSettings)
     label_studio_url: str | None = None
@@ -112,6 +114,7 @@ class Settings:
             checkpoint_sha256=digest.lower() if digest else None,
             device=r.choice("SAM_DEVICE", "auto", DEVICES),
             precision=r.choice("SAM_PRECISION", "auto", PRECISIONS),
+            decoder=r.choice("SAM_DECODER", "auto", DECODERS),
             cache_mb=r.integer("SAM_CACHE_MB", 1024, minimum=0),
             refine=refine,
             label_studio_url=url.rstrip("/") if url else None,

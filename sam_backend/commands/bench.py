@@ -4,8 +4,15 @@ All figures are medians in seconds over `repeats` runs, measured in one process 
 image (default 1024 × 768), so ratios compare like with like:
 
 - `encoder_fp32_s`, `encoder_bf16_s`: the image encoder alone, fp32 and bf16 autocast.
-- `decode_s`: prompt encoder + mask decoder on a cached embedding, masks upsampled to the image.
-- `refine_s`, `rle_s`: the stages after it: mask refinement, Label Studio brush RLE.
+- `decode_s`: prompt encoder + mask decoder on a cached embedding, through the decoder path in use
+  (`decoder`), at low resolution (nothing upsampled).
+- `decoders`: the same for each decoder path, measured side by side in alternating blocks (`eager`, `onnx`,
+  `compile` where asked), with `decoder_iou` (lowest mask IoU against eager over every candidate of the
+  prompt table) and `decoder_speedup` (eager ÷ that path).
+- `stages`: per-stage medians of a cached click: `decoder`, `upsample` (the chosen mask to the image),
+  `refine`, `rle` (the Label Studio brush result), `json` (the response body), and `http` (the whole click
+  as a `/predict` request through the real Flask app on 127.0.0.1); `http_over_decoder` = http ÷ decoder.
+- `refine_s`, `rle_s`: the same refinement and brush RLE stages (kept under their earlier names).
 - `first_click_s`: a new image: hash, encode (configured precision), decode, refine.
 - `repeat_click_s`: a click on a cached image: hash, cache hit, decode, refine.
 - `reembed_baseline_s`: re-encode (fp32) on every click, then decode, as Label Studio's SAM2 example does.
@@ -32,6 +39,7 @@ from sam_backend.config import RefineSettings
 from sam_backend.segment.engines import Engine
 from sam_backend.segment.prompts import ObjectPrompt
 from sam_backend.segment.refine import refine
+from sam_backend.segment.samples import bench_image, bench_prompts
 from sam_backend.serving.cache import EmbeddingCache
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "avx_vnni", "neon", "asimd")
@@ -52,34 +60,6 @@ def cpu_info() -> dict[str, Any]:
     return {"cpu": model, "cpu_flags": [f for f in CPU_FLAGS if f in flags]}
 
 log = logging.getLogger(__name__)
-
-
-def bench_image(width: int, height: int, seed: int = 0) -> np.ndarray:
-    """`(H, W, 3) uint8 RGB`: smooth noise with a few filled shapes (objects to click on)."""
-    import cv2
-
-    rng = np.random.default_rng(seed)
-    low = rng.integers(40, 200, size=(max(2, height // 32), max(2, width // 32), 3)).astype(np.uint8)
-    image = cv2.resize(low, (width, height), interpolation=cv2.INTER_CUBIC)
-    cv2.circle(image, (width // 3, height // 2), height // 6, (230, 120, 30), -1)
-    cv2.rectangle(image, (width // 2, height // 4), (width * 4 // 5, height * 3 // 4), (40, 70, 220), -1)
-    return image
-
-
-def bench_prompts(width: int, height: int) -> list[ObjectPrompt]:
-    """Five prompts: one click, two clicks, a click and a negative click, a box, a box with a click."""
-    size = (width, height)
-    c = (width / 3, height / 2)
-    r = ((width / 2 + width * 4 / 5) / 2, height / 2)
-    box = np.array([width / 2 - 10, height / 4 - 10, width * 4 / 5 + 10, height * 3 / 4 + 10], np.float32)
-    mk = ObjectPrompt
-    return [
-        mk(np.array([c]), np.array([1]), None, "a", None, None, size),
-        mk(np.array([c, (c[0] + 20, c[1] + 15)]), np.array([1, 1]), None, "a", None, None, size),
-        mk(np.array([r, (r[0], height * 0.15)]), np.array([1, 0]), None, "b", None, None, size),
-        mk(np.zeros((0, 2)), np.zeros(0), box, "b", None, None, size),
-        mk(np.array([r]), np.array([1]), box, "b", None, None, size),
-    ]
 
 
 def _loaded_torch() -> Any:
@@ -109,8 +89,9 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run_bench(engine: Engine, *, width: int = 1024, height: int = 768, repeats: int = 3,
-              click_repeats: int = 20, refine_settings: RefineSettings | None = None) -> dict[str, Any]:
-    """Measure the figures above with `engine` (its precision is the configured one)."""
+              click_repeats: int = 20, refine_settings: RefineSettings | None = None,
+              decoders: tuple[str, ...] = ("eager", "onnx", "compile"), http: bool = True) -> dict[str, Any]:
+    """Measure the figures above with `engine` (its precision and decoder path are the configured ones)."""
     refine_settings = refine_settings or RefineSettings()
     with_precision = getattr(engine, "with_precision", None)
     fp32 = with_precision("fp32") if with_precision else engine
@@ -137,13 +118,11 @@ def run_bench(engine: Engine, *, width: int = 1024, height: int = 768, repeats: 
 
     emb = engine.embed(image)
     decode = _median(lambda: [engine.predict(emb, p) for p in prompts], click_repeats) / len(prompts)
-    # Stages of a cached click after the decoder: refinement and brush RLE of the answered mask.
-    from sam_backend.labelstudio.brush import encode_brush
-
-    pred = engine.predict(emb, prompts[0])
-    refine_s = _median(lambda: refine(pred.best_mask, prompts[0], refine_settings), click_repeats)
-    refined = refine(pred.best_mask, prompts[0], refine_settings)
-    rle_s = _median(lambda: encode_brush(refined), click_repeats)
+    paths = compare_decoders(engine, emb, prompts, decoders, click_repeats)
+    stages = click_stages(engine, emb, prompts, refine_settings, click_repeats)
+    if http:
+        stages["http"] = http_click(engine, image, prompts[0], click_repeats, refine_settings)
+    refine_s, rle_s = stages["refine"], stages["rle"]
 
     cache: EmbeddingCache = EmbeddingCache(1 << 30)
 
@@ -179,7 +158,11 @@ def run_bench(engine: Engine, *, width: int = 1024, height: int = 768, repeats: 
         "repeats": repeats,
         "encoder_fp32_s": round(encoder_fp32, 4),
         "encoder_bf16_s": None if encoder_bf16 is None else round(encoder_bf16, 4),
+        "decoder": getattr(engine, "decoder_kind", "-"),
         "decode_s": round(decode, 4),
+        **paths,
+        "stages": {k: round(v, 4) for k, v in stages.items()},
+        "http_over_decoder": round(stages["http"] / stages["decoder"], 2) if "http" in stages else None,
         "refine_s": round(refine_s, 4),
         "rle_s": round(rle_s, 4),
         "first_click_s": round(first_click, 4),
@@ -191,3 +174,127 @@ def run_bench(engine: Engine, *, width: int = 1024, height: int = 768, repeats: 
         "bf16_over_fp32": None if encoder_bf16 is None else round(encoder_bf16 / encoder_fp32, 3),
         "reembed_over_repeat": round(reembed / repeat_click, 1),
     }
+
+
+def compare_decoders(engine: Engine, emb: Any, prompts: list[ObjectPrompt], kinds: tuple[str, ...],
+                     click_repeats: int) -> dict[str, Any]:
+    """Prompt encoder + mask decoder seconds per click for each decoder path `kinds`, side by side.
+
+    Blocks of every prompt alternate between the paths (a short pause between blocks, so that one path's
+    worker threads never run into the next one's block); each figure is the median per click. Paths that
+    cannot be built here (onnxruntime missing, no compiler) are reported with the reason."""
+    from sam_backend.segment.engines.fast_decoder import build_fast_decoder
+
+    predict_with = getattr(engine, "predict_with", None)
+    if predict_with is None:  # not a torch engine: one path only
+        return {"decoders": {}, "decoder_iou": {}, "decoder_speedup": {}, "decoder_errors": {}}
+    runners: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    ious: dict[str, float] = {}
+    graph, example, random_emb = engine.decoder_graph()
+    for kind in kinds:
+        if kind == "eager":
+            runners[kind] = None
+            continue
+        try:
+            log.info("building the %s decoder", kind)
+            runner = build_fast_decoder(kind, graph, example)
+            ious[kind] = round(engine.compare_decoder(runner, random_emb), 5)  # also compiles every prompt shape
+            runners[kind] = runner
+        except Exception as exc:  # report, and measure the others
+            errors[kind] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    for runner in runners.values():  # warm every path on these prompts
+        for p in prompts:
+            predict_with(runner, emb, p)
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    rounds = max(3, click_repeats // 4)
+    for _ in range(rounds):
+        for kind, runner in runners.items():
+            time.sleep(0.05)
+            for _ in range(4):
+                for p in prompts:
+                    t0 = time.perf_counter()
+                    predict_with(runner, emb, p)
+                    times[kind].append(time.perf_counter() - t0)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    eager = medians.get("eager")
+    return {
+        "decoders": {k: round(v, 4) for k, v in medians.items()},
+        "decoder_iou": ious,
+        "decoder_speedup": {k: round(eager / v, 2) for k, v in medians.items() if eager and k != "eager"},
+        "decoder_errors": errors,
+    }
+
+
+def click_stages(engine: Engine, emb: Any, prompts: list[ObjectPrompt], refine_settings: RefineSettings,
+                 click_repeats: int) -> dict[str, float]:
+    """Median seconds per click of each stage the backend runs after the cache lookup (see `serving.stages`)."""
+    import orjson
+
+    from sam_backend.labelstudio.brush import encode_brush
+
+    times: dict[str, list[float]] = {k: [] for k in ("decoder", "upsample", "refine", "rle", "json")}
+    for _ in range(max(1, click_repeats // len(prompts))):
+        for p in prompts:
+            t0 = time.perf_counter()
+            pred = engine.predict(emb, p)
+            t1 = time.perf_counter()
+            raw = pred.best_mask
+            t2 = time.perf_counter()
+            mask = refine(raw, p, refine_settings)
+            t3 = time.perf_counter()
+            rle = encode_brush(mask)
+            t4 = time.perf_counter()
+            orjson.dumps({"results": [{"result": [{"value": {"format": "rle", "rle": rle}}]}]})
+            t5 = time.perf_counter()
+            for k, a, b in (("decoder", t0, t1), ("upsample", t1, t2), ("refine", t2, t3), ("rle", t3, t4),
+                            ("json", t4, t5)):
+                times[k].append(b - a)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def http_click(engine: Engine, image: np.ndarray, prompt: ObjectPrompt, click_repeats: int,
+               refine_settings: RefineSettings) -> float:
+    """Median seconds of a cached click as a Label Studio `/predict` request over HTTP on 127.0.0.1, through
+    the real Flask app (threaded werkzeug server) with `engine`; the image is a local file."""
+    import tempfile
+    import threading
+    from dataclasses import replace
+
+    import cv2
+    import requests
+    from werkzeug.serving import make_server
+
+    from sam_backend.config import Settings
+    from sam_backend.serving.app import create_app
+    from sam_backend.serving.backend import SamBackend
+
+    config = ('<View><Image name="image" value="$image"/><BrushLabels name="mask" toName="image">'
+              '<Label value="Object"/></BrushLabels><KeyPointLabels name="kp" toName="image" smart="true">'
+              '<Label value="Object"/></KeyPointLabels></View>')
+    h, w = image.shape[:2]
+    (x, y), = prompt.points[:1]
+    body = {"tasks": [{"id": 1, "data": {"image": "/data/local-files/?d=bench.png"}}], "label_config": config,
+            "project": "1.0", "params": {"context": {"result": [{
+                "original_width": w, "original_height": h, "is_positive": True, "type": "keypointlabels",
+                "from_name": "kp", "to_name": "image",
+                "value": {"x": float(x) / w * 100, "y": float(y) / h * 100, "width": 0.3,
+                          "keypointlabels": ["Object"]}}]}}}
+    with tempfile.TemporaryDirectory() as tmp:
+        cv2.imwrite(f"{tmp}/bench.png", image[:, :, ::-1])
+        settings = replace(Settings.from_env({"LOCAL_FILES_DOCUMENT_ROOT": tmp, "SAM_METADATA_DB": f"{tmp}/s.db"}),
+                           refine=refine_settings)
+        backend = SamBackend(settings, engine_factory=lambda: engine)
+        server = make_server("127.0.0.1", 0, create_app(settings, backend=backend, recorder=lambda _: None),
+                             threaded=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/predict"
+        try:
+            with requests.Session() as session:
+                first = session.post(url, json=body, timeout=600)  # encodes the image
+                if first.status_code != 200:
+                    raise RuntimeError(f"/predict answered {first.status_code}: {first.text[:200]}")
+                return _median(lambda: session.post(url, json=body, timeout=60).raise_for_status(), click_repeats)
+        finally:
+            server.shutdown()
+            server.server_close()

@@ -77,8 +77,12 @@ def download(model_type: str | None, dest: Path | None, url: str | None, digest:
 @click.option("--repeats", default=3, show_default=True, help="Encoder runs per figure.")
 @click.option("--width", default=1024, show_default=True)
 @click.option("--height", default=768, show_default=True)
+@click.option("--decoder", "decoders", multiple=True, type=click.Choice(["eager", "onnx", "compile"]),
+              help="Decoder paths to compare side by side; repeatable. Default: eager, onnx and compile (compile "
+                   "takes tens of seconds per prompt shape). Clicks use SAM_DECODER's.")
+@click.option("--no-http", is_flag=True, help="Skip the click over HTTP through the Flask app.")
 def bench(as_json: bool, engines: tuple[str, ...], model_types: tuple[str, ...], random_weights: bool, repeats: int,
-          width: int, height: int) -> None:
+          width: int, height: int, decoders: tuple[str, ...], no_http: bool) -> None:
     """Median timings of encoder, decoder and clicks, per stage; see sam_backend/commands/bench.py."""
     from sam_backend.commands.bench import run_bench
     from sam_backend.segment.engines import EngineError, make_engine
@@ -98,7 +102,8 @@ def bench(as_json: bool, engines: tuple[str, ...], model_types: tuple[str, ...],
                     engine = make_engine(replace(settings, engine=name, model_type=model))
             except EngineError as exc:
                 raise click.ClickException(str(exc)) from None
-            result = run_bench(engine, width=width, height=height, repeats=repeats, refine_settings=settings.refine)
+            result = run_bench(engine, width=width, height=height, repeats=repeats, refine_settings=settings.refine,
+                               decoders=decoders or ("eager", "onnx", "compile"), http=not no_http)
             if as_json:
                 click.echo(json.dumps(result))
             else:
@@ -111,10 +116,13 @@ def _random_engine(engine: str, model_type: str, settings: Settings):  # noqa: A
     if engine == "sam2":
         from sam_backend.segment.engines.sam2 import Sam2Engine
 
-        return Sam2Engine.random(model_type, device=settings.device, precision=settings.precision)
-    from sam_backend.segment.engines.sam import SamEngine
+        engine = Sam2Engine.random(model_type, device=settings.device, precision=settings.precision)
+    else:
+        from sam_backend.segment.engines.sam import SamEngine
 
-    return SamEngine.random(model_type, device=settings.device, precision=settings.precision)
+        engine = SamEngine.random(model_type, device=settings.device, precision=settings.precision)
+    engine.use_decoder(settings.decoder)  # exported in memory: random weights have no file to cache it next to
+    return engine
 
 
 @main.command()

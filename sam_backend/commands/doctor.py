@@ -113,7 +113,7 @@ def _engine_checks(settings: Settings, engine_loader: Callable[[], object] | Non
         t0 = time.perf_counter()
         engine = (engine_loader or (lambda: make_engine(settings)))()
         loaded = time.perf_counter() - t0
-        from sam_backend.commands.bench import bench_image, bench_prompts
+        from sam_backend.segment.samples import bench_image, bench_prompts
 
         image = bench_image(1024, 768)
         t0 = time.perf_counter()

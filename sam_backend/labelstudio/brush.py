@@ -31,15 +31,16 @@ def encode_brush(mask: np.ndarray) -> list[int]:
     """`(H, W) bool` → Label Studio brush RLE bytes (alpha 255 inside the mask, 0 outside)."""
     if mask.ndim != 2:
         raise ValueError(f"mask: expected (H, W), got shape {mask.shape}")
-    flat = np.repeat(mask.reshape(-1).astype(np.uint8) * 255, 4)
-    n = flat.size
+    pixels = mask.reshape(-1).view(np.uint8) if mask.dtype == np.bool_ else mask.reshape(-1) != 0
+    n = 4 * pixels.size  # RGBA values
     header = _bits(np.array([n, 7, *(s - 1 for s in _SIZES)], np.uint64), np.array([32, 5, 4, 4, 4, 4]))
     if n == 0:
         out = header
     else:
-        ends = np.append(np.flatnonzero(flat[1:] != flat[:-1]), n - 1)
-        lengths = np.diff(np.append(-1, ends)).astype(np.int64)
-        values = flat[ends].astype(np.uint64)
+        # Runs of pixels, 4 values each: the runs of the RGBA values without building them (4 × fewer bytes).
+        ends = np.append(np.flatnonzero(pixels[1:] != pixels[:-1]), pixels.size - 1)
+        lengths = 4 * np.diff(np.append(-1, ends)).astype(np.int64)
+        values = np.where(pixels[ends] != 0, 255, 0).astype(np.uint64)
         # Runs longer than 2**16 are emitted as full 2**16 chunks plus the remainder.
         chunks = np.maximum(0, (lengths - 1) // _MAX_RUN)
         reps = chunks + 1

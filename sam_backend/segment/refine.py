@@ -32,7 +32,8 @@ def clamp_to_box(mask: np.ndarray, box: np.ndarray, margin_px: int = 8) -> np.nd
 
 
 def _components(mask: np.ndarray, connectivity: int) -> tuple[int, np.ndarray, np.ndarray]:
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=connectivity)
+    pixels = np.ascontiguousarray(mask).view(np.uint8)  # bool → 0/1 bytes without a copy
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(pixels, connectivity=connectivity)
     return n, labels, stats
 
 
@@ -41,7 +42,7 @@ def fill_holes(mask: np.ndarray, max_hole_px: int, keep_open: np.ndarray | None 
     holding a point of `keep_open` (`(N, 2)` pixel x, y: the negative clicks that made them)."""
     if max_hole_px <= 0 or not _check(mask).any():
         return mask.copy()
-    n, labels, stats = _components(~mask, 4)
+    n, labels, stats = _components(np.logical_not(mask), 4)
     h, w = mask.shape
     x, y, bw, bh, area = (stats[:, i] for i in range(5))
     touches_border = (x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)
@@ -49,7 +50,8 @@ def fill_holes(mask: np.ndarray, max_hole_px: int, keep_open: np.ndarray | None 
     fill[0] = False  # label 0 is the mask itself
     for i in _clicked_labels(labels, keep_open):
         fill[i] = False
-    return mask | fill[labels]
+    out = _set_components(mask, labels, stats, np.flatnonzero(fill), True)
+    return out.copy() if out is mask else out
 
 
 def _clicked_labels(labels: np.ndarray, points: np.ndarray | None) -> set[int]:
@@ -89,6 +91,46 @@ def keep_clicked_components(mask: np.ndarray, positive_points: np.ndarray) -> np
     return keep[labels]
 
 
+_FEW = 32  # up to this many components to change: per-component boxes; more: one gather over the image
+
+
+def _set_components(mask: np.ndarray, labels: np.ndarray, stats: np.ndarray, ids: np.ndarray, value: bool
+                    ) -> np.ndarray:
+    """`mask` with the pixels of components `ids` set to `value` (same result as a gather over `labels`, but
+    a few small components cost their bounding boxes only)."""
+    if len(ids) == 0:
+        return mask
+    if len(ids) > _FEW:
+        table = np.zeros(len(stats), bool)
+        table[ids] = True
+        hit = np.take(table, labels)  # faster than `table[labels]`
+        return mask | hit if value else mask & ~hit
+    out = mask.copy()
+    for i in ids:
+        x, y, w, h = (int(v) for v in stats[i, :4])
+        window = out[y:y + h, x:x + w]
+        window[labels[y:y + h, x:x + w] == i] = value
+    return out
+
+
+def _select_components(mask: np.ndarray, positives: np.ndarray, settings: RefineSettings) -> np.ndarray:
+    """`remove_islands(keep_clicked_components(mask))` (as `settings` ask) from one labelling: once only the
+    clicked components are kept, none of them is an island to drop, so one pass decides both."""
+    if not mask.any() or (not settings.keep_clicked and settings.min_island_px <= 0):
+        return mask
+    n, labels, stats = _components(mask, 8)
+    clicked = _clicked_labels(labels, positives)
+    keep = np.zeros(n, dtype=bool)
+    if settings.keep_clicked and clicked:
+        keep[list(clicked)] = True
+    elif settings.min_island_px > 0:
+        keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= settings.min_island_px
+        keep[list(clicked)] = True
+    else:
+        return mask
+    return _set_components(mask, labels, stats, np.flatnonzero(~keep[1:]) + 1, False)
+
+
 def refine(mask: np.ndarray, prompt: ObjectPrompt, settings: RefineSettings) -> np.ndarray:
     """Clamp to the box, keep clicked components, drop islands, fill holes (each per `settings`); a hole
     a negative click made is never filled again.
@@ -121,9 +163,7 @@ def refine(mask: np.ndarray, prompt: ObjectPrompt, settings: RefineSettings) -> 
         return p
 
     positives = local(prompt.positive_points)
-    if settings.keep_clicked:
-        ring = keep_clicked_components(ring, positives)
-    ring = remove_islands(ring, settings.min_island_px, protect_points=positives)
+    ring = _select_components(ring, positives, settings)
     ring = fill_holes(ring, settings.max_hole_px, keep_open=local(prompt.points[prompt.labels == 0]))
     result = np.zeros_like(out)
     result[y0:y1, x0:x1] = ring[1:-1, 1:-1]

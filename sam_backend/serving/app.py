@@ -17,7 +17,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from flask import Flask, Response, g, jsonify, request
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
 from sam_backend.config import Settings
@@ -25,6 +27,7 @@ from sam_backend.errors import ClientError
 from sam_backend.segment.engines import EngineError
 from sam_backend.segment.prompts import PromptError
 from sam_backend.serving.backend import RequestError, SamBackend
+from sam_backend.serving.stages import StageTimes
 from sam_backend.sidecar.records import Interaction
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,22 @@ def install_redaction(settings: Settings) -> None:
         handler.addFilter(flt)
 
 
+class FastJSON(DefaultJSONProvider):
+    """Response bodies written by orjson. A brush result is a list of up to a few hundred thousand small ints:
+    the standard json module wrote one noisy 1024 × 768 mask in 13-22 ms, orjson in 1-1.5 ms (measured side by
+    side). Request bodies are still read by Flask's default."""
+
+    _options = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        return orjson.dumps(obj, default=self.default, option=self._options).decode()
+
+    def response(self, *args: Any, **kwargs: Any) -> Response:
+        obj = self._prepare_response_obj(args, kwargs)
+        return self._app.response_class(orjson.dumps(obj, default=self.default, option=self._options),
+                                        mimetype=self.mimetype)
+
+
 def _error(message: str, status: int) -> Response:
     """`{"errors": [message]}` with the message also as the HTTP reason phrase: Label Studio drops the
     body of a non-200 answer and shows only `str(HTTPError)`, which carries the reason phrase."""
@@ -84,6 +103,7 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
     if start:
         backend.start()
     app = Flask("sam_backend")
+    app.json = FastJSON(app)
     app.config["MAX_CONTENT_LENGTH"] = 32 * 1024 * 1024
     app.extensions["sam_backend"] = backend
 
@@ -126,6 +146,7 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
     def health() -> Response:
         return jsonify({"status": "UP", "model_class": "SamBackend", "model_version": backend.model_version,
                         "engine_ready": backend.engine.ready, "engine_error": backend.engine.error,
+                        "decoder": backend.decoder_kind,
                         "precompute_pending": backend.prewarm.pending,
                         "cache_entries": backend.cache.stats().entries})
 
@@ -135,7 +156,15 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
 
     @app.post("/predict")
     def predict() -> Response:
-        return jsonify(backend.predict(_json_body()))
+        stages = StageTimes()
+        answer = backend.predict(_json_body(), stages)
+        if not stages.seconds:  # a task opened: nothing was segmented
+            return jsonify(answer)
+        with stages.stage("json"):
+            resp = jsonify(answer)
+        backend.metrics.observe_stages(stages.seconds)
+        resp.headers["Server-Timing"] = stages.header()
+        return resp
 
     @app.post("/webhook")
     def webhook() -> Response:
@@ -153,6 +182,8 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
 
     @app.get("/metrics")
     def metrics() -> Response:
+        if backend.decoder_kind is not None:
+            backend.metrics.decoder_kind.labels(backend.decoder_kind).set(1)
         return Response(backend.metrics.render(), mimetype="text/plain; version=0.0.4")
 
     @app.errorhandler(ClientError)

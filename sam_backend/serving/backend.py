@@ -35,6 +35,7 @@ from sam_backend.serving.loader import EngineHolder
 from sam_backend.serving.memory import Memory, ObjectMemory, ObjectRule
 from sam_backend.serving.metrics import Metrics
 from sam_backend.serving.prewarm import Prewarmer
+from sam_backend.serving.stages import StageTimes
 from sam_backend.sidecar.records import Interaction
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,13 @@ class SamBackend:
         kind = f"sam-{self.settings.model_type}" if self.settings.engine == "sam" else self.settings.engine
         return f"sam-backend-{__version__}-{kind}"
 
+    @property
+    def decoder_kind(self) -> str | None:
+        """The decoder path clicks run (`onnx`, `compile`, `eager`; see `SAM_DECODER`), None before the engine
+        is loaded."""
+        engine = self.engine.peek()
+        return None if engine is None else getattr(engine, "decoder_kind", "eager")
+
     def start(self) -> None:
         """Load the engine and start the background encoder, both in the background."""
         self.engine.start()
@@ -87,8 +95,9 @@ class SamBackend:
             self.fetcher.setup_hostname = hostname.rstrip("/")
         return {"model_version": self.model_version}
 
-    def predict(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        """`/predict`: masks for the context's objects, or (no context) queue the tasks' images."""
+    def predict(self, body: Mapping[str, Any], stages: StageTimes | None = None) -> dict[str, Any]:
+        """`/predict`: masks for the context's objects, or (no context) queue the tasks' images. `stages`
+        collects the seconds of each stage of a click (see `serving.stages`)."""
         tasks = body.get("tasks")
         if not isinstance(tasks, list) or not all(isinstance(t, Mapping) for t in tasks):
             raise RequestError(f"tasks: expected a list of task objects, got {type(tasks).__name__}")
@@ -102,28 +111,29 @@ class SamBackend:
                 self.prewarm.schedule(required_image_url(task, config.targets[0]))
             return {"results": [], "model_version": self.model_version}
         project = str(body.get("project") or "").split(".")[0] or None
-        results = [self._predict_task(task, config, context, project) for task in tasks]
+        stages = stages if stages is not None else StageTimes()
+        results = [self._predict_task(task, config, context, project, stages) for task in tasks]
         return {"results": results, "model_version": self.model_version}
 
     def _predict_task(self, task: Mapping[str, Any], config: LabelConfig, context: Mapping[str, Any],
-                      project: str | None) -> dict[str, Any]:
+                      project: str | None, stages: StageTimes) -> dict[str, Any]:
         t0 = time.perf_counter()
         engine = self.engine.get()
         results = context.get("result") if isinstance(context, Mapping) else None
         first = results[0] if isinstance(results, list) and results and isinstance(results[0], Mapping) else {}
         target = config.for_image(first.get("to_name"))
         url = required_image_url(task, target)
-        image_id, embedding, hit = self.embedding(url, engine)
+        with stages.stage("embedding"):
+            image_id, embedding, hit = self.embedding(url, engine)
         memory = ObjectRule(self.memory.objects, (engine.engine_id, image_id, task.get("id")),
                              self.settings.object_memory)
         out, scores, empty = [], [], 0
         for prompt in parse_context(context, image_size=embedding.image_size, remembered_box=memory.box_for):
-            t_dec = time.perf_counter()
-            mask, score = self._segment(engine, embedding, image_id, prompt)
-            self.metrics.decoder.observe(time.perf_counter() - t_dec)
+            mask, score = self._segment(engine, embedding, image_id, prompt, stages)
             memory.answered(prompt)
             label = target.label_for(prompt.label)
-            result = mask_result(mask, label, score, target) if mask.any() else None
+            with stages.stage("rle"):
+                result = mask_result(mask, label, score, target) if mask.any() else None
             if result is None:
                 empty += 1
                 continue
@@ -139,17 +149,22 @@ class SamBackend:
                               "object, add a positive click, or draw a box around it")
         return {"result": out, "score": float(np.mean(scores)) if scores else 0.0, "model_version": self.model_version}
 
-    def _segment(self, engine: Engine, embedding: Embedding, image_id: str, prompt: ObjectPrompt
-                 ) -> tuple[np.ndarray, float]:
+    def _segment(self, engine: Engine, embedding: Embedding, image_id: str, prompt: ObjectPrompt,
+                 stages: StageTimes) -> tuple[np.ndarray, float]:
         """`(mask (H, W) bool, score)` for one object: the model's best mask (seeded with the object's previous
         logits), refined; where refinement would empty it, the unrefined mask clamped to the box instead."""
         objects = self.memory.objects
-        pred = engine.predict(embedding, prompt, prev_logits=objects.previous(engine.engine_id, image_id, prompt))
+        t0 = time.perf_counter()
+        with stages.stage("decoder"):
+            pred = engine.predict(embedding, prompt, prev_logits=objects.previous(engine.engine_id, image_id, prompt))
+        self.metrics.decoder.observe(time.perf_counter() - t0)
         best = pred.best
         if pred.low_res_logits is not None:
             objects.remember(engine.engine_id, image_id, prompt, pred.low_res_logits[best])
-        raw = pred.best_mask
-        mask = refine(raw, prompt, self.settings.refine)
+        with stages.stage("upsample"):
+            raw = pred.best_mask
+        with stages.stage("refine"):
+            mask = refine(raw, prompt, self.settings.refine)
         if not mask.any() and raw.any():
             margin = self.settings.refine.box_margin_px
             mask = clamp_to_box(raw, prompt.box, margin) if prompt.box is not None else raw.copy()

@@ -32,6 +32,10 @@ class EngineHolder:
     def ready(self) -> bool:
         return self._engine is not None
 
+    def peek(self) -> Engine | None:
+        """The engine if it is built, else None (never builds it)."""
+        return self._engine
+
     def get(self) -> Engine:
         """The engine; `EngineError` saying why where it cannot be built."""
         if self._engine is not None:

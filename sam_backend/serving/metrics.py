@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from sam_backend.serving.cache import CacheStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_STAGE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 5, 30)
 
 
 class Metrics:
@@ -25,6 +26,11 @@ class Metrics:
                                  buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.decoder = Histogram("sam_decoder_seconds", "Mask decoder time per object in seconds",
                                  buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.click_stage = Histogram("sam_click_stage_seconds",
+                                     "Seconds of each stage of a click (embedding, decoder, upsample, refine, rle, "
+                                     "json), per request", ["stage"], buckets=_STAGE_BUCKETS, registry=self.registry)
+        self.decoder_kind = Gauge("sam_decoder_info", "The decoder path clicks run (1 for the kind in use)", ["kind"],
+                                  registry=self.registry)
         self.click_wait = Histogram("sam_click_encode_wait_seconds",
                                     "Seconds a click waited for its image's encode (cache misses only)",
                                     buckets=_LATENCY_BUCKETS, registry=self.registry)
@@ -42,6 +48,11 @@ class Metrics:
         self.precompute_dropped = Counter("sam_precompute_dropped", "Precompute jobs dropped (queue full)",
                                           registry=self.registry)
         self.registry.register(_CacheCollector(cache_stats))
+
+    def observe_stages(self, seconds: dict[str, float]) -> None:
+        """One click's stage seconds (see `serving.stages`) into `sam_click_stage_seconds`."""
+        for stage, value in seconds.items():
+            self.click_stage.labels(stage).observe(value)
 
     def render(self) -> bytes:
         """Prometheus text exposition format."""

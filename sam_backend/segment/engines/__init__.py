@@ -27,6 +27,8 @@ from sam_backend.segment.embedding import Embedding
 
 if TYPE_CHECKING:
     from sam_backend.config import Settings
+    from sam_backend.segment.engines.sam import SamEngine
+    from sam_backend.segment.engines.sam2 import Sam2Engine
     from sam_backend.segment.prompts import ObjectPrompt
 
 __all__ = ["Embedding", "Engine", "EngineError", "MaskPrediction", "check_image", "make_engine"]
@@ -155,7 +157,10 @@ def make_engine(settings: Settings) -> Engine:
     if settings.engine == "sam2":
         from sam_backend.segment.engines.sam2 import Sam2Engine
 
-        return Sam2Engine.from_settings(settings)
-    from sam_backend.segment.engines.sam import SamEngine
+        engine: Sam2Engine | SamEngine = Sam2Engine.from_settings(settings)
+    else:
+        from sam_backend.segment.engines.sam import SamEngine
 
-    return SamEngine.from_settings(settings)
+        engine = SamEngine.from_settings(settings)
+    engine.use_decoder(settings.decoder, engine.decoder_cache(settings.checkpoint_path))
+    return engine

@@ -25,11 +25,13 @@ import numpy as np
 import torch
 from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.utils.onnx import SamOnnxModel
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from sam_backend.segment.checkpoints import expected_sha256
 from sam_backend.segment.embedding import Embedding
 from sam_backend.segment.engines import EngineError, MaskPrediction, check_image, stroke_logits
+from sam_backend.segment.engines.fast_decoder import FastDecoder
 from sam_backend.segment.engines.torch_engine import (
     TorchEngine,
     checked_file_id,
@@ -161,6 +163,24 @@ class SamArchitecture:
         )
 
 
+class SamDecoderGraph(SamOnnxModel):
+    """Prompt encoder + mask decoder with tensor inputs only, for export: segment-anything's `SamOnnxModel`
+    prompt embedding (labels -1 pad, 0/1 clicks, 2/3 box corners; `has_mask_input` switches the mask prompt)
+    and `MaskDecoder.predict_masks`, without the upsampling to the image: every mask token's low-res logits
+    `(1, T, 256, 256)` and scores `(1, T)`."""
+
+    def __init__(self, model: Sam) -> None:
+        super().__init__(model, return_single_mask=False)
+
+    def forward(self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor,
+                mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sparse = self._embed_points(point_coords, point_labels)
+        dense = self._embed_masks(mask_input, has_mask_input)
+        return self.model.mask_decoder.predict_masks(
+            image_embeddings=image_embeddings, image_pe=self.model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
+
+
 def _indices(state: dict[str, torch.Tensor], pattern: str) -> set[int]:
     rx = re.compile(pattern)
     found = {int(m.group(1)) for k in state if (m := rx.match(k))}
@@ -242,11 +262,11 @@ class SamEngine(TorchEngine):
         return Embedding(self.engine_id, ImageSize.of(image), {"image_embed": features.float()},
                          {"input_size": [int(resized.shape[0]), int(resized.shape[1])]})
 
-    def predict(
-        self, embedding: Embedding, prompt: ObjectPrompt, prev_logits: np.ndarray | None = None
-    ) -> MaskPrediction:
+    def predict_with(self, decoder: FastDecoder | None, embedding: Embedding, prompt: ObjectPrompt,
+                     prev_logits: np.ndarray | None = None) -> MaskPrediction:
         """Masks for one object. A lone first click asks for 3 candidates (ambiguity); later
-        clicks ask for one, seeded with the previous low-res logits `(256, 256)` (4 × the embedding grid)."""
+        clicks ask for one, seeded with the previous low-res logits `(256, 256)` (4 × the embedding grid).
+        `decoder` None runs the eager prompt encoder and mask decoder; a fast one runs `SamDecoderGraph`."""
         if embedding.engine_id != self.engine_id:
             raise EngineError(f"embedding from {embedding.engine_id} given to {self.engine_id}")
         original = embedding.image_size.shape
@@ -275,11 +295,16 @@ class SamEngine(TorchEngine):
                                              interpolation=cv2.INTER_NEAREST) > 0
             low = stroke_logits(frame, tuple(4 * s for s in self.model.prompt_encoder.image_embedding_size))
             mask_input = torch.as_tensor(low[None, None], device=self.device)
-        with torch.inference_mode():
-            sparse, dense = self.model.prompt_encoder(points=points, boxes=box, masks=mask_input)
-            low_res, iou = self.model.mask_decoder(
-                image_embeddings=self._features(embedding), image_pe=self.model.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask)
+        if decoder is None:
+            with torch.inference_mode():
+                sparse, dense = self.model.prompt_encoder(points=points, boxes=box, masks=mask_input)
+                low_res, iou = self.model.mask_decoder(
+                    image_embeddings=self._features(embedding), image_pe=self.model.prompt_encoder.get_dense_pe(),
+                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask)
+        else:
+            low_res, iou = decoder(self._graph_inputs(embedding, points, box, mask_input))
+            chosen = slice(1, None) if multimask else slice(0, 1)  # as `MaskDecoder.forward` chooses
+            low_res, iou = low_res[:, chosen], iou[:, chosen]
         model = self.model
 
         def upsample(i: int) -> np.ndarray:  # only the mask the answer needs goes to full resolution
@@ -288,6 +313,37 @@ class SamEngine(TorchEngine):
             return up[0, 0].cpu().numpy()
 
         return MaskPrediction(None, iou[0].float().cpu().numpy(), low_res[0].float().cpu().numpy(), upsample)
+
+    def _graph_inputs(self, embedding: Embedding, points: tuple[torch.Tensor, torch.Tensor] | None,
+                      box: torch.Tensor | None, mask_input: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """`SamDecoderGraph`'s inputs, in the order the eager prompt encoder lays its tokens out: the points,
+        then the box corners (labels 2, 3) or, without a box, a padding point (label -1)."""
+        coords = [points[0]] if points is not None else []
+        labels = [points[1].float()] if points is not None else []
+        if box is not None:
+            coords.append(box.reshape(1, 2, 2))
+            labels.append(torch.tensor([[2.0, 3.0]], device=self.device))
+        else:
+            coords.append(torch.zeros(1, 1, 2, device=self.device))
+            labels.append(torch.tensor([[-1.0]], device=self.device))
+        low = tuple(4 * s for s in self.model.prompt_encoder.image_embedding_size)
+        return {"image_embeddings": self._features(embedding), "point_coords": torch.cat(coords, dim=1),
+                "point_labels": torch.cat(labels, dim=1),
+                "mask_input": mask_input if mask_input is not None else torch.zeros(1, 1, *low, device=self.device),
+                "has_mask_input": torch.ones(1, device=self.device) * float(mask_input is not None)}
+
+    def decoder_graph(self) -> tuple[torch.nn.Module, dict[str, torch.Tensor], Embedding]:
+        """`SamDecoderGraph` of these weights, example inputs, and an embedding of random features."""
+        grid = self.model.prompt_encoder.image_embedding_size
+        dim = self.model.prompt_encoder.embed_dim
+        generator = torch.Generator().manual_seed(0)
+        features = torch.randn(1, dim, *grid, generator=generator).to(self.device)
+        side = self.model.image_encoder.img_size
+        size = ImageSize(side, side * 3 // 4)
+        embedding = Embedding(self.engine_id, size, {"image_embed": features}, {"input_size": [size.height, side]})
+        example = self._graph_inputs(embedding, (torch.tensor([[[side / 3, side / 4]]], device=self.device),
+                                                 torch.ones(1, 1, dtype=torch.int, device=self.device)), None, None)
+        return SamDecoderGraph(self.model).eval(), example, embedding
 
     def _features(self, embedding: Embedding) -> torch.Tensor:
         features = embedding.features["image_embed"]

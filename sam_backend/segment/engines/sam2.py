@@ -27,6 +27,7 @@ import torch
 from sam_backend.segment.checkpoints import expected_sha256
 from sam_backend.segment.embedding import Embedding
 from sam_backend.segment.engines import EngineError, MaskPrediction, check_image, stroke_logits
+from sam_backend.segment.engines.fast_decoder import FastDecoder
 from sam_backend.segment.engines.torch_engine import (
     TorchEngine,
     checked_file_id,
@@ -112,6 +113,30 @@ def load_checked(path: Path, model_type: str | None = None) -> tuple[torch.nn.Mo
     return model, found
 
 
+class Sam2DecoderGraph(torch.nn.Module):
+    """SAM 2's prompt encoder + mask decoder with tensor inputs only, for export: the points come with their
+    padding point (label -1), `has_mask_input` switches the mask prompt, and `predict_masks` gives every mask
+    token's low-res logits `(1, T, 256, 256)` and scores `(1, T)` (the engine chooses as `forward` does)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.prompt_encoder = model.sam_prompt_encoder
+        self.mask_decoder = model.sam_mask_decoder
+
+    def forward(self, image_embed: torch.Tensor, high_res_0: torch.Tensor, high_res_1: torch.Tensor,
+                point_coords: torch.Tensor, point_labels: torch.Tensor, mask_input: torch.Tensor,
+                has_mask_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        encoder = self.prompt_encoder
+        sparse = encoder._embed_points(point_coords, point_labels, pad=False)
+        no_mask = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        flag = has_mask_input.reshape(1, 1, 1, 1)
+        dense = flag * encoder._embed_masks(mask_input) + (1 - flag) * no_mask
+        masks, scores, _, _ = self.mask_decoder.predict_masks(
+            image_embeddings=image_embed, image_pe=encoder.get_dense_pe(), sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense, repeat_image=False, high_res_features=[high_res_0, high_res_1])
+        return masks, scores
+
+
 class Sam2Engine(TorchEngine):
     """SAM 2.1 behind the `Engine` protocol; safe to share across threads."""
 
@@ -168,10 +193,11 @@ class Sam2Engine(TorchEngine):
                     "high_res_1": levels[1].float()}
         return Embedding(self.engine_id, ImageSize.of(image), features)
 
-    def predict(self, embedding: Embedding, prompt: ObjectPrompt, prev_logits: np.ndarray | None = None
-                ) -> MaskPrediction:
+    def predict_with(self, decoder: FastDecoder | None, embedding: Embedding, prompt: ObjectPrompt,
+                     prev_logits: np.ndarray | None = None) -> MaskPrediction:
         """Masks for one object; a lone first click asks for 3 candidates, later clicks for one seeded with
-        the previous low-res logits (4 × the embedding grid)."""
+        the previous low-res logits (4 × the embedding grid). `decoder` None runs the eager prompt encoder and
+        mask decoder; a fast one runs `Sam2DecoderGraph`."""
         if embedding.engine_id != self.engine_id:
             raise EngineError(f"embedding from {embedding.engine_id} given to {self.engine_id}")
         orig_hw = embedding.image_size.shape
@@ -197,13 +223,17 @@ class Sam2Engine(TorchEngine):
             low = stroke_logits(prompt.stroke, tuple(self.model.sam_prompt_encoder.mask_input_size))
             mask_input = torch.as_tensor(low[None, None], device=self.device)
         features = self._features(embedding)
-        with torch.inference_mode():
-            sparse, dense = self.model.sam_prompt_encoder(
-                points=(torch.cat(coords, dim=1), torch.cat(labels, dim=1)), boxes=None, masks=mask_input)
-            low_res, iou, _, _ = self.model.sam_mask_decoder(
-                image_embeddings=features["image_embed"], image_pe=self.model.sam_prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
-                repeat_image=False, high_res_features=[features["high_res_0"], features["high_res_1"]])
+        points = (torch.cat(coords, dim=1), torch.cat(labels, dim=1))
+        if decoder is None:
+            with torch.inference_mode():
+                sparse, dense = self.model.sam_prompt_encoder(points=points, boxes=None, masks=mask_input)
+                low_res, iou, _, _ = self.model.sam_mask_decoder(
+                    image_embeddings=features["image_embed"], image_pe=self.model.sam_prompt_encoder.get_dense_pe(),
+                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
+                    repeat_image=False, high_res_features=[features["high_res_0"], features["high_res_1"]])
+        else:
+            low_res, iou = decoder(self._graph_inputs(features, points, mask_input))
+            low_res, iou = self._choose(low_res, iou, multimask)
         transforms = self.transforms
 
         def upsample(i: int) -> np.ndarray:  # only the mask the answer needs goes to full resolution
@@ -212,6 +242,45 @@ class Sam2Engine(TorchEngine):
 
         clamped = torch.clamp(low_res, -32.0, 32.0)
         return MaskPrediction(None, iou[0].float().cpu().numpy(), clamped[0].float().cpu().numpy(), upsample)
+
+    def _choose(self, low_res: torch.Tensor, iou: torch.Tensor, multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The candidates `MaskDecoder.forward` keeps of every token's output: 1-3 for multimask, else the
+        single-mask token or, where it is unstable, the best multimask one (`dynamic_multimask_via_stability`)."""
+        decoder = self.model.sam_mask_decoder
+        if multimask:
+            return low_res[:, 1:], iou[:, 1:]
+        if decoder.dynamic_multimask_via_stability:
+            with torch.inference_mode():
+                return decoder._dynamic_multimask_via_stability(low_res, iou)
+        return low_res[:, 0:1], iou[:, 0:1]
+
+    def _graph_inputs(self, features: dict[str, torch.Tensor], points: tuple[torch.Tensor, torch.Tensor],
+                      mask_input: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """`Sam2DecoderGraph`'s inputs: the points with the padding point (label -1) the eager prompt encoder
+        appends when it gets no box, the mask prompt or zeros with `has_mask_input`, and the features."""
+        coords = torch.cat([points[0], torch.zeros(1, 1, 2, device=self.device)], dim=1)
+        labels = torch.cat([points[1].float(), -torch.ones(1, 1, device=self.device)], dim=1)
+        size = tuple(self.model.sam_prompt_encoder.mask_input_size)
+        return {"image_embed": features["image_embed"], "high_res_0": features["high_res_0"],
+                "high_res_1": features["high_res_1"], "point_coords": coords, "point_labels": labels,
+                "mask_input": mask_input if mask_input is not None else torch.zeros(1, 1, *size, device=self.device),
+                "has_mask_input": torch.ones(1, device=self.device) * float(mask_input is not None)}
+
+    def decoder_graph(self) -> tuple[torch.nn.Module, dict[str, torch.Tensor], Embedding]:
+        """`Sam2DecoderGraph` of these weights, example inputs, and an embedding of random features."""
+        side = self.model.image_size
+        generator = torch.Generator().manual_seed(0)
+        dim = self.model.sam_prompt_encoder.embed_dim
+        grid = self.model.sam_prompt_encoder.image_embedding_size
+        decoder = self.model.sam_mask_decoder
+        shapes = {"image_embed": (dim, *grid),
+                  "high_res_0": (decoder.conv_s0.out_channels, 4 * grid[0], 4 * grid[1]),
+                  "high_res_1": (decoder.conv_s1.out_channels, 2 * grid[0], 2 * grid[1])}
+        features = {k: torch.randn(1, *shape, generator=generator).to(self.device) for k, shape in shapes.items()}
+        embedding = Embedding(self.engine_id, ImageSize(side, side * 3 // 4), features)
+        points = (torch.tensor([[[0.3 * side, 0.4 * side]]], device=self.device),
+                  torch.ones(1, 1, dtype=torch.int, device=self.device))
+        return Sam2DecoderGraph(self.model).eval(), self._graph_inputs(features, points, None), embedding
 
     def _features(self, embedding: Embedding) -> dict[str, Any]:
         return {k: (v if isinstance(v, torch.Tensor) else torch.as_tensor(v)).to(self.device)

@@ -6,12 +6,24 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
 import torch
 
 from sam_backend.segment.embedding import Embedding, pack, unpack
-from sam_backend.segment.engines import EngineError
+from sam_backend.segment.engines import EngineError, MaskPrediction
+from sam_backend.segment.engines.fast_decoder import (
+    GRAPH_VERSION,
+    MIN_IOU,
+    FastDecoder,
+    build_fast_decoder,
+    mask_iou,
+    resolve_decoder,
+)
+
+if TYPE_CHECKING:
+    from sam_backend.segment.prompts import ObjectPrompt
 
 T = TypeVar("T", bound="TorchEngine")
 log = logging.getLogger(__name__)
@@ -88,6 +100,7 @@ class TorchEngine:
     device: torch.device
     precision: str
     engine_id: str
+    fast_decoder: FastDecoder | None = None  # None: the eager prompt encoder + mask decoder
 
     @classmethod
     def build(cls, model_type: str) -> torch.nn.Module:
@@ -115,6 +128,74 @@ class TorchEngine:
         other.precision = resolve_precision(precision, self.device)
         other.engine_id = self.engine_id.rsplit("/", 1)[0] + "/" + other.precision
         return other
+
+    @property
+    def decoder_kind(self) -> str:
+        """`onnx`, `compile` or `eager`: the decoder path `predict` runs."""
+        return self.fast_decoder.kind if self.fast_decoder is not None else "eager"
+
+    def decoder_graph(self) -> tuple[torch.nn.Module, dict[str, torch.Tensor], Embedding]:
+        """`(graph module, example inputs by name, an embedding of random features)`; see `fast_decoder`."""
+        raise NotImplementedError
+
+    def decoder_cache(self, checkpoint: Path) -> Path:
+        """Where the exported decoder graph of this engine's weights is kept: next to `checkpoint`, keyed by
+        the weights' digest (in the engine id) and the graph version."""
+        weights = self.engine_id.split("/")[2]
+        return checkpoint.with_name(f"{checkpoint.name}.decoder-{GRAPH_VERSION}-{weights}.onnx")
+
+    def use_decoder(self, kind: str = "auto", cache: Path | None = None) -> str:
+        """Run clicks through the `kind` decoder (`auto`, `onnx`, `compile`, `eager`); returns the kind in use.
+
+        A fast kind is used only where its masks agree with eager ones (IoU ≥ 0.999 for every candidate of a
+        table of prompts on random features); where it cannot be built or does not agree, a warning says why
+        and eager stays."""
+        kind = resolve_decoder(kind, self.device)
+        self.fast_decoder = None
+        if kind == "eager":
+            return "eager"
+        try:
+            graph, example, embedding = self.decoder_graph()
+            candidate = build_fast_decoder(kind, graph, example, cache=cache)
+            worst = self.compare_decoder(candidate, embedding)
+        except Exception as exc:  # onnxruntime missing, an exporter or compiler failure: eager still works
+            log.warning("SAM_DECODER=%s cannot run here (%s: %s); clicks use the eager decoder", kind,
+                        type(exc).__name__, str(exc).splitlines()[0][:300] if str(exc) else "")
+            return "eager"
+        if worst < MIN_IOU:
+            log.warning("SAM_DECODER=%s masks differ from eager ones (IoU %.4f < %.3f); clicks use the eager "
+                        "decoder", kind, worst, MIN_IOU)
+            return "eager"
+        self.fast_decoder = candidate
+        log.info("clicks use the %s decoder (masks IoU %.4f against eager)", kind, worst)
+        return kind
+
+    def compare_decoder(self, candidate: FastDecoder, embedding: Embedding) -> float:
+        """The lowest IoU between `candidate`'s low-res masks and eager ones, over every candidate mask of
+        `bench_prompts` (first clicks and clicks seeded with the previous logits)."""
+        from sam_backend.segment.samples import bench_prompts
+
+        worst = 1.0
+        for prompt in bench_prompts(*embedding.image_size):
+            eager = self.predict_with(None, embedding, prompt)
+            for prev in (None, eager.low_res_logits[eager.best]):
+                slow = self.predict_with(None, embedding, prompt, prev)
+                fast = self.predict_with(candidate, embedding, prompt, prev)
+                for a, b in zip(slow.low_res_logits, fast.low_res_logits, strict=True):
+                    worst = min(worst, mask_iou(a > 0, b > 0))
+                if slow.best != fast.best:
+                    worst = min(worst, mask_iou(slow.mask(slow.best), fast.mask(fast.best)))
+        return worst
+
+    def predict(self, embedding: Embedding, prompt: ObjectPrompt, prev_logits: np.ndarray | None = None
+                ) -> MaskPrediction:
+        """Masks for one object through the decoder path in use (`decoder_kind`); see `predict_with`."""
+        return self.predict_with(self.fast_decoder, embedding, prompt, prev_logits)
+
+    def predict_with(self, decoder: FastDecoder | None, embedding: Embedding, prompt: ObjectPrompt,
+                     prev_logits: np.ndarray | None = None) -> MaskPrediction:
+        """Masks for one object with `decoder` (None: eager)."""
+        raise NotImplementedError
 
     def dump(self, embedding: Embedding) -> bytes:
         """The feature tensors as float32 bytes on the CPU (see `sam_backend.segment.embedding`)."""
