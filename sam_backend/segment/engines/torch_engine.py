@@ -158,6 +158,12 @@ class TorchEngine:
             graph, example, embedding = self.decoder_graph()
             candidate = build_fast_decoder(kind, graph, example, cache=cache)
             worst = self.compare_decoder(candidate, embedding)
+            if worst < MIN_IOU and cache is not None and cache.is_file():  # a stale or tampered cached export
+                log.warning("the cached decoder graph %s gives other masks than these weights (IoU %.4f); "
+                            "exporting it again", cache, worst)
+                cache.unlink(missing_ok=True)
+                candidate = build_fast_decoder(kind, graph, example, cache=cache)
+                worst = self.compare_decoder(candidate, embedding)
         except Exception as exc:  # onnxruntime missing, an exporter or compiler failure: eager still works
             log.warning("SAM_DECODER=%s cannot run here (%s: %s); clicks use the eager decoder", kind,
                         type(exc).__name__, str(exc).splitlines()[0][:300] if str(exc) else "")
