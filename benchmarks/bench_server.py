@@ -22,9 +22,9 @@ import cv2
 import requests
 from werkzeug.serving import make_server
 
-from sam_backend.segment.samples import bench_image, bench_prompts
 from sam_backend.config import Settings
 from sam_backend.segment.engines.sam import SamEngine
+from sam_backend.segment.samples import bench_image, bench_prompts
 from sam_backend.serving.app import create_app
 from sam_backend.serving.backend import SamBackend
 

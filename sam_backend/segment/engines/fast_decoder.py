@@ -103,7 +103,7 @@ class OnnxDecoder:
             self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        feed = {k: inputs[k].detach().to("cpu", torch.float32).numpy() for k in self.names}
+        feed = {k: inputs[k].detach().to("cpu", torch.float32).contiguous().numpy() for k in self.names}
         logits, scores = self.session.run(None, feed)
         return torch.from_numpy(logits), torch.from_numpy(scores)
 

@@ -259,7 +259,7 @@ class SamEngine(TorchEngine):
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
         with self._encode_lock, torch.inference_mode(), autocast:
             features = self.model.image_encoder(self.model.preprocess(pixels))
-        return Embedding(self.engine_id, ImageSize.of(image), {"image_embed": features.float()},
+        return Embedding(self.engine_id, ImageSize.of(image), {"image_embed": features.float().contiguous()},
                          {"input_size": [int(resized.shape[0]), int(resized.shape[1])]})
 
     def predict_with(self, decoder: FastDecoder | None, embedding: Embedding, prompt: ObjectPrompt,

@@ -189,8 +189,10 @@ class Sam2Engine(TorchEngine):
             image_embed = levels[-1]
             if self.model.directly_add_no_mem_embed:
                 image_embed = image_embed + self.model.no_mem_embed.reshape(1, -1, 1, 1)
-        features = {"image_embed": image_embed.float(), "high_res_0": levels[0].float(),
-                    "high_res_1": levels[1].float()}
+        # Contiguous float32: the encoder leaves two of them channels-last, which made every click's decoder
+        # read them through strides (ONNX Runtime copied 5 MB per click: 66 ms instead of 38 for Hiera-T).
+        features = {"image_embed": image_embed.float().contiguous(), "high_res_0": levels[0].float().contiguous(),
+                    "high_res_1": levels[1].float().contiguous()}
         return Embedding(self.engine_id, ImageSize.of(image), features)
 
     def predict_with(self, decoder: FastDecoder | None, embedding: Embedding, prompt: ObjectPrompt,
