@@ -39,6 +39,16 @@ class RefineSettings:
     keep_clicked: bool = True
 
 
+def _metadata_db(value: str | None) -> Path | str:
+    """`SAM_METADATA_DB`: a `postgresql://` URL stays text (a Path would fold its `//`), anything else a file."""
+    if value and "://" in value:
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(f"SAM_METADATA_DB: expected a SQLite file path or postgresql://user@host:5432/db, got "
+                              f"a {value.split('://')[0]}:// URL")
+        return value
+    return Path(value or "annotations.db")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the backend reads from its environment (see README for the table)."""
@@ -52,12 +62,16 @@ class Settings:
     precision: str = "auto"
     decoder: str = "auto"  # the click's decoder path: auto | onnx | compile | eager (segment.engines.fast_decoder)
     cache_mb: int = 1024
+    # SAM_EMBEDDING_STORE: redis://… or file:///… (serving.stores); not in repr: a URL may carry a password
+    embedding_store: str | None = field(default=None, repr=False)
+    embedding_store_mb: int = 8192  # the byte cap of a file:// store (Redis caps itself with maxmemory)
     refine: RefineSettings = field(default_factory=RefineSettings)
     label_studio_url: str | None = None
     label_studio_api_key: str | None = field(default=None, repr=False)
     basic_auth_user: str | None = None
     basic_auth_pass: str | None = field(default=None, repr=False)
-    metadata_db: Path = Path("annotations.db")
+    # a SQLite file, or a postgresql:// URL (kept as text; not in repr: it may carry a password)
+    metadata_db: Path | str = field(default=Path("annotations.db"), repr=False)
     local_files_root: Path | None = None
     allowed_hosts: tuple[str, ...] = ()
     max_image_bytes: int = 50 * 1024 * 1024
@@ -104,6 +118,10 @@ class Settings:
             raise ConfigError("LABEL_STUDIO_API_KEY is set but LABEL_STUDIO_URL is not: the key is only ever sent to "
                               "the Label Studio address you configure; set LABEL_STUDIO_URL (e.g. "
                               "http://127.0.0.1:8080) or unset LABEL_STUDIO_API_KEY")
+        store = r.text("SAM_EMBEDDING_STORE")
+        if store is not None and not (store.startswith(("redis://", "rediss://", "unix://", "file:///"))):
+            raise ConfigError(f"SAM_EMBEDDING_STORE: expected redis://host:6379/0 or file:///absolute/path, got "
+                              f"{store!r}")
         root = r.text("LOCAL_FILES_DOCUMENT_ROOT")
         hosts = tuple(h.strip().lower() for h in (r.text("SAM_ALLOWED_HOSTS") or "").split(",") if h.strip())
         return cls(
@@ -116,12 +134,14 @@ class Settings:
             precision=r.choice("SAM_PRECISION", "auto", PRECISIONS),
             decoder=r.choice("SAM_DECODER", "auto", DECODERS),
             cache_mb=r.integer("SAM_CACHE_MB", 1024, minimum=0),
+            embedding_store=store,
+            embedding_store_mb=r.integer("SAM_EMBEDDING_STORE_MB", 8192, minimum=1),
             refine=refine,
             label_studio_url=url.rstrip("/") if url else None,
             label_studio_api_key=r.text("LABEL_STUDIO_API_KEY"),
             basic_auth_user=r.text("BASIC_AUTH_USER"),
             basic_auth_pass=r.text("BASIC_AUTH_PASS"),
-            metadata_db=Path(r.text("SAM_METADATA_DB") or "annotations.db"),
+            metadata_db=_metadata_db(r.text("SAM_METADATA_DB")),
             local_files_root=Path(root).resolve() if root else None,
             allowed_hosts=hosts,
             max_image_bytes=r.integer("SAM_MAX_IMAGE_MB", 50, minimum=1) * 1024 * 1024,

@@ -161,16 +161,20 @@ def serve(host: str, port: int, workers: int, threads: int) -> None:
 @click.option("--since", default=None, help="Only rows created at or after this ISO 8601 time (UTC).")
 @click.option("--limit", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-@click.option("--db", type=click.Path(path_type=Path), default=None, help="Default: SAM_METADATA_DB.")
+@click.option("--db", default=None, help="A SQLite file or a postgresql:// URL. Default: SAM_METADATA_DB.")
 def history(task: int | None, project: str | None, since: str | None, limit: int | None, as_json: bool,
-            db: Path | None) -> None:
-    """Interactions recorded by the backend (sidecar SQLite)."""
-    from sam_backend.sidecar.store import Store
+            db: str | None) -> None:
+    """Interactions recorded by the backend (sidecar SQLite or PostgreSQL)."""
+    from sam_backend.sidecar.store import StoreError, open_sidecar
 
-    path = db or _settings().metadata_db
-    if not path.exists():
-        raise click.ClickException(f"{path} does not exist: no interaction was recorded yet (SAM_METADATA_DB)")
-    rows = Store(path).history(task=task, project=project, since=since, limit=limit)
+    target = db or _settings().metadata_db
+    if "://" not in str(target) and not Path(target).exists():
+        raise click.ClickException(f"{target} does not exist: no interaction was recorded yet (SAM_METADATA_DB)")
+    try:
+        rows = open_sidecar(target if "://" in str(target) else Path(target)).history(
+            task=task, project=project, since=since, limit=limit)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
     if as_json:
         for row in rows:
             click.echo(json.dumps(row))

@@ -9,6 +9,7 @@ into this one by `sam_backend.labelstudio.context`.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +71,7 @@ class ObjectPrompt:
         """A hashable identity of the prompt's geometry (rounded to 0.1 px), for logits memory."""
         box = None if self.box is None else tuple(np.round(self.box, 1).tolist())
         pts = tuple(map(tuple, np.round(self.points, 1).tolist()))
-        stroke = None if self.stroke is None else hash(np.packbits(self.stroke).tobytes())
+        stroke = None if self.stroke is None else hashlib.sha256(np.packbits(self.stroke).tobytes()).hexdigest()[:16]
         return (self.label, box, pts, tuple(self.labels.tolist()), stroke)
 
     def without_last_point(self) -> ObjectPrompt | None:

@@ -32,6 +32,7 @@ from sam_backend.sidecar.records import Interaction
 
 log = logging.getLogger(__name__)
 
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{8,128}")  # nginx's $request_id is 32 hex digits
 _KNOWN = {"/", "/health", "/setup", "/predict", "/webhook", "/versions", "/metrics"}
 
 
@@ -57,7 +58,10 @@ class RedactSecrets(logging.Filter):
 
 def install_redaction(settings: Settings) -> None:
     """Attach `RedactSecrets` to every root handler (call after logging is configured)."""
-    flt = RedactSecrets([settings.label_studio_api_key or "", settings.basic_auth_pass or ""])
+    from urllib.parse import urlparse
+
+    url_passwords = [urlparse(str(u)).password or "" for u in (settings.metadata_db, settings.embedding_store) if u]
+    flt = RedactSecrets([settings.label_studio_api_key or "", settings.basic_auth_pass or "", *url_passwords])
     for handler in logging.getLogger().handlers:
         handler.addFilter(flt)
 
@@ -96,9 +100,11 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
     settings = settings or Settings.from_env()
     if backend is None:
         if recorder is None:
-            from sam_backend.sidecar.store import AsyncRecorder, Store
+            from sam_backend.sidecar.store import AsyncRecorder, open_sidecar
 
-            recorder = AsyncRecorder(Store(settings.metadata_db))
+            # confirm_s: a click's row is written before its answer leaves (a few ms), so a replica killed
+            # right after answering has kept it; while the database is down nothing waits.
+            recorder = AsyncRecorder(open_sidecar(settings.metadata_db), confirm_s=0.25)
         backend = SamBackend(settings, recorder=recorder)
     if start:
         backend.start()
@@ -157,7 +163,8 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
     @app.post("/predict")
     def predict() -> Response:
         stages = StageTimes()
-        answer = backend.predict(_json_body(), stages)
+        request_id = request.headers.get("X-Request-ID", "")
+        answer = backend.predict(_json_body(), stages, request_id if _REQUEST_ID.fullmatch(request_id) else None)
         if not stages.seconds:  # a task opened: nothing was segmented
             return jsonify(answer)
         with stages.stage("json"):

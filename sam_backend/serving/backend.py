@@ -25,8 +25,8 @@ from sam_backend.labelstudio.context import parse_context
 from sam_backend.labelstudio.images import ImageFetcher, LoadedImage, safe_url
 from sam_backend.labelstudio.labelconfig import LabelConfig, parse_label_config, required_image_url
 from sam_backend.labelstudio.results import mask_result
-from sam_backend.segment.embedding import Embedding
-from sam_backend.segment.engines import Engine, make_engine
+from sam_backend.segment.embedding import Embedding, EmbeddingFormatError
+from sam_backend.segment.engines import Engine, EngineError, make_engine
 from sam_backend.segment.prompts import ObjectPrompt
 from sam_backend.segment.refine import clamp_to_box, refine
 from sam_backend.serving.cache import EmbeddingCache
@@ -36,6 +36,7 @@ from sam_backend.serving.memory import Memory, ObjectMemory, ObjectRule
 from sam_backend.serving.metrics import Metrics
 from sam_backend.serving.prewarm import Prewarmer
 from sam_backend.serving.stages import StageTimes
+from sam_backend.serving.stores import LOCK_TTL_S, POLL_S, SharedStore, embedding_key, open_store, url_key
 from sam_backend.sidecar.records import Interaction
 
 log = logging.getLogger(__name__)
@@ -50,14 +51,23 @@ class SamBackend:
 
     def __init__(self, settings: Settings, engine_factory: Callable[[], Engine] | None = None,
                  fetcher: ImageFetcher | None = None, recorder: Callable[[Interaction], None] | None = None,
-                 cache: EmbeddingCache[Embedding] | None = None, memory: Memory | None = None) -> None:
-        """`cache` and `memory` may be shared by several backends of one engine (the evaluator does)."""
+                 cache: EmbeddingCache[Embedding] | None = None, memory: Memory | None = None,
+                 store: SharedStore | None = None) -> None:
+        """`cache` and `memory` may be shared by several backends of one engine (the evaluator does); `store` is
+        the shared tier behind the cache (default: the one `SAM_EMBEDDING_STORE` names, if any)."""
         self.settings = settings
         self.engine = EngineHolder(engine_factory or (lambda: make_engine(settings)))
         self.cache = cache if cache is not None else EmbeddingCache(settings.cache_mb * 1024 * 1024)
-        self.memory = memory or Memory(objects=ObjectMemory(box_ttl_s=settings.object_memory_ttl_s))
+        self.store = store if store is not None else open_store(settings.embedding_store,
+                                                                 settings.embedding_store_mb * 2**20)
+        self.memory = memory or Memory(objects=ObjectMemory(box_ttl_s=settings.object_memory_ttl_s,
+                                                            shared=self.store))
         self.fetcher = fetcher or ImageFetcher(settings)
         self.metrics = Metrics(self.cache.stats)
+        if self.store is not None:
+            outage = self.store.outage
+            self.metrics.store_errors.set_function(lambda: outage.errors)
+            self.metrics.store_up.set_function(lambda: 0 if outage.down else 1)
         self.encoder = Encoder(on_encoded=self.metrics.encoder.observe, on_yielded=self.metrics.background_yielded.inc,
                                background_queued=lambda: self.prewarm.pending)
         self.prewarm = Prewarmer(lambda url: self.embedding(url, self.engine.get(), priority=BACKGROUND),
@@ -95,9 +105,11 @@ class SamBackend:
             self.fetcher.setup_hostname = hostname.rstrip("/")
         return {"model_version": self.model_version}
 
-    def predict(self, body: Mapping[str, Any], stages: StageTimes | None = None) -> dict[str, Any]:
+    def predict(self, body: Mapping[str, Any], stages: StageTimes | None = None,
+                request_id: str | None = None) -> dict[str, Any]:
         """`/predict`: masks for the context's objects, or (no context) queue the tasks' images. `stages`
-        collects the seconds of each stage of a click (see `serving.stages`)."""
+        collects the seconds of each stage of a click (see `serving.stages`); `request_id` (a load balancer's
+        `X-Request-ID`, the same on a retry) keys the sidecar rows so that a retried click is kept once."""
         tasks = body.get("tasks")
         if not isinstance(tasks, list) or not all(isinstance(t, Mapping) for t in tasks):
             raise RequestError(f"tasks: expected a list of task objects, got {type(tasks).__name__}")
@@ -112,11 +124,13 @@ class SamBackend:
             return {"results": [], "model_version": self.model_version}
         project = str(body.get("project") or "").split(".")[0] or None
         stages = stages if stages is not None else StageTimes()
-        results = [self._predict_task(task, config, context, project, stages) for task in tasks]
+        results = [self._predict_task(task, config, context, project, stages,
+                                      None if request_id is None else f"{request_id}:{i}")
+                   for i, task in enumerate(tasks)]
         return {"results": results, "model_version": self.model_version}
 
     def _predict_task(self, task: Mapping[str, Any], config: LabelConfig, context: Mapping[str, Any],
-                      project: str | None, stages: StageTimes) -> dict[str, Any]:
+                      project: str | None, stages: StageTimes, request_key: str | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         engine = self.engine.get()
         results = context.get("result") if isinstance(context, Mapping) else None
@@ -143,7 +157,8 @@ class SamBackend:
                 self.recorder(Interaction(
                     image_id=image_id, prompt=prompt.to_json(), mask=mask, project=project, task_id=task.get("id"),
                     image_url=safe_url(url), engine=embedding.engine_id, model_version=self.model_version,
-                    label=label, score=score, latency_ms=(time.perf_counter() - t0) * 1000.0, cache_hit=hit))
+                    label=label, score=score, latency_ms=(time.perf_counter() - t0) * 1000.0, cache_hit=hit,
+                    request_key=None if request_key is None else f"{request_key}:{len(out) - 1}"))
         if empty and not out:
             raise EmptyAnswer("the model found no object at this prompt (its mask is empty): click inside the "
                               "object, add a positive click, or draw a box around it")
@@ -176,12 +191,23 @@ class SamBackend:
         waits at most `SAM_CLICK_DEADLINE_S` for an encode, then gets `StillEncoding` (503) while it goes on."""
         t0 = time.monotonic()
         known = self.memory.images.digest(engine.engine_id, url)
+        if known is None and self.store is not None:  # another worker may have seen this URL
+            shared = self.store.get(url_key(engine.engine_id, url))
+            if shared is not None and len(shared) == 64:
+                known = shared.decode("ascii", "replace")
+                self.memory.images.remember(engine.engine_id, url, known)
         if known is not None:
             cached = self.cache.get((engine.engine_id, known))
             if cached is not None:
                 return known, cached, True
+            stored = self._from_store(engine, known)
+            if stored is not None:
+                self.cache.put((engine.engine_id, known), stored)
+                return known, stored, True
         loaded = self.fetcher.load(url)
         self.memory.images.remember(engine.engine_id, url, loaded.sha256)
+        if self.store is not None:
+            self.store.put(url_key(engine.engine_id, url), loaded.sha256.encode())
         key = (engine.engine_id, loaded.sha256)
         if priority == CLICK:
             self.encoder.gate.promote(key)
@@ -201,7 +227,56 @@ class SamBackend:
         self.metrics.click_wait.observe(time.monotonic() - t0)
         return loaded.sha256, embedding, hit
 
+    def _from_store(self, engine: Engine, image_id: str) -> Embedding | None:
+        """The embedding of `image_id` from the shared store, or None (no store, not there, or refused: a torn or
+        foreign value is dropped so that it is encoded again)."""
+        if self.store is None:
+            return None
+        key = embedding_key(engine.engine_id, image_id)
+        data = self.store.get(key)
+        if data is None:
+            return None
+        try:
+            embedding = engine.load(data)
+        except (EmbeddingFormatError, EngineError) as exc:
+            log.warning("refused the stored embedding %s (%s); encoding it again", key, exc)
+            self.metrics.store.labels("refused").inc()
+            self.store.delete(key)
+            return None
+        self.metrics.store.labels("hit").inc()
+        return embedding
+
     def _encode(self, engine: Engine, loaded: LoadedImage, key: tuple[str, str], priority: int) -> Embedding:
+        """Encode once across every worker that shares the store: the value if another has stored it, else the
+        lock and an encode here (then stored), else wait for the worker that holds the lock."""
+        if self.store is None:
+            return self._encode_here(engine, loaded, key, priority)
+        shared_key = embedding_key(*key)
+        deadline = time.monotonic() + LOCK_TTL_S
+        waited = False
+        while True:
+            stored = self._from_store(engine, loaded.sha256)
+            if stored is not None:
+                if waited:
+                    self.metrics.store.labels("waited").inc()
+                return stored
+            if self.store.claim(shared_key) or time.monotonic() > deadline:
+                break
+            waited = True
+            time.sleep(POLL_S)
+        try:
+            stored = self._from_store(engine, loaded.sha256)  # stored between our look and our lock
+            if stored is not None:
+                return stored
+            self.metrics.store.labels("miss").inc()
+            embedding = self._encode_here(engine, loaded, key, priority)
+            self.store.put(shared_key, engine.dump(embedding, compact=True))
+            return embedding
+        finally:
+            self.store.release(shared_key)
+
+    def _encode_here(self, engine: Engine, loaded: LoadedImage, key: tuple[str, str], priority: int
+                     ) -> Embedding:
         t0 = time.perf_counter()
         embedding = self.encoder.encode(engine, loaded.pixels, key, priority)
         log.info("encoded %s (%dx%d) in %.2f s", safe_url(loaded.url), *loaded.size, time.perf_counter() - t0)

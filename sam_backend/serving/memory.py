@@ -16,16 +16,26 @@ box's refining clicks arrive without it):
 - a remembered box older than the time limit is forgotten; `SAM_OBJECT_MEMORY=false` turns it off.
 
 Keys carry the engine id and the image digest, so another model or image never reads them.
+
+With a shared store (`SAM_EMBEDDING_STORE`), objects' logits and boxes are also written there (logits as
+raw float32 with their shape, boxes with the time they were set, both expiring), so the next click on the
+same object finds them whichever worker or replica it lands on.
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sam_backend.segment.prompts import ObjectPrompt
 from sam_backend.serving.cache import CacheStats, EmbeddingCache
+
+if TYPE_CHECKING:
+    from sam_backend.serving.stores import SharedStore
 
 LOGITS_BYTES = 64 * 1024 * 1024  # ≈ 256 objects of 256 × 256 float32
 URL_ENTRIES = 4096
@@ -57,40 +67,80 @@ class ImageMemory:
 class ObjectMemory:
     """An object's prompt → the low-res logits of its last answer, bounded in bytes."""
 
-    def __init__(self, max_bytes: int = LOGITS_BYTES, box_ttl_s: float = 600.0, boxes: int = 4096) -> None:
+    def __init__(self, max_bytes: int = LOGITS_BYTES, box_ttl_s: float = 600.0, boxes: int = 4096,
+                 shared: SharedStore | None = None, logits_ttl_s: float = 3600.0) -> None:
         self._logits: EmbeddingCache[np.ndarray] = EmbeddingCache(max_bytes)
         self._boxes: EmbeddingCache[tuple[np.ndarray, float]] = EmbeddingCache(boxes, size_of=lambda v: 1)
         self.box_ttl_s = box_ttl_s
+        self.shared = shared
+        self.logits_ttl_s = logits_ttl_s
+
+    @staticmethod
+    def _shared_key(kind: str, key: tuple) -> str:
+        return f"{kind}:{hashlib.sha256(repr(key).encode()).hexdigest()}"
+
+    def _shared_box(self, key: tuple) -> tuple[np.ndarray, float] | None:
+        """A box another worker remembered: `(box, age in seconds)` turned into this process's clock."""
+        if self.shared is None:
+            return None
+        data = self.shared.get(self._shared_key("box", key))
+        if data is None or len(data) != 24:
+            return None
+        *box, at = struct.unpack("<4fd", data)
+        return np.array(box, np.float32), time.monotonic() - max(0.0, time.time() - at)
+
+    def _share_box(self, key: tuple, box: np.ndarray) -> None:
+        if self.shared is not None:
+            self.shared.put(self._shared_key("box", key), struct.pack("<4fd", *map(float, box), time.time()),
+                            ttl_s=self.box_ttl_s)
 
     def box_containing(self, key: tuple, point: tuple[float, float]) -> np.ndarray | None:
         """The current object's box `(4,) XYXY` pixels under `key` (engine, image, task, label) if `point`
         lies inside it and it has not expired; else None, and the box is forgotten (a new object starts)."""
-        entry = self._boxes.get(key)
+        entry = self._boxes.get(key) or self._shared_box(key)
         if entry is None:
             return None
         box, at = entry
         x, y = point
         if time.monotonic() - at < self.box_ttl_s and box[0] <= x <= box[2] and box[1] <= y <= box[3]:
             self._boxes.put(key, (box, time.monotonic()))  # in use: its time limit starts again
+            self._share_box(key, box)
             return box
         self.forget_box(key)
         return None
 
     def remember_box(self, key: tuple, box: np.ndarray) -> None:
         self._boxes.put(key, (np.asarray(box, np.float32).copy(), time.monotonic()))
+        self._share_box(key, box)
 
     def forget_box(self, key: tuple) -> None:
         self._boxes.discard(key)
+        if self.shared is not None:
+            self.shared.delete(self._shared_key("box", key))
 
     def previous(self, engine_id: str, image_id: str, prompt: ObjectPrompt) -> np.ndarray | None:
         """Logits of the answer to this object before its newest point, or None."""
         before = prompt.without_last_point()
         if before is None:
             return None
-        return self._logits.get((engine_id, image_id, before.key()))
+        key = (engine_id, image_id, before.key())
+        found = self._logits.get(key)
+        if found is None and self.shared is not None:
+            data = self.shared.get(self._shared_key("logits", key))
+            if data is not None and len(data) >= 8:
+                h, w = struct.unpack("<II", data[:8])
+                if len(data) == 8 + 4 * h * w:
+                    found = np.frombuffer(data, "<f4", offset=8).reshape(h, w).copy()
+                    self._logits.put(key, found)
+        return found
 
     def remember(self, engine_id: str, image_id: str, prompt: ObjectPrompt, logits: np.ndarray) -> None:
-        self._logits.put((engine_id, image_id, prompt.key()), logits)
+        key = (engine_id, image_id, prompt.key())
+        self._logits.put(key, logits)
+        if self.shared is not None:
+            raw = np.ascontiguousarray(logits, "<f4")
+            self.shared.put(self._shared_key("logits", key), struct.pack("<II", *raw.shape) + raw.tobytes(),
+                            ttl_s=self.logits_ttl_s)
 
     def stats(self) -> CacheStats:
         return self._logits.stats()

@@ -47,6 +47,14 @@ class Metrics:
                                     ["reason"], registry=self.registry)
         self.precompute_dropped = Counter("sam_precompute_dropped", "Precompute jobs dropped (queue full)",
                                           registry=self.registry)
+        self.store = Counter("sam_store", "Shared embedding store lookups after a local miss, by result (hit: "
+                             "loaded from the store; miss: encoded here; waited: another worker's encode was "
+                             "awaited; refused: a torn or foreign value was replaced)", ["result"],
+                             registry=self.registry)
+        self.store_errors = Gauge("sam_store_errors", "Shared store operations that failed (store unreachable)",
+                                  registry=self.registry)
+        self.store_up = Gauge("sam_store_up", "1 while the shared embedding store answers, 0 in an outage",
+                              registry=self.registry)
         self.registry.register(_CacheCollector(cache_stats))
 
     def observe_stages(self, seconds: dict[str, float]) -> None:

@@ -29,3 +29,6 @@ class Interaction:
     latency_ms: float | None = None
     cache_hit: bool | None = None
     created_at: str | None = None
+    # The request's `X-Request-ID` (nginx sends the same one on every try) with the task and object index:
+    # a click retried on another replica is kept once. None where no id came with the request.
+    request_key: str | None = None

@@ -12,6 +12,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -52,11 +53,16 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX ix_interactions_project ON interactions (project, created_at);
     CREATE INDEX ix_interactions_created ON interactions (created_at);
     """,
+    # 2: one row per request id (a click retried on another replica is kept once)
+    """
+    ALTER TABLE interactions ADD COLUMN request_key TEXT;
+    CREATE UNIQUE INDEX ux_interactions_request ON interactions (request_key);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 COLUMNS = ("id", "created_at", "project", "task_id", "image_id", "image_url", "prompt", "click_x", "click_y", "bbox",
            "engine", "model_version", "label", "score", "mask_bbox", "mask_area", "latency_ms", "cache_hit",
-           "coco_annotation")
+           "coco_annotation", "request_key")
 _JSON_COLUMNS = ("prompt", "bbox", "mask_bbox", "coco_annotation")
 
 
@@ -66,6 +72,73 @@ class StoreError(RuntimeError):
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def row_of(item: Interaction) -> dict[str, Any]:
+    """The column values of one interaction (JSON columns as text), for any of the stores."""
+    points = item.prompt.get("points") or []
+    coco = mask_to_coco(item.mask, item.label) if item.mask is not None else None
+    return {
+        "created_at": item.created_at or utc_now(),
+        "project": None if item.project is None else str(item.project),
+        "task_id": item.task_id,
+        "image_id": item.image_id,
+        "image_url": item.image_url,
+        "prompt": json.dumps(item.prompt),
+        "click_x": points[0][0] if points else None,
+        "click_y": points[0][1] if points else None,
+        "bbox": json.dumps(item.prompt.get("box")),
+        "engine": item.engine,
+        "model_version": item.model_version,
+        "label": item.label,
+        "score": item.score,
+        "mask_bbox": json.dumps(coco["bbox"]) if coco else None,
+        "mask_area": coco["area"] if coco else None,
+        "latency_ms": item.latency_ms,
+        "cache_hit": None if item.cache_hit is None else int(bool(item.cache_hit)),
+        "coco_annotation": json.dumps(coco) if coco else None,
+        "request_key": item.request_key,
+    }
+
+
+def decode_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A stored row as `history` gives it: JSON columns parsed, `cache_hit` a bool."""
+    for key in _JSON_COLUMNS:
+        if row[key] is not None:
+            row[key] = json.loads(row[key])
+    row["cache_hit"] = None if row["cache_hit"] is None else bool(row["cache_hit"])
+    return row
+
+
+def open_sidecar(target: Path | str) -> Any:
+    """The interaction store `SAM_METADATA_DB` names: `postgresql://…` (PostgreSQL) or a SQLite file path."""
+    if str(target).startswith(("postgresql://", "postgres://")):
+        from sam_backend.sidecar.postgres import PostgresStore
+
+        return PostgresStore(str(target))
+    return Store(target)
+
+
+def history_query(task: int | None, project: str | None, since: str | None, limit: int | None,
+                  mark: str) -> tuple[str, list[Any]]:
+    """The `history` SELECT (oldest first) with `mark` as the parameter placeholder, and its arguments."""
+    where, args = [], []
+    if task is not None:
+        where.append(f"task_id = {mark}")
+        args.append(task)
+    if project is not None:
+        where.append(f"project = {mark}")
+        args.append(str(project))
+    if since is not None:
+        where.append(f"created_at >= {mark}")
+        args.append(since)
+    sql = f"SELECT {', '.join(COLUMNS)} FROM interactions"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY created_at, id"
+    if limit is not None:
+        sql += f" LIMIT {int(limit)}"
+    return sql, args
 
 
 class Store:
@@ -118,105 +191,115 @@ class Store:
                 conn.execute(f"PRAGMA user_version = {number + 1}")
         return SCHEMA_VERSION
 
-    def record(self, item: Interaction) -> int:
-        """Insert one interaction; returns its row id."""
-        points = item.prompt.get("points") or []
-        coco = mask_to_coco(item.mask, item.label) if item.mask is not None else None
-        row = {
-            "created_at": item.created_at or utc_now(),
-            "project": None if item.project is None else str(item.project),
-            "task_id": item.task_id,
-            "image_id": item.image_id,
-            "image_url": item.image_url,
-            "prompt": json.dumps(item.prompt),
-            "click_x": points[0][0] if points else None,
-            "click_y": points[0][1] if points else None,
-            "bbox": json.dumps(item.prompt.get("box")),
-            "engine": item.engine,
-            "model_version": item.model_version,
-            "label": item.label,
-            "score": item.score,
-            "mask_bbox": json.dumps(coco["bbox"]) if coco else None,
-            "mask_area": coco["area"] if coco else None,
-            "latency_ms": item.latency_ms,
-            "cache_hit": None if item.cache_hit is None else int(bool(item.cache_hit)),
-            "coco_annotation": json.dumps(coco) if coco else None,
-        }
+    def record(self, item: Interaction) -> int | None:
+        """Insert one interaction; returns its row id, or None where its request key is already kept."""
+        row = row_of(item)
         names = ", ".join(row)
         marks = ", ".join(f":{k}" for k in row)
         with self._write() as conn:
-            return int(conn.execute(f"INSERT INTO interactions ({names}) VALUES ({marks})", row).lastrowid)
+            cur = conn.execute(f"INSERT INTO interactions ({names}) VALUES ({marks}) "
+                               "ON CONFLICT (request_key) DO NOTHING", row)
+            return int(cur.lastrowid) if cur.rowcount else None
 
     def history(self, task: int | None = None, project: str | None = None, since: str | None = None,
                 limit: int | None = None) -> list[dict[str, Any]]:
         """Interactions, oldest first, filtered by task id, project and `created_at >= since` (ISO 8601)."""
-        where, args = [], []
-        if task is not None:
-            where.append("task_id = ?")
-            args.append(task)
-        if project is not None:
-            where.append("project = ?")
-            args.append(str(project))
-        if since is not None:
-            where.append("created_at >= ?")
-            args.append(since)
-        sql = f"SELECT {', '.join(COLUMNS)} FROM interactions"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at, id"
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
-        rows = []
-        for r in self._conn().execute(sql, args):
-            row = dict(r)
-            for key in _JSON_COLUMNS:
-                if row[key] is not None:
-                    row[key] = json.loads(row[key])
-            row["cache_hit"] = None if row["cache_hit"] is None else bool(row["cache_hit"])
-            rows.append(row)
-        return rows
+        sql, args = history_query(task, project, since, limit, "?")
+        return [decode_row(dict(r)) for r in self._conn().execute(sql, args)]
 
     def count(self) -> int:
         return int(self._conn().execute("SELECT COUNT(*) FROM interactions").fetchone()[0])
 
 
-class AsyncRecorder:
-    """Writes interactions on a background thread so a click never waits for SQLite or RLE encoding.
+def _transient(exc: BaseException) -> bool:
+    """True for a database that is down or busy (the row waits and is written later), False for a row that
+    cannot be written at all."""
+    if isinstance(exc, (sqlite3.OperationalError, OSError, ConnectionError)):
+        return True
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
 
-    A row that cannot be kept (the queue is full, or the write fails) is logged and handed to
-    `on_lost(reason)` (`queue_full` or `write_failed`), which the backend counts in `/metrics`.
+
+class AsyncRecorder:
+    """Writes interactions on a background thread so a click never waits for the database or RLE encoding.
+
+    While the database is down or busy, rows wait in a bounded buffer (`max_pending`) and are written, in
+    order, when it answers again (retried with a growing pause, up to `retry_max_s`). A row that cannot be
+    kept (the buffer is full, or the row itself is refused) is logged and handed to `on_lost(reason)`
+    (`queue_full` or `write_failed`), which the backend counts in `/metrics`; none is dropped silently.
+
+    `confirm_s`: a caller waits up to this long for its row to be written (while the database answers), so a
+    process killed right after answering a click has written it; 0 never waits.
     """
 
-    def __init__(self, store: Store, max_pending: int = 1000) -> None:
+    def __init__(self, store: Any, max_pending: int = 10_000, confirm_s: float = 0.0,
+                 retry_max_s: float = 5.0) -> None:
         self.store = store
+        self.confirm_s = confirm_s
+        self.retry_max_s = retry_max_s
         self.on_lost: Callable[[str], None] = lambda reason: None
-        self._queue: queue.Queue[Interaction | None] = queue.Queue(maxsize=max_pending)
+        self.down = False
+        self._queue: queue.Queue[tuple[Interaction, threading.Event] | None] = queue.Queue(maxsize=max_pending)
         self._thread = threading.Thread(target=self._run, name="sidecar-writer", daemon=True)
         self._thread.start()
 
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
     def __call__(self, item: Interaction) -> None:
         item = replace(item, created_at=item.created_at or utc_now())
+        written = threading.Event()
         try:
-            self._queue.put_nowait(item)
+            self._queue.put_nowait((item, written))
         except queue.Full:
-            log.warning("sidecar writer is behind: interaction on task %s not recorded", item.task_id)
+            log.warning("sidecar buffer full (%d rows waiting): interaction on task %s not recorded",
+                        self._queue.maxsize, item.task_id)
             self.on_lost("queue_full")
+            return
+        if self.confirm_s > 0 and not self.down:
+            written.wait(self.confirm_s)
 
-    def flush(self, timeout_s: float = 10.0) -> None:
-        """Wait until every queued interaction is written (or has failed)."""
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until every queued interaction is written (or has failed); False on timeout."""
         done = threading.Event()
         threading.Thread(target=lambda: (self._queue.join(), done.set()), daemon=True).start()
-        done.wait(timeout_s)
+        return done.wait(timeout_s)
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
+            entry = self._queue.get()
             try:
-                if item is not None:
-                    self.store.record(item)
-            except Exception as exc:
-                log.error("sidecar write failed for task %s, interaction not recorded: %s",
-                          item.task_id if item else None, exc)
-                self.on_lost("write_failed")
+                if entry is not None:
+                    self._write(*entry)
             finally:
                 self._queue.task_done()
+
+    def _write(self, item: Interaction, written: threading.Event) -> None:
+        pause = 0.2
+        while True:
+            try:
+                self.store.record(item)
+            except Exception as exc:
+                if _transient(exc):
+                    if not self.down:
+                        log.warning("sidecar database unavailable (%s); rows wait in memory (%d now) and are "
+                                    "written when it is back", str(exc).strip().splitlines()[0][:200] if str(exc)
+                                    else type(exc).__name__, self._queue.qsize() + 1)
+                    self.down = True
+                    written.set()  # nobody waits for a database that is down
+                    time.sleep(pause)
+                    pause = min(self.retry_max_s, pause * 2)
+                    continue
+                log.error("sidecar write failed for task %s, interaction not recorded: %s", item.task_id, exc)
+                self.on_lost("write_failed")
+                written.set()
+                return
+            if self.down:
+                log.warning("sidecar database is back: writing the rows that waited")
+                self.down = False
+            written.set()
+            return

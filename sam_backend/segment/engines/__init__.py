@@ -111,8 +111,9 @@ class Engine(Protocol):
         """Masks for one object; `prev_logits` `(256, 256) float32` refines an earlier answer."""
         ...
 
-    def dump(self, embedding: Embedding) -> bytes:
-        """The embedding as bytes (see `sam_backend.segment.embedding`)."""
+    def dump(self, embedding: Embedding, compact: bool = False) -> bytes:
+        """The embedding as bytes (see `sam_backend.segment.embedding`); `compact` may store features in less
+        precision (float16) for a shared store."""
         ...
 
     def load(self, data: bytes) -> Embedding:

@@ -95,8 +95,8 @@ class GrabCutEngine:
             mask = cv2.resize(small_mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_LINEAR) > 0
         return MaskPrediction(mask[None], np.array([1.0 if mask.any() else 0.0], dtype=np.float32), None)
 
-    def dump(self, embedding: Embedding) -> bytes:
-        """The downscaled image as bytes (see `sam_backend.segment.embedding`)."""
+    def dump(self, embedding: Embedding, compact: bool = False) -> bytes:
+        """The downscaled image as bytes (already compact: `uint8`) (see `sam_backend.segment.embedding`)."""
         return pack(embedding, dict(embedding.features))
 
     def load(self, data: bytes) -> Embedding:

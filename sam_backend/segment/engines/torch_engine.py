@@ -203,16 +203,20 @@ class TorchEngine:
         """Masks for one object with `decoder` (None: eager)."""
         raise NotImplementedError
 
-    def dump(self, embedding: Embedding) -> bytes:
-        """The feature tensors as float32 bytes on the CPU (see `sam_backend.segment.embedding`)."""
-        return pack(embedding, {k: v.detach().float().cpu().numpy() for k, v in embedding.features.items()})
+    def dump(self, embedding: Embedding, compact: bool = False) -> bytes:
+        """The feature tensors as bytes (see `sam_backend.segment.embedding`): float32, or float16 where `compact`
+        (half the bytes, for a shared store; masks from them agree with fresh ones, see the tests)."""
+        dtype = torch.float16 if compact else torch.float32
+        return pack(embedding, {k: v.detach().to(dtype).cpu().contiguous().numpy()
+                                for k, v in embedding.features.items()})
 
     def load(self, data: bytes) -> Embedding:
         """An embedding from `dump`, its features moved to this engine's device."""
         stored, arrays = unpack(data)
         if stored.engine_id != self.engine_id:
             raise EngineError(f"embedding from {stored.engine_id} given to {self.engine_id}")
-        features: dict[str, Any] = {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
+        features: dict[str, Any] = {k: torch.from_numpy(v).to(self.device, torch.float32)
+                                    for k, v in arrays.items()}
         return Embedding(stored.engine_id, stored.image_size, features, stored.meta)
 
 

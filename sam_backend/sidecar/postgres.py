@@ -1,0 +1,127 @@
+"""Sidecar in PostgreSQL (`SAM_METADATA_DB=postgresql://…`, psycopg 3): the SQLite store's schema and behaviour.
+
+Same table, columns, indexes and migrations (numbered alike, recorded in `sam_schema_version`), the same
+`record` / `history` / `count`; JSON columns are text as in SQLite, so `history` and the exporter read
+identical rows. Replicas that start together migrate one at a time (a transaction-level advisory lock).
+One connection per thread, autocommit; a connection that broke is replaced on the next call.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from sam_backend.sidecar.records import Interaction
+from sam_backend.sidecar.store import COLUMNS, StoreError, decode_row, history_query, row_of
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the interaction log (sidecar/store.py's migration 1, PostgreSQL types)
+    """
+    CREATE TABLE interactions (
+        id BIGSERIAL PRIMARY KEY,
+        created_at TEXT NOT NULL,
+        project TEXT,
+        task_id BIGINT,
+        image_id TEXT NOT NULL,
+        image_url TEXT,
+        prompt TEXT NOT NULL,
+        click_x DOUBLE PRECISION,
+        click_y DOUBLE PRECISION,
+        bbox TEXT,
+        engine TEXT,
+        model_version TEXT,
+        label TEXT,
+        score DOUBLE PRECISION,
+        mask_bbox TEXT,
+        mask_area BIGINT,
+        latency_ms DOUBLE PRECISION,
+        cache_hit INTEGER,
+        coco_annotation TEXT
+    );
+    CREATE INDEX ix_interactions_task ON interactions (task_id, created_at);
+    CREATE INDEX ix_interactions_project ON interactions (project, created_at);
+    CREATE INDEX ix_interactions_created ON interactions (created_at);
+    """,
+    # 2: one row per request id
+    """
+    ALTER TABLE interactions ADD COLUMN request_key TEXT;
+    CREATE UNIQUE INDEX ux_interactions_request ON interactions (request_key);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+_LOCK_ID = 0x53414D  # "SAM": the advisory lock replicas take to migrate one at a time
+
+
+class PostgresStore:
+    """Thread-safe handle on one PostgreSQL database."""
+
+    def __init__(self, url: str, connect_timeout_s: int = 3) -> None:
+        self.url = url
+        self.connect_timeout_s = connect_timeout_s
+        self._local = threading.local()
+        self.migrate()
+
+    def __repr__(self) -> str:  # never the password
+        return "PostgresStore(<url>)"
+
+    def _conn(self) -> Any:
+        import psycopg
+
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.broken:
+            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=self.connect_timeout_s)
+            self._local.conn = conn
+        return conn
+
+    def migrate(self) -> int:
+        """Apply the migrations this database lacks; return the schema version."""
+        import psycopg
+
+        try:
+            conn = self._conn()
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
+                cur.execute("CREATE TABLE IF NOT EXISTS sam_schema_version (version INTEGER NOT NULL)")
+                cur.execute("SELECT version FROM sam_schema_version")
+                found = cur.fetchone()
+                version = found[0] if found else 0
+                if found is None:
+                    cur.execute("INSERT INTO sam_schema_version VALUES (0)")
+                if version > SCHEMA_VERSION:
+                    raise StoreError(f"the sidecar database has schema version {version}, newer than this "
+                                     f"program's {SCHEMA_VERSION}; upgrade sam-backend")
+                for number in range(version, SCHEMA_VERSION):
+                    for statement in MIGRATIONS[number].split(";"):
+                        if statement.strip():
+                            cur.execute(statement)
+                    cur.execute("UPDATE sam_schema_version SET version = %s", (number + 1,))
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot open the sidecar database (PostgreSQL): {str(exc).strip()[:300]}") from None
+        return SCHEMA_VERSION
+
+    def record(self, item: Interaction) -> int | None:
+        """Insert one interaction; returns its row id, or None where its request key is already kept."""
+        row = row_of(item)
+        names = ", ".join(row)
+        marks = ", ".join(f"%({k})s" for k in row)
+        with self._conn().cursor() as cur:
+            cur.execute(f"INSERT INTO interactions ({names}) VALUES ({marks}) "
+                        "ON CONFLICT (request_key) DO NOTHING RETURNING id", row)
+            found = cur.fetchone()
+        return None if found is None else int(found[0])
+
+    def history(self, task: int | None = None, project: str | None = None, since: str | None = None,
+                limit: int | None = None) -> list[dict[str, Any]]:
+        """Interactions, oldest first, filtered by task id, project and `created_at >= since` (ISO 8601)."""
+        sql, args = history_query(task, project, since, limit, "%s")
+        with self._conn().cursor() as cur:
+            cur.execute(sql, args)
+            return [decode_row(dict(zip(COLUMNS, r, strict=True))) for r in cur.fetchall()]
+
+    def count(self) -> int:
+        with self._conn().cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM interactions")
+            return int(cur.fetchone()[0])
