@@ -78,6 +78,7 @@ class Settings:
     max_image_pixels: int = 50_000_000
     fetch_timeout_s: float = 20.0
     precompute_queue: int = 16
+    prefetch_next: int = 0  # SAM_PREFETCH_NEXT: on a task opened, also queue the next K unlabeled tasks' images
     object_memory: bool = True  # join a box's refining clicks to it (see sam_backend.serving.memory)
     object_memory_ttl_s: float = 600.0
     click_deadline_s: float = 80.0  # answer a click still waiting for its encode before Label Studio's 100 s
@@ -148,6 +149,7 @@ class Settings:
             max_image_pixels=r.integer("SAM_MAX_IMAGE_PIXELS", 50_000_000, minimum=1),
             fetch_timeout_s=r.number("SAM_FETCH_TIMEOUT_S", 20.0, minimum=0.1),
             precompute_queue=r.integer("SAM_PRECOMPUTE_QUEUE", 16, minimum=0),
+            prefetch_next=r.integer("SAM_PREFETCH_NEXT", 0, minimum=0),
             click_deadline_s=r.number("SAM_CLICK_DEADLINE_S", 80.0, minimum=0.1),
             object_memory=r.boolean("SAM_OBJECT_MEMORY", True),
             object_memory_ttl_s=r.number("SAM_OBJECT_MEMORY_TTL_S", 600.0, minimum=1.0),

@@ -21,12 +21,13 @@ import numpy as np
 from sam_backend import __version__
 from sam_backend.config import Settings
 from sam_backend.errors import ClientError
+from sam_backend.labelstudio.client import LabelStudioClient
 from sam_backend.labelstudio.context import parse_context
 from sam_backend.labelstudio.images import ImageFetcher, LoadedImage, safe_url
-from sam_backend.labelstudio.labelconfig import LabelConfig, parse_label_config, required_image_url
+from sam_backend.labelstudio.labelconfig import LabelConfig, parse_label_config, required_image_url, task_image_url
 from sam_backend.labelstudio.results import mask_result
-from sam_backend.segment.embedding import Embedding, EmbeddingFormatError
-from sam_backend.segment.engines import Engine, EngineError, make_engine
+from sam_backend.segment.embedding import Embedding
+from sam_backend.segment.engines import Engine, make_engine
 from sam_backend.segment.prompts import ObjectPrompt
 from sam_backend.segment.refine import clamp_to_box, refine
 from sam_backend.serving.cache import EmbeddingCache
@@ -34,9 +35,11 @@ from sam_backend.serving.encoder import BACKGROUND, CLICK, Encoder, StillEncodin
 from sam_backend.serving.loader import EngineHolder
 from sam_backend.serving.memory import Memory, ObjectMemory, ObjectRule
 from sam_backend.serving.metrics import Metrics
+from sam_backend.serving.prefetch import Prefetcher
 from sam_backend.serving.prewarm import Prewarmer
 from sam_backend.serving.stages import StageTimes
-from sam_backend.serving.stores import LOCK_TTL_S, POLL_S, SharedStore, embedding_key, open_store, url_key
+from sam_backend.serving.stores import SharedStore, open_store
+from sam_backend.serving.tiers import SharedTier
 from sam_backend.sidecar.records import Interaction
 
 log = logging.getLogger(__name__)
@@ -64,14 +67,24 @@ class SamBackend:
                                                             shared=self.store))
         self.fetcher = fetcher or ImageFetcher(settings)
         self.metrics = Metrics(self.cache.stats)
+        self.tier = None
         if self.store is not None:
             outage = self.store.outage
             self.metrics.store_errors.set_function(lambda: outage.errors)
             self.metrics.store_up.set_function(lambda: 0 if outage.down else 1)
+            self.tier = SharedTier(self.store, count=lambda result: self.metrics.store.labels(result).inc())
         self.encoder = Encoder(on_encoded=self.metrics.encoder.observe, on_yielded=self.metrics.background_yielded.inc,
                                background_queued=lambda: self.prewarm.pending)
         self.prewarm = Prewarmer(lambda url: self.embedding(url, self.engine.get(), priority=BACKGROUND),
                                  settings.precompute_queue, on_drop=self.metrics.precompute_dropped.inc)
+        client = None
+        if settings.prefetch_next and settings.label_studio_url and settings.label_studio_api_key:
+            client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
+        elif settings.prefetch_next:
+            log.warning("SAM_PREFETCH_NEXT=%d needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to read the project's "
+                        "tasks; only opened tasks are precomputed", settings.prefetch_next)
+        self.prefetch = Prefetcher(client, settings.prefetch_next, self.prewarm.schedule,
+                                   count=lambda result: self.metrics.prefetch.labels(result).inc())
         self.recorder = recorder
         if recorder is not None and hasattr(recorder, "on_lost"):
             recorder.on_lost = lambda reason: self.metrics.sidecar_lost.labels(reason).inc()
@@ -119,8 +132,11 @@ class SamBackend:
         config = parse_label_config(body.get("label_config") or self.setup_config or "")
         context = params.get("context")
         if not context or not (isinstance(context, Mapping) and context.get("result")):
+            target = config.targets[0]
             for task in tasks:
-                self.prewarm.schedule(required_image_url(task, config.targets[0]))
+                self.prewarm.schedule(required_image_url(task, target))
+                self.prefetch.opened(str(body.get("project") or "").split(".")[0] or None, task.get("id"),
+                                     lambda t: task_image_url(t, target.value_key))
             return {"results": [], "model_version": self.model_version}
         project = str(body.get("project") or "").split(".")[0] or None
         stages = stages if stages is not None else StageTimes()
@@ -191,23 +207,22 @@ class SamBackend:
         waits at most `SAM_CLICK_DEADLINE_S` for an encode, then gets `StillEncoding` (503) while it goes on."""
         t0 = time.monotonic()
         known = self.memory.images.digest(engine.engine_id, url)
-        if known is None and self.store is not None:  # another worker may have seen this URL
-            shared = self.store.get(url_key(engine.engine_id, url))
-            if shared is not None and len(shared) == 64:
-                known = shared.decode("ascii", "replace")
+        if known is None and self.tier is not None:  # another worker may have seen this URL
+            known = self.tier.digest(engine.engine_id, url)
+            if known is not None:
                 self.memory.images.remember(engine.engine_id, url, known)
         if known is not None:
             cached = self.cache.get((engine.engine_id, known))
             if cached is not None:
                 return known, cached, True
-            stored = self._from_store(engine, known)
+            stored = self.tier.load(engine, known) if self.tier is not None else None
             if stored is not None:
                 self.cache.put((engine.engine_id, known), stored)
                 return known, stored, True
         loaded = self.fetcher.load(url)
         self.memory.images.remember(engine.engine_id, url, loaded.sha256)
-        if self.store is not None:
-            self.store.put(url_key(engine.engine_id, url), loaded.sha256.encode())
+        if self.tier is not None:
+            self.tier.remember_digest(engine.engine_id, url, loaded.sha256)
         key = (engine.engine_id, loaded.sha256)
         if priority == CLICK:
             self.encoder.gate.promote(key)
@@ -227,53 +242,11 @@ class SamBackend:
         self.metrics.click_wait.observe(time.monotonic() - t0)
         return loaded.sha256, embedding, hit
 
-    def _from_store(self, engine: Engine, image_id: str) -> Embedding | None:
-        """The embedding of `image_id` from the shared store, or None (no store, not there, or refused: a torn or
-        foreign value is dropped so that it is encoded again)."""
-        if self.store is None:
-            return None
-        key = embedding_key(engine.engine_id, image_id)
-        data = self.store.get(key)
-        if data is None:
-            return None
-        try:
-            embedding = engine.load(data)
-        except (EmbeddingFormatError, EngineError) as exc:
-            log.warning("refused the stored embedding %s (%s); encoding it again", key, exc)
-            self.metrics.store.labels("refused").inc()
-            self.store.delete(key)
-            return None
-        self.metrics.store.labels("hit").inc()
-        return embedding
-
     def _encode(self, engine: Engine, loaded: LoadedImage, key: tuple[str, str], priority: int) -> Embedding:
-        """Encode once across every worker that shares the store: the value if another has stored it, else the
-        lock and an encode here (then stored), else wait for the worker that holds the lock."""
-        if self.store is None:
+        """Encode here, or once across the workers that share a store (`serving.tiers`)."""
+        if self.tier is None:
             return self._encode_here(engine, loaded, key, priority)
-        shared_key = embedding_key(*key)
-        deadline = time.monotonic() + LOCK_TTL_S
-        waited = False
-        while True:
-            stored = self._from_store(engine, loaded.sha256)
-            if stored is not None:
-                if waited:
-                    self.metrics.store.labels("waited").inc()
-                return stored
-            if self.store.claim(shared_key) or time.monotonic() > deadline:
-                break
-            waited = True
-            time.sleep(POLL_S)
-        try:
-            stored = self._from_store(engine, loaded.sha256)  # stored between our look and our lock
-            if stored is not None:
-                return stored
-            self.metrics.store.labels("miss").inc()
-            embedding = self._encode_here(engine, loaded, key, priority)
-            self.store.put(shared_key, engine.dump(embedding, compact=True))
-            return embedding
-        finally:
-            self.store.release(shared_key)
+        return self.tier.encode_once(engine, loaded.sha256, lambda: self._encode_here(engine, loaded, key, priority))
 
     def _encode_here(self, engine: Engine, loaded: LoadedImage, key: tuple[str, str], priority: int
                      ) -> Embedding:

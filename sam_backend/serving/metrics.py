@@ -47,6 +47,8 @@ class Metrics:
                                     ["reason"], registry=self.registry)
         self.precompute_dropped = Counter("sam_precompute_dropped", "Precompute jobs dropped (queue full)",
                                           registry=self.registry)
+        self.prefetch = Counter("sam_prefetch", "Prefetch of the next tasks (SAM_PREFETCH_NEXT): Label Studio "
+                                "lookups, images queued, lookups failed", ["result"], registry=self.registry)
         self.store = Counter("sam_store", "Shared embedding store lookups after a local miss, by result (hit: "
                              "loaded from the store; miss: encoded here; waited: another worker's encode was "
                              "awaited; refused: a torn or foreign value was replaced)", ["result"],
