@@ -74,7 +74,32 @@ def test_dockerfile_serves_on_the_compose_port_and_downloads_into_the_volume():
 def test_docker_compose_validates_the_file():
     if shutil.which("docker-compose") is None:
         require_or_skip("Debian's docker-compose is not installed (make test installs it with apt as root)")
-    for profile in ("cpu", "gpu"):
+    for profile in ("cpu", "gpu", "scale"):
         result = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "--profile", profile,
                                  "config", "-q"], capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
+
+
+def test_scale_profile_puts_replicas_behind_nginx_with_redis_and_postgres():
+    services = COMPOSE["services"]
+    replica = services["sam-backend-replica"]
+    env = replica["environment"]
+    assert set(env) <= settings_variables()
+    assert env["SAM_EMBEDDING_STORE"] == "redis://redis:6379/0"
+    db = env["SAM_METADATA_DB"]
+    assert db.startswith("postgresql://sam:") and db.endswith("@postgres:5432/sam")
+    assert str(replica["deploy"]["replicas"]).startswith("${SAM_REPLICAS")
+    assert "ports" not in replica  # reached through nginx only
+    assert {"redis", "postgres", "sam-download"} <= set(replica["depends_on"])
+    assert replica["depends_on"]["sam-download"]["condition"] == "service_completed_successfully"
+    redis_cmd = services["redis"]["command"]
+    assert "--maxmemory" in redis_cmd and redis_cmd[redis_cmd.index("--maxmemory-policy") + 1] == "allkeys-lru"
+    nginx = services["nginx"]
+    assert nginx["ports"] == ["127.0.0.1:9090:9090"]
+    assert "./deploy/nginx.conf.template:/etc/nginx/templates/nginx.conf.template:ro" in nginx["volumes"]
+    assert "sam-backend-replica:9090" in nginx["environment"]["SAM_UPSTREAMS"]
+    template = (ROOT / "deploy" / "nginx.conf.template").read_text()
+    for variable in ("SAM_UPSTREAMS", "NGINX_LISTEN", "NGINX_PREFIX", "NGINX_USER"):
+        assert "${" + variable + "}" in template and variable in nginx["environment"]
+    assert "proxy_next_upstream error http_502 non_idempotent;" in template
+    assert all(services[name]["profiles"] == ["scale"] for name in ("redis", "postgres", "nginx", "sam-download"))

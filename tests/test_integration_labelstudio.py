@@ -426,3 +426,29 @@ def test_precompute_command_warms_the_running_backend(ls, tmp_path, monkeypatch)
         assert backend.backend.cache.stats().misses == misses  # the click found its embedding ready
     finally:
         backend.stop()
+
+
+def test_opening_a_task_prefetches_the_next_unlabeled_tasks(ls, tmp_path):
+    """SAM_PREFETCH_NEXT=2: opening task 1 of 5 queues its image and those of the next two unlabeled tasks
+    (task 2 is labeled, so tasks 3 and 4), read from the real Label Studio's API; task 5 is not touched."""
+    files = {f"pre{i}.png": png_bytes(textured_background(H, W, seed=20 + i)) for i in range(5)}
+    settings = Settings.from_env({"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.pat, "SAM_ENGINE": "grabcut",
+                                  "SAM_METADATA_DB": str(tmp_path / "sidecar.db"), "SAM_PREFETCH_NEXT": "2"})
+    backend = BackendThread(settings, GrabCutEngine).start()
+    try:
+        project, tasks, _ = setup_project(ls, "points-and-boxes-brush.xml", files, backend)
+        ls.call("POST", f"/api/tasks/{tasks[1]}/annotations/", json={"result": [], "was_cancelled": False})
+        body = {"tasks": [ls.task(tasks[0])], "label_config": (ROOT / "label_config" / "points-and-boxes-brush.xml")
+                .read_text(), "project": f"{project}.0", "params": {"context": None}}
+        assert requests.post(backend.url + "/predict", json=body, timeout=5).json()["results"] == []
+        deadline = time.monotonic() + 60
+        metrics = ""
+        while time.monotonic() < deadline and 'sam_prefetch_total{result="queued"} 2.0' not in metrics:
+            time.sleep(0.2)
+            metrics = requests.get(backend.url + "/metrics", timeout=5).text
+        assert 'sam_prefetch_total{result="queued"} 2.0' in metrics, metrics[-800:]
+        assert backend.backend.prewarm.wait(60)
+        encoded = {url.rsplit("-", 1)[-1] for (_, url) in backend.backend.memory.images._memo._data}
+        assert encoded == {"pre0.png", "pre2.png", "pre3.png"}
+    finally:
+        backend.stop()

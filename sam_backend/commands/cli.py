@@ -12,6 +12,8 @@ import click
 
 from sam_backend.config import DEFAULT_MODEL, ENGINE_MODELS, ENGINES, MODEL_TYPES, ConfigError, Settings
 
+log = logging.getLogger(__name__)
+
 
 def _settings() -> Settings:
     try:
@@ -128,7 +130,8 @@ def _random_engine(engine: str, model_type: str, settings: Settings):  # noqa: A
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 in a container).")
 @click.option("--port", default=9090, show_default=True)
-@click.option("--workers", default=1, show_default=True, help="Processes; each holds its own model and cache.")
+@click.option("--workers", default=1, show_default=True,
+              help="Processes; each holds its own model and cache, and shares embeddings through SAM_EMBEDDING_STORE.")
 @click.option("--threads", default=8, show_default=True, help="Threads per process (health answers while encoding).")
 def serve(host: str, port: int, workers: int, threads: int) -> None:
     """Serve the ML backend with gunicorn (threads)."""
@@ -139,6 +142,9 @@ def serve(host: str, port: int, workers: int, threads: int) -> None:
     settings = _settings()
     logging.getLogger().setLevel(logging.INFO)
     install_redaction(settings)
+    if workers > 1 and settings.embedding_store is None:
+        log.warning("--workers %d without SAM_EMBEDDING_STORE: each worker encodes every image it gets on its own; "
+                    "set SAM_EMBEDDING_STORE=file:///some/dir (one host) or redis://host:6379/0 to share", workers)
 
     class _App(BaseApplication):
         def load_config(self) -> None:
