@@ -362,30 +362,42 @@ def test_negative_only_prompt_over_http_is_a_clear_422(scene):
                                    "a box"]
 
 
-def test_a_failing_sidecar_write_keeps_the_click_and_counts_the_loss(scene, caplog):
+def test_a_locked_sidecar_database_keeps_the_click_and_the_row_waits(scene, caplog):
+    """Another process holds the database: the click is answered, its row waits in the buffer (nothing lost)
+    and is written once the database is free."""
     import sqlite3
 
     tmp_path, _ = scene
     settings = Settings.from_env({"LOCAL_FILES_DOCUMENT_ROOT": str(tmp_path),
                                   "SAM_METADATA_DB": str(tmp_path / "s.db")})
-    recorder = AsyncRecorder(Store(settings.metadata_db, busy_timeout_ms=50))
+    recorder = AsyncRecorder(Store(settings.metadata_db, busy_timeout_ms=50), confirm_s=0.25, retry_max_s=0.2)
     backend = SamBackend(settings, engine_factory=GrabCutEngine, recorder=recorder)
     client = create_app(settings, backend=backend).test_client()
     holder = sqlite3.connect(settings.metadata_db, isolation_level=None)
-    holder.execute("BEGIN EXCLUSIVE")  # another process holds the database: every write times out
+    holder.execute("BEGIN EXCLUSIVE")  # every write times out while this is held
     try:
         resp = client.post("/predict", json=body_for("predict.browser-1-click"))
         assert resp.status_code == 200 and len(resp.json["results"][0]["result"]) == 1
-        recorder.flush()
-        assert metric(backend, "sam_sidecar_lost_total") == 1
-        assert 'reason="write_failed"' in backend.metrics.render().decode()
-        assert any("sidecar write failed" in r.getMessage() for r in caplog.records)
+        assert not recorder.flush(timeout_s=1.0) and recorder.down  # the row is still waiting
+        assert metric(backend, "sam_sidecar_lost_total") == 0
+        assert any("sidecar database unavailable" in r.getMessage() for r in caplog.records)
     finally:
         holder.execute("ROLLBACK")
         holder.close()
     client.post("/predict", json=body_for("predict.browser-1-click"))
-    recorder.flush()
-    assert Store(settings.metadata_db).count() == 1  # writes resume once the database is free
+    assert recorder.flush(timeout_s=30)
+    assert Store(settings.metadata_db).count() == 2 and not recorder.down  # the waiting row, then the new one
+
+
+def test_a_row_that_cannot_be_written_is_counted_and_logged(tmp_path, caplog):
+    from sam_backend.sidecar.records import Interaction
+
+    recorder = AsyncRecorder(Store(tmp_path / "s.db"))
+    lost: list[str] = []
+    recorder.on_lost = lost.append
+    recorder(Interaction(image_id=None, prompt={"points": [[1.0, 2.0]]}))  # NOT NULL image_id: refused for good
+    assert recorder.flush(10)
+    assert lost == ["write_failed"] and any("sidecar write failed" in r.getMessage() for r in caplog.records)
 
 
 def test_a_full_sidecar_queue_keeps_the_clicks_and_counts_the_loss(scene, caplog):
@@ -404,7 +416,7 @@ def test_a_full_sidecar_queue_keeps_the_clicks_and_counts_the_loss(scene, caplog
         assert codes == [200] * 5
         lost = metric(backend, "sam_sidecar_lost_total")  # the writer waits on the lock, the queue (1) is full
         assert lost >= 1 and 'reason="queue_full"' in backend.metrics.render().decode()
-        assert any("sidecar writer is behind" in r.getMessage() for r in caplog.records)
+        assert any("sidecar buffer full" in r.getMessage() for r in caplog.records)
     finally:
         holder.execute("ROLLBACK")
         holder.close()
