@@ -22,12 +22,13 @@ import hashlib
 import logging
 import os
 import secrets
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlparse
+
+from sam_backend.fileio import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -168,16 +169,8 @@ class DirectoryStore:
 
     def put(self, key: str, data: bytes, ttl_s: float | None = None) -> None:
         """Store `data` (`ttl_s` is not kept: readers of short-lived values check their age themselves)."""
-        path = self._path(key)
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=self.root)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_atomic(self._path(key), data)
         except OSError as exc:
             self.outage.failed("write", exc)
             return

@@ -14,43 +14,22 @@ from typing import Any
 
 from sam_backend.sidecar.records import Interaction
 from sam_backend.sidecar.store import COLUMNS, StoreError, decode_row, history_query, row_of
+from sam_backend.sidecar.store import MIGRATIONS as SQLITE_MIGRATIONS
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS: tuple[str, ...] = (
-    # 1: the interaction log (sidecar/store.py's migration 1, PostgreSQL types)
-    """
-    CREATE TABLE interactions (
-        id BIGSERIAL PRIMARY KEY,
-        created_at TEXT NOT NULL,
-        project TEXT,
-        task_id BIGINT,
-        image_id TEXT NOT NULL,
-        image_url TEXT,
-        prompt TEXT NOT NULL,
-        click_x DOUBLE PRECISION,
-        click_y DOUBLE PRECISION,
-        bbox TEXT,
-        engine TEXT,
-        model_version TEXT,
-        label TEXT,
-        score DOUBLE PRECISION,
-        mask_bbox TEXT,
-        mask_area BIGINT,
-        latency_ms DOUBLE PRECISION,
-        cache_hit INTEGER,
-        coco_annotation TEXT
-    );
-    CREATE INDEX ix_interactions_task ON interactions (task_id, created_at);
-    CREATE INDEX ix_interactions_project ON interactions (project, created_at);
-    CREATE INDEX ix_interactions_created ON interactions (created_at);
-    """,
-    # 2: one row per request id
-    """
-    ALTER TABLE interactions ADD COLUMN request_key TEXT;
-    CREATE UNIQUE INDEX ux_interactions_request ON interactions (request_key);
-    """,
-)
+# SQLite's migrations in PostgreSQL's types: one schema, written once (sidecar/store.py).
+_TYPES = (("id INTEGER PRIMARY KEY", "id BIGSERIAL PRIMARY KEY"), ("task_id INTEGER", "task_id BIGINT"),
+          ("mask_area INTEGER", "mask_area BIGINT"), (" REAL", " DOUBLE PRECISION"))
+
+
+def postgres_ddl(sqlite_ddl: str) -> str:
+    for old, new in _TYPES:
+        sqlite_ddl = sqlite_ddl.replace(old, new)
+    return sqlite_ddl
+
+
+MIGRATIONS: tuple[str, ...] = tuple(postgres_ddl(m) for m in SQLITE_MIGRATIONS)
 SCHEMA_VERSION = len(MIGRATIONS)
 _LOCK_ID = 0x53414D  # "SAM": the advisory lock replicas take to migrate one at a time
 

@@ -24,8 +24,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import logging
-import os
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -35,6 +33,7 @@ import numpy as np
 import torch
 
 from sam_backend.config import DECODERS
+from sam_backend.fileio import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -121,17 +120,9 @@ def export_onnx(graph: torch.nn.Module, example: dict[str, torch.Tensor], dynami
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same directory; a read-only place is skipped."""
+    """Write `data` to `path` atomically (`sam_backend.fileio`); a place that cannot be written is skipped."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, data)
         log.info("decoder graph cached at %s (%.1f MB)", path, len(data) / 2**20)
     except OSError as exc:
         log.warning("could not cache the decoder graph at %s (%s); it is exported again at each start", path, exc)
