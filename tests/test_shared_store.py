@@ -216,6 +216,10 @@ def test_clicks_go_on_while_redis_is_down_and_sharing_resumes(tmp_path, tiny_eng
         assert a.predict(click_body(urls[1]))["results"][0]["result"]  # encoded here, not shared
     assert "embedding store (redis) unavailable" in caplog.text
     assert metric(a, "sam_store_up") == 0 and metric(a, "sam_store_errors") > 0
+    from sam_backend.serving.app import create_app
+
+    health = create_app(a.settings, backend=a, start=False).test_client().get("/health").get_json()
+    assert health["store"] == {"kind": "redis", "up": False}
     redis.start()  # same port, empty
     a.predict(click_body(urls[2]))
     b.predict(click_body(urls[2]))
@@ -281,5 +285,25 @@ def test_rows_wait_while_postgres_is_down_and_none_is_lost(tmp_path_factory, cap
         server.start()
         assert recorder.flush(60)
         assert open_sidecar(server.url).count() == 25 and not lost
+    finally:
+        server.stop()
+
+
+def test_postgres_down_at_start_then_up(tmp_path_factory, caplog):
+    """A replica that starts while PostgreSQL is not up yet: it starts, rows wait, and the first write that
+    reaches the database creates the schema and writes them all."""
+    from sam_backend.sidecar.store import open_sidecar
+
+    server = Postgres(tmp_path_factory.mktemp("pglate"))
+    with caplog.at_level(logging.WARNING):
+        store = open_sidecar(server.url)  # nothing listens on that port yet
+    assert "not reachable at start" in caplog.text
+    recorder = AsyncRecorder(store, confirm_s=0.2, retry_max_s=0.5)
+    for i in range(3):
+        recorder(interaction(i, key=f"late{i}"))
+    try:
+        server.start()
+        assert recorder.flush(60)
+        assert open_sidecar(server.url).count() == 3
     finally:
         server.stop()

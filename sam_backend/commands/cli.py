@@ -181,6 +181,8 @@ def history(task: int | None, project: str | None, since: str | None, limit: int
             task=task, project=project, since=since, limit=limit)
     except StoreError as exc:
         raise click.ClickException(str(exc)) from None
+    except Exception as exc:  # psycopg's connection errors: PostgreSQL is down or the URL is wrong
+        raise click.ClickException(f"cannot read the sidecar database: {str(exc).strip()[:300]}") from None
     if as_json:
         for row in rows:
             click.echo(json.dumps(row))

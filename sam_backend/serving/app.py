@@ -153,6 +153,8 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
         return jsonify({"status": "UP", "model_class": "SamBackend", "model_version": backend.model_version,
                         "engine_ready": backend.engine.ready, "engine_error": backend.engine.error,
                         "decoder": backend.decoder_kind,
+                        "store": None if backend.store is None else {"kind": backend.store.kind,
+                                                                      "up": not backend.store.outage.down},
                         "precompute_pending": backend.prewarm.pending,
                         "cache_entries": backend.cache.stats().entries})
 
@@ -164,11 +166,18 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
     def predict() -> Response:
         stages = StageTimes()
         request_id = request.headers.get("X-Request-ID", "")
-        answer = backend.predict(_json_body(), stages, request_id if _REQUEST_ID.fullmatch(request_id) else None)
+        written: list = []
+        answer = backend.predict(_json_body(), stages, request_id if _REQUEST_ID.fullmatch(request_id) else None,
+                                 written)
         if not stages.seconds:  # a task opened: nothing was segmented
             return jsonify(answer)
         with stages.stage("json"):
             resp = jsonify(answer)
+        confirm = getattr(backend.recorder, "confirm", None)
+        events = [e for e in written if e is not None]
+        if confirm is not None and events:
+            with stages.stage("sidecar"):  # the rows' writes ran alongside the RLE and JSON above
+                confirm(events)
         backend.metrics.observe_stages(stages.seconds)
         resp.headers["Server-Timing"] = stages.header()
         return resp

@@ -119,10 +119,11 @@ class SamBackend:
         return {"model_version": self.model_version}
 
     def predict(self, body: Mapping[str, Any], stages: StageTimes | None = None,
-                request_id: str | None = None) -> dict[str, Any]:
+                request_id: str | None = None, written: list | None = None) -> dict[str, Any]:
         """`/predict`: masks for the context's objects, or (no context) queue the tasks' images. `stages`
         collects the seconds of each stage of a click (see `serving.stages`); `request_id` (a load balancer's
-        `X-Request-ID`, the same on a retry) keys the sidecar rows so that a retried click is kept once."""
+        `X-Request-ID`, the same on a retry) keys the sidecar rows so that a retried click is kept once;
+        `written` collects what the recorder returns for each row (events the app may wait for)."""
         tasks = body.get("tasks")
         if not isinstance(tasks, list) or not all(isinstance(t, Mapping) for t in tasks):
             raise RequestError(f"tasks: expected a list of task objects, got {type(tasks).__name__}")
@@ -141,12 +142,14 @@ class SamBackend:
         project = str(body.get("project") or "").split(".")[0] or None
         stages = stages if stages is not None else StageTimes()
         results = [self._predict_task(task, config, context, project, stages,
-                                      None if request_id is None else f"{request_id}:{i}")
+                                      None if request_id is None else f"{request_id}:{i}",
+                                      written if written is not None else [])
                    for i, task in enumerate(tasks)]
         return {"results": results, "model_version": self.model_version}
 
     def _predict_task(self, task: Mapping[str, Any], config: LabelConfig, context: Mapping[str, Any],
-                      project: str | None, stages: StageTimes, request_key: str | None = None) -> dict[str, Any]:
+                      project: str | None, stages: StageTimes, request_key: str | None, written: list
+                      ) -> dict[str, Any]:
         t0 = time.perf_counter()
         engine = self.engine.get()
         results = context.get("result") if isinstance(context, Mapping) else None
@@ -170,11 +173,11 @@ class SamBackend:
             out.append(result)
             scores.append(score)
             if self.recorder is not None:
-                self.recorder(Interaction(
+                written.append(self.recorder(Interaction(
                     image_id=image_id, prompt=prompt.to_json(), mask=mask, project=project, task_id=task.get("id"),
                     image_url=safe_url(url), engine=embedding.engine_id, model_version=self.model_version,
                     label=label, score=score, latency_ms=(time.perf_counter() - t0) * 1000.0, cache_hit=hit,
-                    request_key=None if request_key is None else f"{request_key}:{len(out) - 1}"))
+                    request_key=None if request_key is None else f"{request_key}:{len(out) - 1}")))
         if empty and not out:
             raise EmptyAnswer("the model found no object at this prompt (its mask is empty): click inside the "
                               "object, add a positive click, or draw a box around it")

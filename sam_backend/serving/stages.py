@@ -2,7 +2,8 @@
 
 Stages of a click, in order: `embedding` (image memory and cache lookup; on a miss, the wait for the
 encode), `decoder` (prompt encoder + mask decoder at low resolution), `upsample` (the chosen mask to the
-image size), `refine`, `rle` (the Label Studio brush result), `json` (the response body). Seconds are
+image size), `refine`, `rle` (the Label Studio brush result), `json` (the response body), `sidecar` (what
+is left of the wait for the request's interaction rows to be written, which run alongside). Seconds are
 summed over the objects of a request.
 """
 
@@ -12,7 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-STAGES = ("embedding", "decoder", "upsample", "refine", "rle", "json")
+STAGES = ("embedding", "decoder", "upsample", "refine", "rle", "json", "sidecar")
 
 
 class StageTimes:

@@ -38,10 +38,17 @@ class PostgresStore:
     """Thread-safe handle on one PostgreSQL database."""
 
     def __init__(self, url: str, connect_timeout_s: int = 3) -> None:
+        import psycopg
+
         self.url = url
         self.connect_timeout_s = connect_timeout_s
         self._local = threading.local()
-        self.migrate()
+        self._migrated = False
+        try:
+            self.migrate()
+        except psycopg.OperationalError as exc:  # down at start: the first write that reaches it migrates
+            log.warning("sidecar database (PostgreSQL) not reachable at start (%s); rows wait until it is",
+                        str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
 
     def __repr__(self) -> str:  # never the password
         return "PostgresStore(<url>)"
@@ -56,11 +63,12 @@ class PostgresStore:
         return conn
 
     def migrate(self) -> int:
-        """Apply the migrations this database lacks; return the schema version."""
+        """Apply the migrations this database lacks; return the schema version. `psycopg.OperationalError` where
+        the database cannot be reached; `StoreError` where it cannot be used."""
         import psycopg
 
+        conn = self._conn()  # a connection error goes to the caller: the database is down, not broken
         try:
-            conn = self._conn()
             with conn.transaction(), conn.cursor() as cur:
                 cur.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
                 cur.execute("CREATE TABLE IF NOT EXISTS sam_schema_version (version INTEGER NOT NULL)")
@@ -77,12 +85,17 @@ class PostgresStore:
                         if statement.strip():
                             cur.execute(statement)
                     cur.execute("UPDATE sam_schema_version SET version = %s", (number + 1,))
+        except psycopg.OperationalError:
+            raise
         except psycopg.Error as exc:
             raise StoreError(f"cannot open the sidecar database (PostgreSQL): {str(exc).strip()[:300]}") from None
+        self._migrated = True
         return SCHEMA_VERSION
 
     def record(self, item: Interaction) -> int | None:
         """Insert one interaction; returns its row id, or None where its request key is already kept."""
+        if not self._migrated:
+            self.migrate()
         row = row_of(item)
         names = ", ".join(row)
         marks = ", ".join(f"%({k})s" for k in row)

@@ -231,8 +231,9 @@ class AsyncRecorder:
     kept (the buffer is full, or the row itself is refused) is logged and handed to `on_lost(reason)`
     (`queue_full` or `write_failed`), which the backend counts in `/metrics`; none is dropped silently.
 
-    `confirm_s`: a caller waits up to this long for its row to be written (while the database answers), so a
-    process killed right after answering a click has written it; 0 never waits.
+    `confirm_s`: `confirm(events)` waits up to this long for a request's rows to be written (while the database
+    answers), so a process killed right after answering a click has written them; 0 never waits. The app calls
+    it after the answer is serialised, so the write overlaps the rest of the click.
     """
 
     def __init__(self, store: Any, max_pending: int = 10_000, confirm_s: float = 0.0,
@@ -250,7 +251,8 @@ class AsyncRecorder:
     def pending(self) -> int:
         return self._queue.qsize()
 
-    def __call__(self, item: Interaction) -> None:
+    def __call__(self, item: Interaction) -> threading.Event | None:
+        """Queue `item`; returns the event set once it is written (or given up), None where it was not queued."""
         item = replace(item, created_at=item.created_at or utc_now())
         written = threading.Event()
         try:
@@ -259,9 +261,19 @@ class AsyncRecorder:
             log.warning("sidecar buffer full (%d rows waiting): interaction on task %s not recorded",
                         self._queue.maxsize, item.task_id)
             self.on_lost("queue_full")
-            return
-        if self.confirm_s > 0 and not self.down:
-            written.wait(self.confirm_s)
+            return None
+        return written
+
+    def confirm(self, written: list[threading.Event]) -> None:
+        """Wait up to `confirm_s` in all for these rows to be written (not at all while the database is down)."""
+        deadline = time.monotonic() + self.confirm_s
+        for event in written:
+            if self.down:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            event.wait(left)
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until every queued interaction is written (or has failed); False on timeout."""
