@@ -194,3 +194,28 @@ def test_a_replica_killed_in_the_middle(stack):
         assert restarted.metric('sam_store_total{result="hit"}') == 1
     finally:
         restarted.stop()
+
+
+def test_redis_and_postgres_stopped_in_the_middle(stack):
+    """Both shared services go away while 8 annotators click, and come back: every click is answered (each
+    replica's own cache), and once PostgreSQL is back every answered click has its row (they waited)."""
+    replicas, nginx, postgres, redis = stack
+
+    def outage(answered: list) -> None:
+        deadline = time.monotonic() + 120
+        while len(answered) < 15 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        redis.stop()
+        postgres.stop()
+        while len(answered) < 35 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        redis.start()
+        postgres.start()
+
+    answered, failures = run_annotators(nginx.url, n=8, rounds=1, during=outage)
+    assert not failures, failures[:3]
+    assert sum(r.metric("sam_store_errors") for r in replicas) > 0  # the outage was seen
+    deadline = time.monotonic() + 60
+    while rows(postgres) < len(answered) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert rows(postgres) == len(answered)
