@@ -13,7 +13,7 @@ import threading
 from typing import Any
 
 from sam_backend.sidecar.records import Interaction
-from sam_backend.sidecar.store import COLUMNS, StoreError, decode_row, history_query, row_of
+from sam_backend.sidecar.store import COLUMNS, StoreError, apply_migrations, decode_row, history_query, row_of
 from sam_backend.sidecar.store import MIGRATIONS as SQLITE_MIGRATIONS
 
 log = logging.getLogger(__name__)
@@ -77,14 +77,8 @@ class PostgresStore:
                 version = found[0] if found else 0
                 if found is None:
                     cur.execute("INSERT INTO sam_schema_version VALUES (0)")
-                if version > SCHEMA_VERSION:
-                    raise StoreError(f"the sidecar database has schema version {version}, newer than this "
-                                     f"program's {SCHEMA_VERSION}; upgrade sam-backend")
-                for number in range(version, SCHEMA_VERSION):
-                    for statement in MIGRATIONS[number].split(";"):
-                        if statement.strip():
-                            cur.execute(statement)
-                    cur.execute("UPDATE sam_schema_version SET version = %s", (number + 1,))
+                apply_migrations(MIGRATIONS, version, "the sidecar database", cur.execute,
+                                 lambda number: cur.execute("UPDATE sam_schema_version SET version = %s", (number,)))
         except psycopg.OperationalError:
             raise
         except psycopg.Error as exc:

@@ -74,6 +74,20 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+def apply_migrations(migrations: tuple[str, ...], version: int, where: str, execute: Callable[[str], object],
+                     set_version: Callable[[int], object]) -> None:
+    """Run the migrations after `version` in order, each statement through `execute`, recording each new
+    version with `set_version`; `StoreError` where the database is newer than this program."""
+    if version > len(migrations):
+        raise StoreError(f"{where} has schema version {version}, newer than this program's {len(migrations)}; "
+                         "upgrade sam-backend")
+    for number in range(version, len(migrations)):
+        for statement in migrations[number].split(";"):
+            if statement.strip():
+                execute(statement)
+        set_version(number + 1)
+
+
 def row_of(item: Interaction) -> dict[str, Any]:
     """The column values of one interaction (JSON columns as text), for any of the stores."""
     points = item.prompt.get("points") or []
@@ -181,14 +195,8 @@ class Store:
         """Apply the migrations this file lacks; return the schema version."""
         with self._write() as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(f"{self.path} has schema version {version}, newer than this program's "
-                                 f"{SCHEMA_VERSION}; upgrade sam-backend")
-            for number in range(version, SCHEMA_VERSION):
-                for statement in MIGRATIONS[number].split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {number + 1}")
+            apply_migrations(MIGRATIONS, version, str(self.path), conn.execute,
+                             lambda number: conn.execute(f"PRAGMA user_version = {number}"))
         return SCHEMA_VERSION
 
     def record(self, item: Interaction) -> int | None:
