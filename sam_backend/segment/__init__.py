@@ -1,4 +1,5 @@
-"""Segmentation: prompts in pixels, engines (SAM, GrabCut), refinement, mask codecs, checkpoints.
+"""Segmentation: prompts in pixels, engines (SAM, SAM 2.1, GrabCut) and their fast decoder path, refinement,
+mask codecs, checkpoints.
 
 Nothing here speaks HTTP or Label Studio.
 """

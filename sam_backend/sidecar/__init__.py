@@ -1,1 +1,2 @@
-"""What outlives a click: the interaction log (SQLite) and the dataset writers (COCO, PNG, YOLO, crops)."""
+"""What outlives a click: the interaction log (SQLite, or PostgreSQL for replicas) and the dataset writers
+(COCO, PNG, YOLO, crops)."""

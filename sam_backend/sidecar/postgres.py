@@ -13,12 +13,12 @@ import threading
 from typing import Any
 
 from sam_backend.sidecar.records import Interaction
-from sam_backend.sidecar.store import COLUMNS, StoreError, apply_migrations, decode_row, history_query, row_of
-from sam_backend.sidecar.store import MIGRATIONS as SQLITE_MIGRATIONS
+from sam_backend.sidecar.schema import COLUMNS, StoreError, apply_migrations, decode_row, history_query, row_of
+from sam_backend.sidecar.schema import MIGRATIONS as SQLITE_MIGRATIONS
 
 log = logging.getLogger(__name__)
 
-# SQLite's migrations in PostgreSQL's types: one schema, written once (sidecar/store.py).
+# SQLite's migrations in PostgreSQL's types: one schema, written once (sidecar/schema.py).
 _TYPES = (("id INTEGER PRIMARY KEY", "id BIGSERIAL PRIMARY KEY"), ("task_id INTEGER", "task_id BIGINT"),
           ("mask_area INTEGER", "mask_area BIGINT"), (" REAL", " DOUBLE PRECISION"))
 
