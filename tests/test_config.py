@@ -32,8 +32,20 @@ def test_values_are_read():
     ({"SAM_CHECKPOINT_SHA256": "abc"}, "64 hex digits"),
     ({"LABEL_STUDIO_URL": "localhost:8080"}, "http(s) URL"),
     ({"SAM_FETCH_TIMEOUT_S": "nan"}, "SAM_FETCH_TIMEOUT_S"),
+    ({"SAM_DECODER": "tensorrt"}, "SAM_DECODER: expected one of auto, eager, onnx, compile, got 'tensorrt'"),
+    ({"SAM_EMBEDDING_STORE": "memcached://127.0.0.1:11211"}, "SAM_EMBEDDING_STORE: expected redis://"),
+    ({"SAM_EMBEDDING_STORE": "file://relative/dir"}, "file:///absolute/path"),
+    ({"SAM_PREFETCH_NEXT": "-2"}, "SAM_PREFETCH_NEXT: expected an integer >= 0"),
+    ({"SAM_METADATA_DB": "mysql://root@127.0.0.1/db"}, "SAM_METADATA_DB: expected a SQLite file path or postgresql://"),
 ])
 def test_bad_values_fail_fast(env, needle):
     with pytest.raises(ConfigError) as info:
         Settings.from_env(env)
     assert needle in str(info.value)
+
+
+def test_urls_with_passwords_stay_out_of_the_settings_repr():
+    s = Settings.from_env({"SAM_METADATA_DB": "postgresql://sam:pg-secret-pw@127.0.0.1:5432/sam",
+                           "SAM_EMBEDDING_STORE": "redis://:redis-secret-pw@127.0.0.1:6379/0"})
+    assert s.metadata_db == "postgresql://sam:pg-secret-pw@127.0.0.1:5432/sam"  # a URL stays text, not a Path
+    assert "secret" not in repr(s)

@@ -626,3 +626,24 @@ def test_checkpoint_with_a_pickle_payload_is_refused_at_start_and_the_payload_ne
     with pytest.raises(EngineError, match="SHA-256"):
         SamEngine.from_settings(wrong)
     assert not marker.exists()
+
+
+def test_passwords_in_store_and_database_urls_are_redacted_from_logs():
+    import logging
+
+    from sam_backend.serving.app import install_redaction
+
+    settings = Settings.from_env({"SAM_METADATA_DB": "postgresql://sam:pg-pass-9876@127.0.0.1:5432/sam",
+                                  "SAM_EMBEDDING_STORE": "redis://:redis-pass-5432@127.0.0.1:6379/0"})
+    handler = logging.Handler()
+    seen: list[str] = []
+    handler.emit = lambda record: seen.append(record.getMessage())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        install_redaction(settings)
+        logging.getLogger("sam_backend.test").warning("connecting to %s and %s", settings.metadata_db,
+                                                      settings.embedding_store)
+    finally:
+        root.removeHandler(handler)
+    assert seen and "pg-pass-9876" not in seen[0] and "redis-pass-5432" not in seen[0] and "<redacted>" in seen[0]
