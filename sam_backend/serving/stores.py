@@ -151,6 +151,7 @@ class DirectoryStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.outage = Outage(self.kind)
         self._evict_lock = threading.Lock()
+        self._owned: set[str] = set()  # locks this process took (only those are released)
 
     def _path(self, key: str) -> Path:
         return self.root / (hashlib.sha256(key.encode()).hexdigest() + ".bin")
@@ -202,6 +203,7 @@ class DirectoryStore:
         for _ in range(2):
             try:
                 os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                self._owned.add(key)
                 return True
             except FileExistsError:
                 try:
@@ -216,7 +218,9 @@ class DirectoryStore:
         return False
 
     def release(self, key: str) -> None:
-        self._path(key).with_suffix(".lock").unlink(missing_ok=True)
+        if key in self._owned:
+            self._owned.discard(key)
+            self._path(key).with_suffix(".lock").unlink(missing_ok=True)
 
 
 def open_store(url: str | None, max_bytes: int) -> RedisStore | DirectoryStore | None:
