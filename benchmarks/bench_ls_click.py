@@ -41,6 +41,7 @@ from werkzeug.serving import make_server
 from sam_backend.commands.bench import cpu_info
 from sam_backend.config import Settings
 from sam_backend.labelstudio.client import free_port
+from sam_backend.labelstudio.context import keypoint_result
 from sam_backend.labelstudio.process import LabelStudio
 from sam_backend.segment.samples import bench_image
 from sam_backend.serving.app import create_app
@@ -58,12 +59,10 @@ def png(seed: int) -> bytes:
 
 
 def keypoint(x: float, y: float) -> dict:
-    """A smart keypoint as the labeling UI serializes it (percent of the original size)."""
-    return {"original_width": W, "original_height": H, "image_rotation": 0, "is_positive": True,
-            "value": {"x": x / W * 100, "y": y / H * 100, "width": 0.3, "keypointlabels": ["Object"],
-                      "labels": ["Object"]},
-            "id": f"k{int(x)}_{int(y)}", "from_name": "kp", "to_name": "image", "type": "keypointlabels",
-            "origin": "manual"}
+    """A smart keypoint as the labeling UI serializes it: the context's keypoint plus the UI's own fields."""
+    result = keypoint_result(x, y, (W, H))
+    result["value"]["labels"] = ["Object"]
+    return {**result, "image_rotation": 0, "id": f"k{int(x)}_{int(y)}", "origin": "manual"}
 
 
 def engine_for(kind: str, model_type: str):  # noqa: ANN201 - an Engine

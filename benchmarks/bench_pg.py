@@ -30,6 +30,7 @@ from services import Postgres  # noqa: E402
 
 from sam_backend.commands.bench import cpu_info  # noqa: E402
 from sam_backend.config import Settings  # noqa: E402
+from sam_backend.labelstudio.context import keypoint_result  # noqa: E402
 from sam_backend.segment.engines.grabcut import GrabCutEngine  # noqa: E402
 from sam_backend.segment.samples import bench_image  # noqa: E402
 from sam_backend.serving.backend import SamBackend  # noqa: E402
@@ -43,10 +44,7 @@ CONFIG = (Path(__file__).resolve().parents[1] / "label_config" / "points-and-box
 
 def click_body() -> dict:
     return {"tasks": [{"id": 1, "data": {"image": "/data/local-files/?d=img.png"}}], "label_config": CONFIG,
-            "project": "1.0", "params": {"context": {"result": [{
-                "original_width": W, "original_height": H, "is_positive": True, "type": "keypointlabels",
-                "from_name": "kp", "to_name": "image",
-                "value": {"x": 100 / 3, "y": 50.0, "width": 0.3, "keypointlabels": ["Object"]}}]}}}
+            "project": "1.0", "params": {"context": {"result": [keypoint_result(W / 3, H / 2, (W, H))]}}}
 
 
 def row(i: int, mask: np.ndarray) -> Interaction:

@@ -23,6 +23,7 @@ import requests
 from werkzeug.serving import make_server
 
 from sam_backend.config import Settings
+from sam_backend.labelstudio.context import keypoint_result
 from sam_backend.segment.engines.sam import SamEngine
 from sam_backend.segment.samples import bench_image, bench_prompts
 from sam_backend.serving.app import create_app
@@ -33,10 +34,7 @@ CONFIG = (Path(__file__).resolve().parents[1] / "label_config" / "points-and-box
 
 def click_body(name: str, x: float, y: float, w: int, h: int) -> dict:
     return {"tasks": [{"id": 1, "data": {"image": f"/data/local-files/?d={name}"}}], "label_config": CONFIG,
-            "project": "1.0", "params": {"context": {"result": [{
-                "original_width": w, "original_height": h, "is_positive": True, "type": "keypointlabels",
-                "from_name": "kp", "to_name": "image",
-                "value": {"x": x / w * 100, "y": y / h * 100, "width": 0.3, "keypointlabels": ["Object"]}}]}}}
+            "project": "1.0", "params": {"context": {"result": [keypoint_result(x, y, (w, h))]}}}
 
 
 def main() -> None:

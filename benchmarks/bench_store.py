@@ -32,6 +32,7 @@ from services import Redis  # noqa: E402
 
 from sam_backend.commands.bench import cpu_info  # noqa: E402
 from sam_backend.config import Settings  # noqa: E402
+from sam_backend.labelstudio.context import keypoint_result  # noqa: E402
 from sam_backend.segment.samples import bench_image, bench_prompts  # noqa: E402
 from sam_backend.serving.backend import SamBackend  # noqa: E402
 
@@ -41,10 +42,7 @@ CONFIG = (Path(__file__).resolve().parents[1] / "label_config" / "points-and-box
 
 def body(x: float, y: float) -> dict:
     return {"tasks": [{"id": 1, "data": {"image": "/data/local-files/?d=img.png"}}], "label_config": CONFIG,
-            "project": "1.0", "params": {"context": {"result": [{
-                "original_width": W, "original_height": H, "is_positive": True, "type": "keypointlabels",
-                "from_name": "kp", "to_name": "image",
-                "value": {"x": x / W * 100, "y": y / H * 100, "width": 0.3, "keypointlabels": ["Object"]}}]}}}
+            "project": "1.0", "params": {"context": {"result": [keypoint_result(x, y, (W, H))]}}}
 
 
 def engine_for(model: str):  # noqa: ANN201 - an Engine

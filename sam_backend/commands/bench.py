@@ -40,6 +40,7 @@ from sam_backend.segment.engines import Engine
 from sam_backend.segment.prompts import ObjectPrompt
 from sam_backend.segment.refine import refine
 from sam_backend.segment.samples import bench_image, bench_prompts
+from sam_backend.segment.simulator import iou
 from sam_backend.serving.cache import EmbeddingCache
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "avx_vnni", "neon", "asimd")
@@ -83,11 +84,6 @@ def _median(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
-
-
 def run_bench(engine: Engine, *, width: int = 1024, height: int = 768, repeats: int = 3,
               click_repeats: int = 20, refine_settings: RefineSettings | None = None,
               decoders: tuple[str, ...] = ("eager", "onnx", "compile"), http: bool = True) -> dict[str, Any]:
@@ -114,12 +110,12 @@ def run_bench(engine: Engine, *, width: int = 1024, height: int = 768, repeats: 
         emb32, emb16 = fp32.embed(image), bf16.embed(image)
         for p in prompts:
             a, b = fp32.predict(emb32, p), bf16.predict(emb16, p)
-            ious.append(_iou(a.best_mask, b.best_mask))
+            ious.append(iou(a.best_mask, b.best_mask))
 
     emb = engine.embed(image)
-    decode = _median(lambda: [engine.predict(emb, p) for p in prompts], click_repeats) / len(prompts)
     paths = compare_decoders(engine, emb, prompts, decoders, click_repeats)
     stages = click_stages(engine, emb, prompts, refine_settings, click_repeats)
+    decode = stages["decoder"]
     if http:
         stages["http"] = http_click(engine, image, prompts[0], click_repeats, refine_settings)
     refine_s, rle_s = stages["refine"], stages["rle"]
@@ -265,21 +261,16 @@ def http_click(engine: Engine, image: np.ndarray, prompt: ObjectPrompt, click_re
     import requests
     from werkzeug.serving import make_server
 
+    from sam_backend.commands.evaluate import CONFIG
     from sam_backend.config import Settings
+    from sam_backend.labelstudio.context import keypoint_result
     from sam_backend.serving.app import create_app
     from sam_backend.serving.backend import SamBackend
 
-    config = ('<View><Image name="image" value="$image"/><BrushLabels name="mask" toName="image">'
-              '<Label value="Object"/></BrushLabels><KeyPointLabels name="kp" toName="image" smart="true">'
-              '<Label value="Object"/></KeyPointLabels></View>')
     h, w = image.shape[:2]
     (x, y), = prompt.points[:1]
-    body = {"tasks": [{"id": 1, "data": {"image": "/data/local-files/?d=bench.png"}}], "label_config": config,
-            "project": "1.0", "params": {"context": {"result": [{
-                "original_width": w, "original_height": h, "is_positive": True, "type": "keypointlabels",
-                "from_name": "kp", "to_name": "image",
-                "value": {"x": float(x) / w * 100, "y": float(y) / h * 100, "width": 0.3,
-                          "keypointlabels": ["Object"]}}]}}}
+    body = {"tasks": [{"id": 1, "data": {"image": "/data/local-files/?d=bench.png"}}], "label_config": CONFIG,
+            "project": "1.0", "params": {"context": {"result": [keypoint_result(float(x), float(y), (w, h))]}}}
     with tempfile.TemporaryDirectory() as tmp:
         cv2.imwrite(f"{tmp}/bench.png", image[:, :, ::-1])
         settings = replace(Settings.from_env({"LOCAL_FILES_DOCUMENT_ROOT": tmp, "SAM_METADATA_DB": f"{tmp}/s.db"}),

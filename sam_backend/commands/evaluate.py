@@ -36,9 +36,10 @@ from tqdm import tqdm
 from sam_backend.config import Settings
 from sam_backend.errors import ClientError
 from sam_backend.labelstudio.brush import decode_brush
+from sam_backend.labelstudio.context import keypoint_result
 from sam_backend.labelstudio.labelconfig import task_image_url
 from sam_backend.segment.engines import Engine
-from sam_backend.segment.simulator import Click, first_click, iou, mean_iou_curve, next_click, noc
+from sam_backend.segment.simulator import first_click, iou, mean_iou_curve, next_click, noc
 from sam_backend.sidecar.export.reader import categories_from_tasks, decode_task, file_names, validate_tasks
 
 log = logging.getLogger(__name__)
@@ -133,13 +134,6 @@ def _coco_objects(coco: dict[str, Any], images: Path | None) -> Iterator[EvalObj
 
 # -- one configuration --------------------------------------------------------------------------------------
 
-def _keypoint(click: Click, w: int, h: int) -> dict[str, Any]:
-    x, y, positive = click
-    return {"original_width": w, "original_height": h, "type": "keypointlabels", "from_name": "kp",
-            "to_name": "image", "is_positive": positive,
-            "value": {"x": x / w * 100, "y": y / h * 100, "keypointlabels": [LABEL]}}
-
-
 def _rectangle(mask: np.ndarray) -> dict[str, Any]:
     h, w = mask.shape
     ys, xs = np.nonzero(mask)
@@ -174,7 +168,7 @@ def run_object(ask: Callable[[dict[str, Any]], dict[str, Any] | None], obj: Eval
             if click is None:
                 break  # perfect: the curve keeps its last value
             clicks.append(click)
-            result = [_keypoint(c, w, h) for c in clicks]
+            result = [keypoint_result(x, y, (w, h), positive, LABEL) for x, y, positive in clicks]
         body = {"tasks": [{"id": task_id, "data": {"image": obj.image}}], "label_config": CONFIG,
                 "project": "evaluate", "params": {"context": {"result": result}}}
         t0 = time.perf_counter()

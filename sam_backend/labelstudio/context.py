@@ -303,3 +303,13 @@ def _make(points: list[_Point], box: _Box | None) -> ObjectPrompt:
         to_name=first.to_name,
         image_size=first.size,
     )
+
+
+def keypoint_result(x: float, y: float, size: ImageSize | tuple[int, int], positive: bool = True,
+                    label: str = "Object", from_name: str = "kp", to_name: str = "image") -> dict[str, Any]:
+    """A smart keypoint at pixel `(x, y)` of an image of `size` as Label Studio sends it in `context.result`
+    (percent of `original_width/height`): what this module parses back into a point."""
+    w, h = size
+    return {"original_width": w, "original_height": h, "type": "keypointlabels", "from_name": from_name,
+            "to_name": to_name, "is_positive": positive,
+            "value": {"x": x / w * 100, "y": y / h * 100, "width": 0.3, "keypointlabels": [label]}}

@@ -188,10 +188,8 @@ class SamBackend:
         """`(mask (H, W) bool, score)` for one object: the model's best mask (seeded with the object's previous
         logits), refined; where refinement would empty it, the unrefined mask clamped to the box instead."""
         objects = self.memory.objects
-        t0 = time.perf_counter()
-        with stages.stage("decoder"):
+        with stages.stage("decoder", observe=self.metrics.decoder.observe):
             pred = engine.predict(embedding, prompt, prev_logits=objects.previous(engine.engine_id, image_id, prompt))
-        self.metrics.decoder.observe(time.perf_counter() - t0)
         best = pred.best
         if pred.low_res_logits is not None:
             objects.remember(engine.engine_id, image_id, prompt, pred.low_res_logits[best])

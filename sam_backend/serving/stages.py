@@ -10,7 +10,7 @@ summed over the objects of a request.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 STAGES = ("embedding", "decoder", "upsample", "refine", "rle", "json", "sidecar")
@@ -23,13 +23,16 @@ class StageTimes:
         self.seconds: dict[str, float] = {}
 
     @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        """Add the time spent inside the block to `name`."""
+    def stage(self, name: str, observe: Callable[[float], object] | None = None) -> Iterator[None]:
+        """Add the time spent inside the block to `name` (and hand it to `observe`, e.g. a histogram)."""
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            spent = time.perf_counter() - t0
+            self.seconds[name] = self.seconds.get(name, 0.0) + spent
+            if observe is not None:
+                observe(spent)
 
     def header(self) -> str:
         """A `Server-Timing` value (durations in milliseconds), e.g. `decoder;dur=31.2, refine;dur=4.0`."""

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 LOCK_TTL_S = 120.0  # longer than any encode; a dead worker's lock is gone after this
 POLL_S = 0.05
+RESCAN_S = 10.0  # a directory store looks at what other processes wrote at least this often
 
 
 class StoreError(RuntimeError):
@@ -152,6 +153,10 @@ class DirectoryStore:
         self.outage = Outage(self.kind)
         self._evict_lock = threading.Lock()
         self._owned: set[str] = set()  # locks this process took (only those are released)
+        # What the directory holds, as of the last scan plus this process's writes since: the directory is
+        # scanned (and evicted) only when that may pass the cap, or when another process's writes may have.
+        self._bytes = 0
+        self._scanned = 0.0
 
     def _path(self, key: str) -> Path:
         return self.root / (hashlib.sha256(key.encode()).hexdigest() + ".bin")
@@ -175,7 +180,9 @@ class DirectoryStore:
         except OSError as exc:
             self.outage.failed("write", exc)
             return
-        self._evict()
+        self._bytes += len(data)
+        if self._bytes > self.max_bytes or time.monotonic() - self._scanned > RESCAN_S:
+            self._evict()
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -197,6 +204,7 @@ class DirectoryStore:
                     break
                 Path(path).unlink(missing_ok=True)
                 total -= size
+            self._bytes, self._scanned = total, time.monotonic()
 
     def claim(self, key: str, ttl_s: float = LOCK_TTL_S) -> bool:
         lock = self._path(key).with_suffix(".lock")

@@ -29,7 +29,6 @@ import warnings
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
 
 from sam_backend.config import DECODERS
@@ -153,8 +152,3 @@ def build_fast_decoder(kind: str, graph: torch.nn.Module, example: dict[str, tor
         return CompiledDecoder(graph, example)
     raise ValueError(f"fast decoder: expected onnx or compile, got {kind!r}")
 
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """IoU of two boolean masks of one shape (1.0 where both are empty)."""
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)

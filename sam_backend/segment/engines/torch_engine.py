@@ -18,7 +18,6 @@ from sam_backend.segment.engines.fast_decoder import (
     MIN_IOU,
     FastDecoder,
     build_fast_decoder,
-    mask_iou,
     resolve_decoder,
 )
 
@@ -180,17 +179,18 @@ class TorchEngine:
         """The lowest IoU between `candidate`'s low-res masks and eager ones, over every candidate mask of
         `bench_prompts` (first clicks and clicks seeded with the previous logits)."""
         from sam_backend.segment.samples import bench_prompts
+        from sam_backend.segment.simulator import iou
 
         worst = 1.0
         for prompt in bench_prompts(*embedding.image_size):
-            eager = self.predict_with(None, embedding, prompt)
-            for prev in (None, eager.low_res_logits[eager.best]):
-                slow = self.predict_with(None, embedding, prompt, prev)
+            first = self.predict_with(None, embedding, prompt)
+            seeded = first.low_res_logits[first.best]
+            for prev, slow in ((None, first), (seeded, self.predict_with(None, embedding, prompt, seeded))):
                 fast = self.predict_with(candidate, embedding, prompt, prev)
                 for a, b in zip(slow.low_res_logits, fast.low_res_logits, strict=True):
-                    worst = min(worst, mask_iou(a > 0, b > 0))
+                    worst = min(worst, iou(a > 0, b > 0))
                 if slow.best != fast.best:
-                    worst = min(worst, mask_iou(slow.mask(slow.best), fast.mask(fast.best)))
+                    worst = min(worst, iou(slow.mask(slow.best), fast.mask(fast.best)))
         return worst
 
     def predict(self, embedding: Embedding, prompt: ObjectPrompt, prev_logits: np.ndarray | None = None
