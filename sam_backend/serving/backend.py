@@ -92,7 +92,15 @@ class SamBackend:
 
     @property
     def model_version(self) -> str:
-        kind = f"sam-{self.settings.model_type}" if self.settings.engine == "sam" else self.settings.engine
+        """`sam-backend-<version>-<engine>-<model>`, naming the model actually loaded (read off its checkpoint:
+        `SAM_CHECKPOINT` may hold another model than `SAM_MODEL_TYPE`'s default); before the engine is loaded,
+        the model the settings name."""
+        engine = self.engine.peek()
+        loaded = getattr(engine, "architecture_name", None) if engine is not None else None
+        if self.settings.engine == "grabcut":
+            kind = "grabcut"
+        else:
+            kind = f"{self.settings.engine}-{loaded or self.settings.model_type}"
         return f"sam-backend-{__version__}-{kind}"
 
     @property

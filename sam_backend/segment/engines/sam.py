@@ -1,4 +1,4 @@
-"""Segment Anything engine (segment-anything's ViT-B/L/H models).
+"""Segment Anything engine (segment-anything's ViT-B/L/H models, and MobileSAM's `vit_t`).
 
 The architecture is read off the checkpoint's tensor shapes (embed dim, depth, heads, global
 attention blocks, image size), so the official ViT-B/L/H files and smaller SAM-shaped checkpoints
@@ -32,6 +32,8 @@ from sam_backend.segment.checkpoints import expected_sha256
 from sam_backend.segment.embedding import Embedding
 from sam_backend.segment.engines import EngineError, MaskPrediction, check_image, stroke_logits
 from sam_backend.segment.engines.fast_decoder import FastDecoder
+from sam_backend.segment.engines.mobile_sam import MODEL_TYPE as MOBILE_SAM
+from sam_backend.segment.engines.mobile_sam import build_mobile_sam, is_mobile_sam
 from sam_backend.segment.engines.torch_engine import (
     TorchEngine,
     checked_file_id,
@@ -227,23 +229,30 @@ class SamEngine(TorchEngine):
         state = load_state_dict(path)
         if not isinstance(state, dict):
             raise EngineError(f"refused to load {path}: expected a state dict, got {type(state).__name__}")
-        arch = SamArchitecture.from_state_dict(state)
-        if model_type is not None and arch.name != model_type:
-            raise EngineError(f"{path} holds a {arch.name} model but SAM_MODEL_TYPE={model_type}")
-        # Official architectures come from segment-anything's own registry; others from their shapes.
-        model = sam_model_registry[arch.name](checkpoint=None) if arch.name in sam_model_registry else arch.build()
+        if is_mobile_sam(state):  # MobileSAM: TinyViT encoder, SAM's prompt encoder and decoder
+            name = MOBILE_SAM
+        else:
+            arch = SamArchitecture.from_state_dict(state)
+            name = arch.name
+        if model_type is not None and name != model_type:
+            raise EngineError(f"{path} holds a {name} model but SAM_MODEL_TYPE={model_type}")
+        # Official architectures come from segment-anything's own registry (MobileSAM from its builder); others
+        # from their shapes.
+        model = cls.build(name) if name in sam_model_registry or name == MOBILE_SAM else arch.build()
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise EngineError(f"{path} does not fit a {arch.name} SAM: {str(exc).splitlines()[0]}") from None
+            raise EngineError(f"{path} does not fit a {name} SAM: {str(exc).splitlines()[0]}") from None
         dev = resolve_device(device)
-        weights_id = f"{arch.name}/{file_id[:12]}"
-        log.info("loaded SAM %s from %s on %s", arch.name, path, dev)
+        weights_id = f"{name}/{file_id[:12]}"
+        log.info("loaded SAM %s from %s on %s", name, path, dev)
         return cls(model, device=dev, precision=resolve_precision(precision, dev), weights_id=weights_id)
 
     @classmethod
     def build(cls, model_type: str) -> Sam:
-        """An official architecture from segment-anything's registry, random weights."""
+        """An official architecture with random weights: segment-anything's registry, or MobileSAM (`vit_t`)."""
+        if model_type == MOBILE_SAM:
+            return build_mobile_sam()
         return sam_model_registry[model_type](checkpoint=None)
 
     # -- Engine protocol ----------------------------------------------------------------------
@@ -263,10 +272,12 @@ class SamEngine(TorchEngine):
                          {"input_size": [int(resized.shape[0]), int(resized.shape[1])]})
 
     def predict_with(self, decoder: FastDecoder | None, embedding: Embedding, prompt: ObjectPrompt,
-                     prev_logits: np.ndarray | None = None) -> MaskPrediction:
+                     prev_logits: np.ndarray | None = None, every_token: bool = False) -> MaskPrediction:
         """Masks for one object. A lone first click asks for 3 candidates (ambiguity); later
         clicks ask for one, seeded with the previous low-res logits `(256, 256)` (4 × the embedding grid).
-        `decoder` None runs the eager prompt encoder and mask decoder; a fast one runs `SamDecoderGraph`."""
+        `every_token` gives every mask token's candidate instead (the single-mask one first, then the three
+        multimask ones), for a caller that picks among them. `decoder` None runs the eager prompt encoder and
+        mask decoder; a fast one runs `SamDecoderGraph`."""
         if embedding.engine_id != self.engine_id:
             raise EngineError(f"embedding from {embedding.engine_id} given to {self.engine_id}")
         original = embedding.image_size.shape
@@ -298,13 +309,16 @@ class SamEngine(TorchEngine):
         if decoder is None:
             with torch.inference_mode():
                 sparse, dense = self.model.prompt_encoder(points=points, boxes=box, masks=mask_input)
-                low_res, iou = self.model.mask_decoder(
+                decode = self.model.mask_decoder.predict_masks if every_token else partial(
+                    self.model.mask_decoder, multimask_output=multimask)
+                low_res, iou = decode(
                     image_embeddings=self._features(embedding), image_pe=self.model.prompt_encoder.get_dense_pe(),
-                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask)
+                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
         else:
             low_res, iou = decoder(self._graph_inputs(embedding, points, box, mask_input))
-            chosen = slice(1, None) if multimask else slice(0, 1)  # as `MaskDecoder.forward` chooses
-            low_res, iou = low_res[:, chosen], iou[:, chosen]
+            if not every_token:
+                chosen = slice(1, None) if multimask else slice(0, 1)  # as `MaskDecoder.forward` chooses
+                low_res, iou = low_res[:, chosen], iou[:, chosen]
         model = self.model
 
         def upsample(i: int) -> np.ndarray:  # only the mask the answer needs goes to full resolution

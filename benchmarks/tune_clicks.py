@@ -1,0 +1,124 @@
+"""Side by side, on real photos and real weights: how the mask of each click is chosen and cleaned up.
+
+Runs the standard click simulator straight on the engine (no HTTP, no RLE: only the choices differ), one embedding
+per image shared by every strategy, and prints NoC@85 / NoC@90 / failures@90 / mIoU@1..5 and the largest drop of
+mIoU from one interaction to the next, per strategy and protocol:
+
+    python benchmarks/tune_clicks.py ../shared/evaldata/GrabCut --checkpoint checkpoints/mobile_sam.pt
+
+A strategy: `feedback` (the previous low-res logits as the mask prompt), `pick` (`sam`: the model's own choice,
+three candidates on a lone first click and one after; `consistent`: every mask token's candidate, the one that
+agrees with most clicks, then the highest score), `refine` (the product's clean-up, or none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sam_backend.commands.evalsets import load_objects  # noqa: E402
+from sam_backend.config import RefineSettings  # noqa: E402
+from sam_backend.segment.choose import choose_candidate  # noqa: E402
+from sam_backend.segment.engines.sam import SamEngine  # noqa: E402
+from sam_backend.segment.prompts import ObjectPrompt  # noqa: E402
+from sam_backend.segment.refine import refine  # noqa: E402
+from sam_backend.segment.simulator import first_click, iou, mean_iou_curve, next_click, noc  # noqa: E402
+
+log = logging.getLogger("tune_clicks")
+
+STRATEGIES = {
+    "plain": {"feedback": True, "pick": "sam", "refine": None},
+    "product": {"feedback": True, "pick": "sam", "refine": RefineSettings()},
+    "consistent": {"feedback": True, "pick": "consistent", "refine": None},
+    "consistent+refine": {"feedback": True, "pick": "consistent", "refine": RefineSettings()},
+    "consistent+refine-no-keep": {"feedback": True, "pick": "consistent",
+                                  "refine": RefineSettings(keep_clicked=False)},
+}
+
+
+def run_object(engine: SamEngine, embedding, obj, strategy: dict, protocol: str, max_clicks: int) -> list[float]:
+    h, w = obj.mask.shape
+    ys, xs = np.nonzero(obj.mask)
+    box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32) if protocol == "box" else None
+    clicks: list[tuple[float, float, bool]] = []
+    prev = None
+    pred = np.zeros((h, w), bool)
+    ious = []
+    for k in range(max_clicks):
+        if not (k == 0 and box is not None):
+            click = first_click(obj.mask) if k == 0 else next_click(pred, obj.mask, obj.ignore)
+            if click is None:
+                break
+            clicks.append(click)
+        pts = np.array([(x, y) for x, y, _ in clicks], np.float32).reshape(-1, 2)
+        labels = np.array([int(p) for _, _, p in clicks], np.int32)
+        prompt = ObjectPrompt(pts, labels, box, "o", None, None, (w, h))
+        feed = prev if strategy["feedback"] else None
+        if strategy["pick"] == "sam" or k == 0:
+            out = engine.predict(embedding, prompt, feed)
+            best = out.best
+        else:
+            out = engine.predict_with(engine.fast_decoder, embedding, prompt, feed, every_token=True)
+            best = choose_candidate(out, prompt)
+        prev = out.low_res_logits[best]
+        mask = out.mask(best)
+        if strategy["refine"] is not None:
+            cleaned = refine(mask, prompt, strategy["refine"])
+            mask = cleaned if cleaned.any() else mask
+        pred = mask
+        ious.append(iou(pred, obj.mask, obj.ignore))
+    return ious
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", type=Path)
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--strategy", action="append", choices=sorted(STRATEGIES))
+    parser.add_argument("--protocol", action="append", choices=["clicks", "box"])
+    parser.add_argument("--limit", type=int)
+    parser.add_argument("--max-clicks", type=int, default=20)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    engine = SamEngine.from_checkpoint(args.checkpoint, device="cpu", precision=args.precision)
+    engine.use_decoder("auto")
+    objects = load_objects(args.data, None, args.limit)
+    root = args.data / {"GrabCut": "data_GT"}.get(args.data.name, "images" if (args.data / "images").is_dir()
+                                                      else "img")
+    from sam_backend.labelstudio.images import decode_image
+
+    embeddings: dict[str, object] = {}
+    curves: dict[tuple[str, str], list[list[float]]] = {}
+    t0 = time.perf_counter()
+    for i, obj in enumerate(objects):
+        if obj.image not in embeddings:
+            embeddings.clear()
+            embeddings[obj.image] = engine.embed(decode_image((root / obj.image).read_bytes(), 10**8))
+        for protocol in args.protocol or ["clicks", "box"]:
+            for name in args.strategy or list(STRATEGIES):
+                curves.setdefault((name, protocol), []).append(
+                    run_object(engine, embeddings[obj.image], obj, STRATEGIES[name], protocol, args.max_clicks))
+        if (i + 1) % 10 == 0:
+            log.info("%d/%d objects, %.0f s", i + 1, len(objects), time.perf_counter() - t0)
+    for (name, protocol), per in curves.items():
+        miou = mean_iou_curve(per, args.max_clicks)
+        n90 = [noc(c, 0.90, args.max_clicks) for c in per]
+        print(json.dumps({
+            "set": args.data.name, "strategy": name, "protocol": protocol, "objects": len(per),
+            "noc85": round(float(np.mean([noc(c, 0.85, args.max_clicks)[0] for c in per])), 3),
+            "noc90": round(float(np.mean([k for k, _ in n90])), 3), "failures90": sum(not ok for _, ok in n90),
+            "miou@1-5": [round(v, 4) for v in miou[:5]],
+            "worst_drop": round(float(min(0.0, *np.diff(miou))) if len(miou) > 1 else 0.0, 4)}))
+
+
+if __name__ == "__main__":
+    main()
