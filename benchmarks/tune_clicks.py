@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sam_backend.commands.evalsets import load_objects  # noqa: E402
 from sam_backend.config import RefineSettings  # noqa: E402
-from sam_backend.segment.choose import choose_candidate  # noqa: E402
 from sam_backend.segment.engines.sam import SamEngine  # noqa: E402
 from sam_backend.segment.prompts import ObjectPrompt  # noqa: E402
 from sam_backend.segment.refine import refine  # noqa: E402
 from sam_backend.segment.simulator import first_click, iou, mean_iou_curve, next_click, noc  # noqa: E402
+from sam_backend.segment.steady import collapsed, obeys  # noqa: E402
 
 log = logging.getLogger("tune_clicks")
 
@@ -41,7 +41,69 @@ STRATEGIES = {
     "consistent+refine": {"feedback": True, "pick": "consistent", "refine": RefineSettings()},
     "consistent+refine-no-keep": {"feedback": True, "pick": "consistent",
                                   "refine": RefineSettings(keep_clicked=False)},
+    "guard": {"feedback": True, "pick": "guard", "refine": None},
+    "guard+refine": {"feedback": True, "pick": "guard", "refine": RefineSettings()},
+    "refine-no-keep": {"feedback": True, "pick": "sam", "refine": RefineSettings(keep_clicked=False)},
+    "refine-no-islands": {"feedback": True, "pick": "sam", "refine": RefineSettings(min_island_px=0)},
+    "refine-holes-only": {"feedback": True, "pick": "sam",
+                          "refine": RefineSettings(keep_clicked=False, min_island_px=0)},
+    "refine-no-holes": {"feedback": True, "pick": "sam", "refine": RefineSettings(max_hole_px=0)},
+    "no-keep/guard": {"feedback": True, "pick": "collapse-guard", "refine": RefineSettings(keep_clicked=False)},
+    "plain/guard": {"feedback": True, "pick": "collapse-guard", "refine": None},
+    "holes-only/neg-guard": {"feedback": True, "pick": "negative-guard",
+                             "refine": RefineSettings(keep_clicked=False, min_island_px=0)},
+    "clamp-only": {"feedback": True, "pick": "sam",
+                   "refine": RefineSettings(keep_clicked=False, min_island_px=0, max_hole_px=0)},
+    "no-keep/box-no-feedback": {"feedback": "no-box", "pick": "sam", "refine": RefineSettings(keep_clicked=False)},
+    "no-keep/box-multimask": {"feedback": True, "pick": "box-multimask", "refine": RefineSettings(keep_clicked=False)},
 }
+
+
+def obeyed(mask: np.ndarray, points: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """`(N,) bool`: whether each click agrees with `mask` (a positive one on it, a negative one off it)."""
+    return np.array([obeys(mask, p, bool(lab)) for p, lab in zip(points, labels, strict=True)], bool)
+
+
+def choose_candidate(out, prompt: ObjectPrompt) -> int:
+    """The candidate that obeys the newest click, then most clicks, then scores highest."""
+    def key(i: int) -> tuple:
+        ok = obeyed(out.mask(i), prompt.points, prompt.labels)
+        return (bool(ok[-1]), int(ok.sum()), float(out.scores[i]))
+
+    return max(range(len(out.scores)), key=key)
+
+
+def guarded(engine: SamEngine, embedding, prompt: ObjectPrompt, feed):
+    """The model's own answer where it obeys the newest click; else, among it, the answer without the previous
+    logits and the multimask candidates, the one that obeys the newest click, then most clicks, then scores."""
+    out = engine.predict(embedding, prompt, feed)
+    best = out.best
+    if feed is None or obeyed(out.mask(best), prompt.points[-1:], prompt.labels[-1:])[0]:
+        return out, best
+    options = [(out, best)]
+    fresh = engine.predict(embedding, prompt, None)
+    options.append((fresh, fresh.best))
+    every = engine.predict_with(engine.fast_decoder, embedding, prompt, feed, every_token=True)
+    options += [(every, i) for i in range(1, len(every.scores))]
+
+    def key(option):
+        pred, i = option
+        ok = obeyed(pred.mask(i), prompt.points, prompt.labels)
+        return (bool(ok[-1]), int(ok.sum()), float(pred.scores[i]))
+
+    return max(options, key=key)
+
+
+def guard_collapse(engine: SamEngine, embedding, prompt: ObjectPrompt, feed):
+    """`(prediction, index, keep previous)` as the backend answers a corrective click (`segment.steady`)."""
+    out = engine.predict(embedding, prompt, feed)
+    if not collapsed(out.low_res_logits[out.best], feed, float(out.scores[out.best])):
+        return out, out.best, False
+    fresh = engine.predict(embedding, prompt, None)
+    if (not collapsed(fresh.low_res_logits[fresh.best], feed, 0.0)
+            and obeys(fresh.best_mask, prompt.points[-1], bool(prompt.labels[-1]))):
+        return fresh, fresh.best, False
+    return out, out.best, True
 
 
 def run_object(engine: SamEngine, embedding, obj, strategy: dict, protocol: str, max_clicks: int) -> list[float]:
@@ -61,8 +123,22 @@ def run_object(engine: SamEngine, embedding, obj, strategy: dict, protocol: str,
         pts = np.array([(x, y) for x, y, _ in clicks], np.float32).reshape(-1, 2)
         labels = np.array([int(p) for _, _, p in clicks], np.int32)
         prompt = ObjectPrompt(pts, labels, box, "o", None, None, (w, h))
-        feed = prev if strategy["feedback"] else None
-        if strategy["pick"] == "sam" or k == 0:
+        feed = prev if strategy["feedback"] is True or (strategy["feedback"] == "no-box" and box is None) else None
+        if strategy["pick"] == "guard":
+            out, best = guarded(engine, embedding, prompt, feed)
+        elif strategy["pick"] in ("collapse-guard", "negative-guard") and feed is not None and (
+                strategy["pick"] == "collapse-guard" or not clicks[-1][2]):
+            out, best, keep = guard_collapse(engine, embedding, prompt, feed)
+            if keep:  # the previous answer stays
+                ious.append(ious[-1])
+                continue
+        elif strategy["pick"] == "box-multimask" and box is not None and k > 0:
+            # with a box, the corrective click's answer from every token: the one obeying the newest click, then
+            # the model's own (token 0), then the highest score
+            out = engine.predict_with(engine.fast_decoder, embedding, prompt, feed, every_token=True)
+            best = max(range(len(out.scores)), key=lambda i: (
+                bool(obeyed(out.mask(i), prompt.points[-1:], prompt.labels[-1:])[0]), i == 0, float(out.scores[i])))
+        elif strategy["pick"] == "sam" or k == 0:
             out = engine.predict(embedding, prompt, feed)
             best = out.best
         else:

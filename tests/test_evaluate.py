@@ -268,7 +268,8 @@ def test_plain_predictor_beside_the_product_in_one_run(synthetic_set, tmp_path, 
                                        "-o", str(out)])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"sam/vit_b/fp32/clicks", "sam/vit_b/fp32/clicks/plain"}
+    # named after the model found in SAM_CHECKPOINT (the tiny SAM), not SAM_MODEL_TYPE's default
+    assert set(summary) == {"sam/custom-64x2@256/fp32/clicks", "sam/custom-64x2@256/fp32/clicks/plain"}
     rows = list(csv.DictReader((out / "per_object.csv").read_text().splitlines()))
     assert {r["configuration"] for r in rows} == set(summary)
     both = CliRunner().invoke(main, ["evaluate", str(export), "--plain", "--backend", "http://127.0.0.1:9",

@@ -152,3 +152,23 @@ def test_product_quality_on_real_photos(mobile_sam_checkpoint, tmp_path, name, f
     assert product["noc90"] <= ceiling_noc90, product
     assert product["refused"] == 0
     assert (out / "miou_vs_clicks.png").stat().st_size > 0
+
+
+def test_compact_embeddings_of_the_shared_tiers_give_the_same_masks(mobile_sam_engine):
+    """float16 features, as the Redis and directory tiers store them, on real weights and a real photo."""
+    image, mask = photo("Berkeley", 1)
+    embedding = mobile_sam_engine.embed(image)
+    data = mobile_sam_engine.dump(embedding, compact=True)
+    assert len(data) < 2.2 * 2**20  # 256 × 64 × 64 half floats, and a header
+    again = mobile_sam_engine.load(data)
+    for prompt in prompts(mask):
+        a = mobile_sam_engine.predict_with(None, embedding, prompt).best_mask
+        b = mobile_sam_engine.predict_with(None, again, prompt).best_mask
+        assert iou(a, b) >= 0.99
+
+
+def test_random_mobile_sam_for_timing():
+    """`bench --random-weights --model-type vit_t` builds MobileSAM's architecture without weights."""
+    engine = SamEngine.random("vit_t", device="cpu", precision="fp32")
+    assert engine.engine_id == "sam/vit_t/random0/fp32"
+    assert sum(p.numel() for p in engine.model.parameters()) == pytest.approx(10.1e6, rel=0.03)

@@ -38,13 +38,14 @@ def kp(x, y, positive=True, label="Object"):
             "is_positive": positive, "value": {"x": x / W * 100, "y": y / H * 100, "keypointlabels": [label]}}
 
 
-def run(requests_, memory=None, enabled=True, where=("e", "img", 1)):
+def run(requests_, memory=None, enabled=True, where=("e", "img", 1), margin=8):
     """Parse each request's context as the backend does, with the rule; the prompts of each request."""
     memory = memory or ObjectMemory()
     out = []
     for result in requests_:
-        rule = ObjectRule(memory, where, enabled)
-        prompts = parse_context({"result": result}, image_size=(W, H), remembered_box=rule.box_for)
+        rule = ObjectRule(memory, where, enabled, margin)
+        prompts = parse_context({"result": result}, image_size=(W, H), remembered_box=rule.box_for,
+                                join_margin_px=margin)
         for p in prompts:
             rule.answered(p)
         out.append(prompts)
@@ -61,6 +62,12 @@ RULE_TABLE = [
     ("after a click outside, the old box is forgotten", [[kp(400, 350)], [kp(400, 350), kp(150, 150)]], False, [1, 1]),
     ("points outside the box are dropped when the newest is inside", [[kp(400, 350), kp(150, 150)]], True, [1]),
     ("another label does not join the box", [[kp(150, 150, label="Other")]], False, [1]),
+    ("Alt-click just outside the box (a leak) refines it", [[kp(305, 200, False)]], True, [0]),
+    ("Alt-click far outside the box still belongs to the current object", [[kp(500, 400, False)]], True, [0]),
+    ("positive click within the refinement margin joins the box", [[kp(306, 150)]], True, [1]),
+    ("positive click past the margin starts a new object", [[kp(320, 150)]], False, [1]),
+    ("click, then Alt-click outside: both join, nothing refused", [[kp(150, 150)], [kp(150, 150), kp(304, 304, False)]],
+     True, [1, 0]),
 ]
 
 

@@ -372,7 +372,8 @@ def evaluate(data: Path, images: Path | None, engines: tuple[str, ...], model_ty
                 base = make_engine(replace(settings, engine=name, model_type=model))
                 for precision in precisions or (settings.precision,):
                     engine = base.with_precision(precision) if hasattr(base, "with_precision") else base
-                    label = name if name == "grabcut" else f"{name}/{model}/{getattr(engine, 'precision', precision)}"
+                    loaded = getattr(engine, "architecture_name", model)  # SAM_CHECKPOINT may hold another model
+                    label = name if name == "grabcut" else f"{name}/{loaded}/{getattr(engine, 'precision', precision)}"
                     for p in protocols:
                         configs.append(Configuration(f"{label}/{p}{extra}", engine, not no_refine,
                                                      not no_logit_feedback, p))

@@ -13,8 +13,10 @@ object; each smart brush stroke is one object (the stroke as a mask prompt plus 
 sampled on it); points outside every box form one object per label, in order of first appearance.
 
 Label Studio sends keypoints and rectangles in separate requests, so keypoints that refine a box
-drawn earlier arrive without it. `remembered_box(label, newest_point)` (the backend's object memory)
-may give that box back: the points inside it then join it as one object, the others are dropped.
+drawn earlier arrive without it. `remembered_box(label, newest_point, newest_positive)` (the backend's
+object memory, `sam_backend.serving.memory`) may give that box back: its negative points (wherever they
+are) and its positive points within `join_margin_px` of the box then join it as one object, the other
+positive points are dropped.
 """
 
 from __future__ import annotations
@@ -36,18 +38,19 @@ POINT_TYPES = ("keypointlabels", "keypoint")
 BOX_TYPES = ("rectanglelabels", "rectangle")
 BRUSH_TYPES = ("brushlabels", "brush")
 STROKE_POINTS = 3  # positive points sampled on a brush stroke
-RememberedBox = Callable[[str | None, tuple[float, float]], "np.ndarray | None"]
+RememberedBox = Callable[[str | None, tuple[float, float], bool], "np.ndarray | None"]
 _EPS_PCT = 1e-3  # tolerance for float noise at the image border, in percent
 
 
 def parse_context(
     context: Mapping[str, Any] | None, image_size: ImageSize | tuple[int, int] | None = None,
-    remembered_box: RememberedBox | None = None,
+    remembered_box: RememberedBox | None = None, join_margin_px: float = 0.0,
 ) -> list[ObjectPrompt]:
     """Turn `params.context` into object prompts.
 
     `image_size` is the decoded image's `ImageSize(width, height)` in pixels; when omitted, the results'
-    `original_width/original_height` are used. An empty or missing context gives `[]`.
+    `original_width/original_height` are used. An empty or missing context gives `[]`. `remembered_box` and
+    `join_margin_px`: see the module docstring.
     """
     if context is None:
         return []
@@ -84,7 +87,7 @@ def parse_context(
     sizes = {p.size for p in points} | {b.size for b in boxes} | {s.size for s in strokes}
     if len(sizes) > 1:
         raise PromptError(f"context.result: results disagree on the image size: {sorted(sizes)}")
-    return _group(points, boxes, remembered_box) + [_stroke_prompt(s) for s in strokes]
+    return _group(points, boxes, remembered_box, join_margin_px) + [_stroke_prompt(s) for s in strokes]
 
 
 @dataclass
@@ -260,10 +263,11 @@ def _stroke_prompt(stroke: _Stroke) -> ObjectPrompt:
                         stroke.size, stroke.mask)
 
 
-def _group(points: list[_Point], boxes: list[_Box], remembered_box: RememberedBox | None = None
-           ) -> list[ObjectPrompt]:
+def _group(points: list[_Point], boxes: list[_Box], remembered_box: RememberedBox | None = None,
+           join_margin_px: float = 0.0) -> list[ObjectPrompt]:
     """Each box with the points inside it (a point in several boxes goes to the smallest); the rest by label,
-    joined to the box `remembered_box` gives for their label and newest point, where it gives one."""
+    joined to the box `remembered_box` gives for their label and newest point, where it gives one: its negative
+    points wherever they are, its positive ones within `join_margin_px` of the box."""
     inside: list[list[_Point]] = [[] for _ in boxes]
     loose: dict[str | None, list[_Point]] = {}
     for p in points:
@@ -280,12 +284,14 @@ def _group(points: list[_Point], boxes: list[_Box], remembered_box: RememberedBo
     for box, pts in zip(boxes, inside, strict=True):
         prompts.append(_make(pts, box))
     for label, pts in loose.items():
-        remembered = remembered_box(label, pts[-1].xy) if remembered_box is not None else None
+        remembered = remembered_box(label, pts[-1].xy, pts[-1].positive) if remembered_box is not None else None
         if remembered is not None:
             x1, y1, x2, y2 = (float(v) for v in remembered)
             first = pts[-1]
             box = _Box((x1, y1, x2, y2), label, first.from_name, first.to_name, first.size)
-            prompts.append(_make([p for p in pts if x1 <= p.xy[0] <= x2 and y1 <= p.xy[1] <= y2], box))
+            m = join_margin_px
+            prompts.append(_make([p for p in pts if not p.positive
+                                  or (x1 - m <= p.xy[0] <= x2 + m and y1 - m <= p.xy[1] <= y2 + m)], box))
         else:
             prompts.append(_make(pts, None))
     return prompts

@@ -9,10 +9,13 @@
 The object rule (Label Studio sends smart keypoints and smart rectangles in separate requests, so a
 box's refining clicks arrive without it):
 - a smart rectangle starts a new object and is remembered as the current object's box;
-- keypoints whose newest point lies inside that box refine that object: the box, the keypoints
-  inside it (positive or negative: an Alt-click inside the box removes a part, a click outside the
-  current mask adds one) and the previous answer's logits; keypoints outside the box are dropped;
-- keypoints whose newest point lies outside the box start a new object (the box is forgotten);
+- keypoints whose newest point is negative, wherever it lands, or positive inside that box grown by the
+  refinement margin (`SAM_BOX_MARGIN_PX`), refine that object: the box, its negative keypoints (an
+  Alt-click removes a part, also one that leaked just past the box), its positive keypoints inside the
+  grown box (a click outside the current mask adds a part) and the previous answer's logits; positive
+  keypoints outside it are dropped;
+- keypoints whose newest point is positive and outside the grown box start a new object (the box is
+  forgotten);
 - a remembered box older than the time limit is forgotten; `SAM_OBJECT_MEMORY=false` turns it off.
 
 Keys carry the engine id and the image digest, so another model or image never reads them.
@@ -94,15 +97,20 @@ class ObjectMemory:
             self.shared.put(self._shared_key("box", key), struct.pack("<4fd", *map(float, box), time.time()),
                             ttl_s=self.box_ttl_s)
 
-    def box_containing(self, key: tuple, point: tuple[float, float]) -> np.ndarray | None:
-        """The current object's box `(4,) XYXY` pixels under `key` (engine, image, task, label) if `point`
-        lies inside it and it has not expired; else None, and the box is forgotten (a new object starts)."""
+    def box_containing(self, key: tuple, point: tuple[float, float], positive: bool = True,
+                       margin_px: float = 0.0) -> np.ndarray | None:
+        """The current object's box `(4,) XYXY` pixels under `key` (engine, image, task, label) if it has not
+        expired and the newest click belongs to it: a negative click wherever it lands (it removes part of the
+        current answer, which may reach past the box by the refinement margin), a positive one inside the box
+        grown by `margin_px`. Else None, and the box is forgotten (a new object starts)."""
         entry = self._boxes.get(key) or self._shared_box(key)
         if entry is None:
             return None
         box, at = entry
         x, y = point
-        if time.monotonic() - at < self.box_ttl_s and box[0] <= x <= box[2] and box[1] <= y <= box[3]:
+        m = margin_px
+        inside = box[0] - m <= x <= box[2] + m and box[1] - m <= y <= box[3] + m
+        if time.monotonic() - at < self.box_ttl_s and (inside or not positive):
             self._boxes.put(key, (box, time.monotonic()))  # in use: its time limit starts again
             self._share_box(key, box)
             return box
@@ -158,14 +166,14 @@ class ObjectRule:
     """The object memory's rule for one request (see `sam_backend.serving.memory`): the hook that gives a
     remembered box back to the prompt parser, and what each answered object leaves for the next click."""
 
-    def __init__(self, objects: ObjectMemory, where: tuple, enabled: bool) -> None:
-        self.objects, self.where, self.enabled = objects, where, enabled
+    def __init__(self, objects: ObjectMemory, where: tuple, enabled: bool, margin_px: float = 0.0) -> None:
+        self.objects, self.where, self.enabled, self.margin_px = objects, where, enabled, margin_px
         self.refined: set[str | None] = set()  # labels whose keypoints joined a remembered box
 
-    def box_for(self, label: str | None, newest: tuple[float, float]) -> np.ndarray | None:
+    def box_for(self, label: str | None, newest: tuple[float, float], positive: bool = True) -> np.ndarray | None:
         if not self.enabled:
             return None
-        box = self.objects.box_containing((*self.where, label), newest)
+        box = self.objects.box_containing((*self.where, label), newest, positive, self.margin_px)
         if box is not None:
             self.refined.add(label)
         return box
