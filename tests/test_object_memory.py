@@ -217,7 +217,8 @@ class FixedMask(GrabCutEngine):
 def test_refinement_that_empties_a_mask_answers_the_unrefined_one_and_counts_it(tmp_path):
     speck = np.zeros((H, W), bool)
     speck[10:20, 10:20] = True  # 100 px away from the click: keep-clicked keeps it, island removal drops it
-    client, backend, scene = scene_app(tmp_path, engine_factory=lambda: FixedMask(speck))
+    client, backend, scene = scene_app(tmp_path, env={"SAM_MIN_ISLAND_PX": "256"},
+                                       engine_factory=lambda: FixedMask(speck))
     resp = ask(client, [kp(300, 300)])
     assert resp.status_code == 200 and np.array_equal(mask_of(resp), speck)
     assert "sam_refine_emptied_total 1.0" in backend.metrics.render().decode()

@@ -96,7 +96,7 @@ def test_refine_does_not_modify_its_input():
     _, truth, (cx, cy, _) = disc_scene()
     noisy = speckle(truth, 5, 4)
     copy = noisy.copy()
-    refine(noisy, prompt_for([(cx, cy)], [1]), RefineSettings())
+    refine(noisy, prompt_for([(cx, cy)], [1]), RefineSettings(max_hole_px=256, min_island_px=256, keep_clicked=True))
     assert np.array_equal(noisy, copy)
 
 
@@ -116,7 +116,7 @@ def test_a_hole_made_by_a_negative_click_is_not_filled_again():
     kept = fill_holes(mask, 256, keep_open=np.array([[40.0, 30.0]]))
     assert filled[30, 40] and not kept[30, 40] and kept.sum() == mask.sum()
     prompt = ObjectPrompt(np.array([[20.0, 20.0], [40.0, 30.0]]), np.array([1, 0]), None, "a", None, None, (80, 60))
-    assert not refine(mask, prompt, RefineSettings())[30, 40]
+    assert not refine(mask, prompt, RefineSettings(max_hole_px=256))[30, 40]
 
 
 @pytest.mark.parametrize("seed", range(12))

@@ -27,10 +27,9 @@ from sam_backend.labelstudio.images import ImageFetcher, LoadedImage, safe_url
 from sam_backend.labelstudio.labelconfig import LabelConfig, parse_label_config, required_image_url, task_image_url
 from sam_backend.labelstudio.results import mask_result
 from sam_backend.segment.embedding import Embedding
-from sam_backend.segment.engines import Engine, MaskPrediction, make_engine
+from sam_backend.segment.engines import Engine, make_engine
 from sam_backend.segment.prompts import ObjectPrompt
 from sam_backend.segment.refine import clamp_to_box, refine
-from sam_backend.segment.steady import collapsed, obeys
 from sam_backend.serving.cache import EmbeddingCache
 from sam_backend.serving.encoder import BACKGROUND, CLICK, Encoder, StillEncoding
 from sam_backend.serving.loader import EngineHolder
@@ -199,14 +198,9 @@ class SamBackend:
         """`(mask (H, W) bool, score)` for one object: the model's best mask (seeded with the object's previous
         logits), refined; where refinement would empty it, the unrefined mask clamped to the box instead."""
         objects = self.memory.objects
-        previous = objects.previous(engine.engine_id, image_id, prompt)
         with stages.stage("decoder", observe=self.metrics.decoder.observe):
-            pred = engine.predict(embedding, prompt, prev_logits=previous)
-            best = pred.best
-            if (previous is not None and self.settings.refine.enabled and pred.low_res_logits is not None
-                    and len(prompt.labels) and prompt.labels[-1] == 0
-                    and collapsed(pred.low_res_logits[best], previous, float(pred.scores[best]))):
-                pred, best = self._steady_answer(engine, embedding, image_id, prompt, pred)
+            pred = engine.predict(embedding, prompt, prev_logits=objects.previous(engine.engine_id, image_id, prompt))
+        best = pred.best
         if pred.low_res_logits is not None:
             objects.remember(engine.engine_id, image_id, prompt, pred.low_res_logits[best])
         with stages.stage("upsample"):
@@ -218,26 +212,6 @@ class SamBackend:
             mask = clamp_to_box(raw, prompt.box, margin) if prompt.box is not None else raw.copy()
             self.metrics.refine_emptied.inc()
         return mask, float(pred.scores[best])
-
-    def _steady_answer(self, engine: Engine, embedding: Embedding, image_id: str, prompt: ObjectPrompt,
-                       collapsed_pred: MaskPrediction) -> tuple[MaskPrediction, int]:
-        """The answer to a corrective click whose seeded answer collapsed (`segment.steady`): the unseeded answer
-        where it is steady and obeys the newest click; else the previous answer again (recomputed from the
-        prompt before the click and its own seed: the same mask the annotator saw)."""
-        fresh = engine.predict(embedding, prompt)
-        before = prompt.without_last_point()
-        previous = self.memory.objects.previous(engine.engine_id, image_id, prompt)
-        if (fresh.low_res_logits is not None and previous is not None
-                and not collapsed(fresh.low_res_logits[fresh.best], previous, 0.0)
-                and obeys(fresh.best_mask, prompt.points[-1], bool(prompt.labels[-1]))):
-            self.metrics.collapses.labels("unseeded").inc()
-            return fresh, fresh.best
-        if before is None:
-            self.metrics.collapses.labels("kept").inc()
-            return collapsed_pred, collapsed_pred.best
-        again = engine.predict(embedding, before, self.memory.objects.previous(engine.engine_id, image_id, before))
-        self.metrics.collapses.labels("previous").inc()
-        return again, again.best
 
     def embedding(self, url: str, engine: Engine, priority: int = CLICK) -> tuple[str, Embedding, bool]:
         """`(image sha256, embedding, cache hit)`; a known URL with a cached embedding is not fetched again. A click

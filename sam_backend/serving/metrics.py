@@ -40,10 +40,6 @@ class Metrics:
         self.click_deadline = Counter("sam_click_deadline",
                                       "Clicks answered 'still encoding' at SAM_CLICK_DEADLINE_S",
                                       registry=self.registry)
-        self.collapses = Counter("sam_click_collapses",
-                                 "Corrective clicks whose seeded answer abandoned the previous mask (segment.steady), "
-                                 "by what was answered instead: unseeded, previous, kept", ["answer"],
-                                 registry=self.registry)
         self.refine_emptied = Counter("sam_refine_emptied",
                                       "Masks the refinement emptied; answered unrefined (clamped to the box)",
                                       registry=self.registry)
