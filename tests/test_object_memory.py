@@ -241,3 +241,26 @@ def test_the_smart_tools_config_offers_the_three_tools_to_one_brush_output():
     assert (target.output, target.output_type, target.labels) == ("tag", "brushlabels", ("Object", "Background object"))
     smart = {c.tag.lower(): c.attr.get("smart") for c in label_interface(config).controls}
     assert smart == {"brushlabels": "true", "keypointlabels": "true", "rectanglelabels": "true"}
+
+
+# -- one request that carries boxes and points (an API client, or LS's documented way to mix prompts) ---------
+
+def test_a_negative_point_outside_the_box_in_the_same_request_belongs_to_it():
+    [[prompt]] = run([[rect(*BOX), kp(305, 200, False), kp(150, 150)]])
+    assert prompt.box.tolist() == list(BOX) and prompt.labels.tolist() == [0, 1]
+
+
+def test_a_negative_point_goes_to_the_nearest_of_several_boxes():
+    other = (400, 100, 500, 200)
+    [[a, b]] = run([[rect(*BOX), rect(*other), kp(390, 150, False)]])
+    assert a.box.tolist() == list(BOX) and len(a.points) == 0
+    assert b.box.tolist() == list(other) and b.labels.tolist() == [0]
+
+
+def test_a_negative_only_group_never_fails_the_whole_request():
+    from sam_backend.segment.prompts import PromptError
+
+    [prompts] = run([[kp(150, 150), kp(400, 350, False, label="Other")]], enabled=False)
+    assert [p.label for p in prompts] == ["Object"] and prompts[0].labels.tolist() == [1]
+    with pytest.raises(PromptError, match="only negative points"):
+        run([[kp(400, 350, False)]], enabled=False)

@@ -214,8 +214,9 @@ def write_outputs(out: Path, objects: list[EvalObject], results: dict[str, tuple
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     for name, (summary, _) in results.items():
-        ax.plot(range(1, len(summary["miou"]) + 1), summary["miou"], marker="o", markersize=3,
-                label=f"{name} (NoC@90 {summary['noc90']:.1f})")
+        plain = name.endswith("/plain")  # dashed, so a plain curve on top of the product's stays visible
+        ax.plot(range(1, len(summary["miou"]) + 1), summary["miou"], marker="x" if plain else "o", markersize=3,
+                linestyle="--" if plain else "-", label=f"{name} (NoC@90 {summary['noc90']:.2f})")
     ax.set_xlabel("interactions (clicks; with the box protocol the box is the first)")
     ax.set_ylabel("mean IoU")
     ax.set_ylim(0, 1)

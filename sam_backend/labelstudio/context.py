@@ -8,9 +8,10 @@ width, not a size.
 Output frame: see `sam_backend.segment.prompts`. Pixels are those of the decoded image when its
 size is given (percentages are scale-free), else of `original_width × original_height`.
 
-Grouping of several objects in one context: each box together with the points inside it is one
-object; each smart brush stroke is one object (the stroke as a mask prompt plus positive points
-sampled on it); points outside every box form one object per label, in order of first appearance.
+Grouping of several objects in one context: each box together with its points is one object (the
+positive points inside it or within `join_margin_px` of it, the negative points wherever they are); each
+smart brush stroke is one object (the stroke as a mask prompt plus positive points sampled on it); the
+other points form one object per label, in order of first appearance.
 
 Label Studio sends keypoints and rectangles in separate requests, so keypoints that refine a box
 drawn earlier arrive without it. `remembered_box(label, newest_point, newest_positive)` (the backend's
@@ -21,6 +22,7 @@ positive points are dropped.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ BOX_TYPES = ("rectanglelabels", "rectangle")
 BRUSH_TYPES = ("brushlabels", "brush")
 STROKE_POINTS = 3  # positive points sampled on a brush stroke
 RememberedBox = Callable[[str | None, tuple[float, float], bool], "np.ndarray | None"]
+log = logging.getLogger(__name__)
 _EPS_PCT = 1e-3  # tolerance for float noise at the image border, in percent
 
 
@@ -263,37 +266,50 @@ def _stroke_prompt(stroke: _Stroke) -> ObjectPrompt:
                         stroke.size, stroke.mask)
 
 
+def _distance(xy: tuple[float, float], box: tuple[float, float, float, float]) -> float:
+    """Pixels from a point to a box (0 inside it)."""
+    dx = max(box[0] - xy[0], 0.0, xy[0] - box[2])
+    dy = max(box[1] - xy[1], 0.0, xy[1] - box[3])
+    return math.hypot(dx, dy)
+
+
 def _group(points: list[_Point], boxes: list[_Box], remembered_box: RememberedBox | None = None,
            join_margin_px: float = 0.0) -> list[ObjectPrompt]:
-    """Each box with the points inside it (a point in several boxes goes to the smallest); the rest by label,
-    joined to the box `remembered_box` gives for their label and newest point, where it gives one: its negative
-    points wherever they are, its positive ones within `join_margin_px` of the box."""
+    """Each box with its points: the positive ones inside it or within `join_margin_px` of it, the negative ones
+    wherever they are (a negative point removes part of a box's answer, which may leak past the box; it goes to
+    the nearest box), a point that several boxes could own going to the smallest or nearest. The rest by label,
+    joined to the box `remembered_box` gives for their label and newest point, where it gives one, by the same
+    rule. A group of negative points alone is an error only where nothing else in the request can be answered;
+    beside other objects it is skipped (logged), so one such group never fails a whole request."""
     inside: list[list[_Point]] = [[] for _ in boxes]
     loose: dict[str | None, list[_Point]] = {}
     for p in points:
-        owners = [
-            (i, (b.xyxy[2] - b.xyxy[0]) * (b.xyxy[3] - b.xyxy[1]))
-            for i, b in enumerate(boxes)
-            if b.xyxy[0] <= p.xy[0] <= b.xyxy[2] and b.xyxy[1] <= p.xy[1] <= b.xyxy[3]
-        ]
+        owners = [(_distance(p.xy, b.xyxy), (b.xyxy[2] - b.xyxy[0]) * (b.xyxy[3] - b.xyxy[1]), i)
+                  for i, b in enumerate(boxes)
+                  if not p.positive or _distance(p.xy, b.xyxy) <= join_margin_px]
         if owners:
-            inside[min(owners, key=lambda o: o[1])[0]].append(p)
+            inside[min(owners)[2]].append(p)
         else:
             loose.setdefault(p.label, []).append(p)
-    prompts = []
-    for box, pts in zip(boxes, inside, strict=True):
-        prompts.append(_make(pts, box))
+    prompts = [_make(pts, box) for box, pts in zip(boxes, inside, strict=True)]
+    negative_only: list[PromptError] = []
     for label, pts in loose.items():
         remembered = remembered_box(label, pts[-1].xy, pts[-1].positive) if remembered_box is not None else None
         if remembered is not None:
             x1, y1, x2, y2 = (float(v) for v in remembered)
             first = pts[-1]
             box = _Box((x1, y1, x2, y2), label, first.from_name, first.to_name, first.size)
-            m = join_margin_px
-            prompts.append(_make([p for p in pts if not p.positive
-                                  or (x1 - m <= p.xy[0] <= x2 + m and y1 - m <= p.xy[1] <= y2 + m)], box))
+            prompts.append(_make([p for p in pts if not p.positive or _distance(p.xy, box.xyxy) <= join_margin_px],
+                                 box))
+        elif not any(p.positive for p in pts):
+            negative_only.append(PromptError(f"object {label!r} has only negative points ({len(pts)}); add a "
+                                             "positive point or a box"))
         else:
             prompts.append(_make(pts, None))
+    if negative_only and not prompts:
+        raise negative_only[0]
+    for skipped in negative_only:
+        log.info("skipped a group of points: %s", skipped)
     return prompts
 
 
