@@ -264,3 +264,32 @@ def test_a_negative_only_group_never_fails_the_whole_request():
     assert [p.label for p in prompts] == ["Object"] and prompts[0].labels.tolist() == [1]
     with pytest.raises(PromptError, match="only negative points"):
         run([[kp(400, 350, False)]], enabled=False)
+
+
+def test_a_newer_front_end_sending_every_rectangle_gets_only_the_new_one_answered(tmp_path):
+    """Newer Label Studio front ends send, for a smart rectangle, every rectangle of the control: the captured
+    request's rectangle (answered before) and a new one in one request. Only the new one is answered; a repeat of
+    the same request is answered again (the newest), never both."""
+    import copy
+
+    captured = load_request("predict.browser-4-smart-rectangle")["params"]["context"]["result"][0]
+    client, backend, scene = scene_app(tmp_path)
+    x1, y1, x2, y2 = scene["box"]  # the disc and the bar
+    old = copy.deepcopy(captured)
+    old["value"].update(x=x1 / W * 100, y=y1 / H * 100, width=(x2 - x1) / W * 100, height=(y2 - y1) / H * 100)
+    nx1, ny1, nx2, ny2 = 340, 140, 440, 340  # the bar alone
+    new = copy.deepcopy(captured)
+    new["id"] = "NewRect001"
+    new["value"].update(x=nx1 / W * 100, y=ny1 / H * 100, width=(nx2 - nx1) / W * 100, height=(ny2 - ny1) / H * 100)
+
+    def regions(result):
+        resp = ask(client, result)
+        assert resp.status_code == 200, resp.json
+        return resp.json["results"][0]["result"]
+
+    assert len(regions([old])) == 1
+    [answer] = regions([old, new])
+    mask = decode_rle(answer["value"]["rle"]).reshape(H, W, 4)[:, :, 3] > 0
+    ys, xs = np.nonzero(mask)
+    assert xs.min() >= nx1 - 9 and xs.max() <= nx2 + 9 and ys.min() >= ny1 - 9  # the new box's answer
+    assert len(regions([old, new])) == 1  # a repeated request: the newest again, not both

@@ -170,8 +170,9 @@ class SamBackend:
         memory = ObjectRule(self.memory.objects, (engine.engine_id, image_id, task.get("id")),
                             self.settings.object_memory, margin)
         out, scores, empty = [], [], 0
-        for prompt in parse_context(context, image_size=embedding.image_size, remembered_box=memory.box_for,
-                                    join_margin_px=margin):
+        prompts = parse_context(context, image_size=embedding.image_size, remembered_box=memory.box_for,
+                                join_margin_px=margin)
+        for prompt in memory.unanswered(prompts):
             mask, score = self._segment(engine, embedding, image_id, prompt, stages)
             memory.answered(prompt)
             label = target.label_for(prompt.label)

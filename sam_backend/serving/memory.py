@@ -74,6 +74,7 @@ class ObjectMemory:
                  shared: SharedStore | None = None, logits_ttl_s: float = 3600.0) -> None:
         self._logits: EmbeddingCache[np.ndarray] = EmbeddingCache(max_bytes)
         self._boxes: EmbeddingCache[tuple[np.ndarray, float]] = EmbeddingCache(boxes, size_of=lambda v: 1)
+        self._rectangles: EmbeddingCache[float] = EmbeddingCache(boxes, size_of=lambda v: 1)  # answered, by geometry
         self.box_ttl_s = box_ttl_s
         self.shared = shared
         self.logits_ttl_s = logits_ttl_s
@@ -125,6 +126,15 @@ class ObjectMemory:
         self._boxes.discard(key)
         if self.shared is not None:
             self.shared.delete(self._shared_key("box", key))
+
+    def rectangle_answered(self, key: tuple) -> bool:
+        """Whether the rectangle `key` (engine, image, task, label, rounded box) was answered within the box
+        time limit."""
+        at = self._rectangles.get(key)
+        return at is not None and time.monotonic() - at < self.box_ttl_s
+
+    def mark_rectangle(self, key: tuple) -> None:
+        self._rectangles.put(key, time.monotonic())
 
     def previous(self, engine_id: str, image_id: str, prompt: ObjectPrompt) -> np.ndarray | None:
         """Logits of the answer to this object before its newest point, or None."""
@@ -178,7 +188,26 @@ class ObjectRule:
             self.refined.add(label)
         return box
 
+    def _rectangle_key(self, prompt: ObjectPrompt) -> tuple:
+        return (*self.where, prompt.label, tuple(np.round(prompt.box, 1).tolist()))
+
+    @staticmethod
+    def _is_rectangle(prompt: ObjectPrompt) -> bool:
+        return prompt.box is not None and len(prompt.points) == 0 and prompt.stroke is None
+
+    def unanswered(self, prompts: list[ObjectPrompt]) -> list[ObjectPrompt]:
+        """`prompts` without the rectangles answered before for this task, where the request carries several (a
+        newer front end sends every rectangle of the control with a new one): the new ones, or the newest where
+        none is new (a repeated request is answered again). A request with one rectangle is answered as it is."""
+        rectangles = [p for p in prompts if self._is_rectangle(p)]
+        if len(rectangles) <= 1:
+            return prompts
+        new = [p for p in rectangles if not self.objects.rectangle_answered(self._rectangle_key(p))] or rectangles[-1:]
+        return [p for p in prompts if not self._is_rectangle(p) or any(p is q for q in new)]
+
     def answered(self, prompt: ObjectPrompt) -> None:
+        if self._is_rectangle(prompt):
+            self.objects.mark_rectangle(self._rectangle_key(prompt))
         if not self.enabled or prompt.stroke is not None:
             return
         key = (*self.where, prompt.label)
