@@ -15,9 +15,11 @@ from sam_backend.labelstudio.client import LabelStudioClient
 from sam_backend.labelstudio.process import label_studio_bin
 
 
-def start_up(state: Path, ls_port: int, port: int, timeout_s: float = 240) -> tuple[subprocess.Popen, str]:
-    """Start `sam-backend up` with the GrabCut engine; return the process and what it printed until ready."""
-    env = dict(os.environ, SAM_ENGINE="grabcut", PYTHONUNBUFFERED="1")
+def start_up(state: Path, ls_port: int, port: int, timeout_s: float = 240, engine_env: dict[str, str] | None = None
+             ) -> tuple[subprocess.Popen, str]:
+    """Start `sam-backend up` with the GrabCut engine (or the engine `engine_env` names); return the process and
+    what it printed until ready."""
+    env = dict(os.environ, **(engine_env or {"SAM_ENGINE": "grabcut"}), PYTHONUNBUFFERED="1")
     if label_studio_bin():
         env["LABEL_STUDIO_BIN"] = label_studio_bin()
     proc = subprocess.Popen([sys.executable, "-m", "sam_backend", "up", "--state", str(state), "--ls-port",
