@@ -16,11 +16,12 @@ from synthetic import disc_scene, iou, touching_scene
 from sam_backend.config import Settings
 from sam_backend.labelstudio.brush import encode_brush
 from sam_backend.labelstudio.context import parse_context
+from sam_backend.labelstudio.objects import ObjectRule
 from sam_backend.segment.engines import MaskPrediction
 from sam_backend.segment.engines.grabcut import GrabCutEngine
 from sam_backend.serving.app import create_app
 from sam_backend.serving.backend import SamBackend
-from sam_backend.serving.memory import ObjectMemory, ObjectRule
+from sam_backend.serving.memory import ObjectMemory
 
 W, H = 640, 480
 CONFIG = load_request("predict.browser-4-smart-rectangle")["label_config"]

@@ -14,10 +14,9 @@ smart brush stroke is one object (the stroke as a mask prompt plus positive poin
 other points form one object per label, in order of first appearance.
 
 Label Studio sends keypoints and rectangles in separate requests, so keypoints that refine a box
-drawn earlier arrive without it. `remembered_box(label, newest_point, newest_positive)` (the backend's
-object memory, `sam_backend.serving.memory`) may give that box back: its negative points (wherever they
-are) and its positive points within `join_margin_px` of the box then join it as one object, the other
-positive points are dropped.
+drawn earlier arrive without it. `remembered_box(label, newest_point, newest_positive)` (the rule of
+`sam_backend.labelstudio.objects` over the backend's object memory) may give that box back: the points that
+belong to it then join it as one object, the other positive points are dropped.
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ import numpy as np
 
 from sam_backend.labelstudio.brush import BrushError, decode_brush
 from sam_backend.labelstudio.geometry import percent_to_pixels
+from sam_backend.labelstudio.objects import belongs, owner
 from sam_backend.segment.geometry import ImageSize
 from sam_backend.segment.prompts import ObjectPrompt, PromptError
 
@@ -266,29 +266,18 @@ def _stroke_prompt(stroke: _Stroke) -> ObjectPrompt:
                         stroke.size, stroke.mask)
 
 
-def _distance(xy: tuple[float, float], box: tuple[float, float, float, float]) -> float:
-    """Pixels from a point to a box (0 inside it)."""
-    dx = max(box[0] - xy[0], 0.0, xy[0] - box[2])
-    dy = max(box[1] - xy[1], 0.0, xy[1] - box[3])
-    return math.hypot(dx, dy)
-
-
 def _group(points: list[_Point], boxes: list[_Box], remembered_box: RememberedBox | None = None,
            join_margin_px: float = 0.0) -> list[ObjectPrompt]:
-    """Each box with its points: the positive ones inside it or within `join_margin_px` of it, the negative ones
-    wherever they are (a negative point removes part of a box's answer, which may leak past the box; it goes to
-    the nearest box), a point that several boxes could own going to the smallest or nearest. The rest by label,
-    joined to the box `remembered_box` gives for their label and newest point, where it gives one, by the same
-    rule. A group of negative points alone is an error only where nothing else in the request can be answered;
-    beside other objects it is skipped (logged), so one such group never fails a whole request."""
+    """Objects of one request by the rule of `sam_backend.labelstudio.objects`: each box with the points that belong
+    to it; the rest by label, joined to the box `remembered_box` gives for their label and newest point, where it
+    gives one. A group of negative points alone is an error only where nothing else in the request can be
+    answered; beside other objects it is skipped (logged)."""
     inside: list[list[_Point]] = [[] for _ in boxes]
     loose: dict[str | None, list[_Point]] = {}
     for p in points:
-        owners = [(_distance(p.xy, b.xyxy), (b.xyxy[2] - b.xyxy[0]) * (b.xyxy[3] - b.xyxy[1]), i)
-                  for i, b in enumerate(boxes)
-                  if not p.positive or _distance(p.xy, b.xyxy) <= join_margin_px]
-        if owners:
-            inside[min(owners)[2]].append(p)
+        i = owner(p.xy, p.positive, [b.xyxy for b in boxes], join_margin_px)
+        if i is not None:
+            inside[i].append(p)
         else:
             loose.setdefault(p.label, []).append(p)
     prompts = [_make(pts, box) for box, pts in zip(boxes, inside, strict=True)]
@@ -299,8 +288,7 @@ def _group(points: list[_Point], boxes: list[_Box], remembered_box: RememberedBo
             x1, y1, x2, y2 = (float(v) for v in remembered)
             first = pts[-1]
             box = _Box((x1, y1, x2, y2), label, first.from_name, first.to_name, first.size)
-            prompts.append(_make([p for p in pts if not p.positive or _distance(p.xy, box.xyxy) <= join_margin_px],
-                                 box))
+            prompts.append(_make([p for p in pts if belongs(p.xy, p.positive, box.xyxy, join_margin_px)], box))
         elif not any(p.positive for p in pts):
             negative_only.append(PromptError(f"object {label!r} has only negative points ({len(pts)}); add a "
                                              "positive point or a box"))

@@ -25,6 +25,7 @@ from sam_backend.labelstudio.client import LabelStudioClient
 from sam_backend.labelstudio.context import parse_context
 from sam_backend.labelstudio.images import ImageFetcher, LoadedImage, safe_url
 from sam_backend.labelstudio.labelconfig import LabelConfig, parse_label_config, required_image_url, task_image_url
+from sam_backend.labelstudio.objects import ObjectRule
 from sam_backend.labelstudio.results import mask_result
 from sam_backend.segment.embedding import Embedding
 from sam_backend.segment.engines import Engine, make_engine
@@ -33,7 +34,7 @@ from sam_backend.segment.refine import clamp_to_box, refine
 from sam_backend.serving.cache import EmbeddingCache
 from sam_backend.serving.encoder import BACKGROUND, CLICK, Encoder, StillEncoding
 from sam_backend.serving.loader import EngineHolder
-from sam_backend.serving.memory import Memory, ObjectMemory, ObjectRule
+from sam_backend.serving.memory import Memory, ObjectMemory
 from sam_backend.serving.metrics import Metrics
 from sam_backend.serving.prefetch import Prefetcher
 from sam_backend.serving.prewarm import Prewarmer

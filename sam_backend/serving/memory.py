@@ -6,17 +6,8 @@
   the next click on the same object (same points plus one) is seeded with them. Bounded in bytes.
   And per task, image and label, the box of the current object, for `SAM_OBJECT_MEMORY_TTL_S`.
 
-The object rule (Label Studio sends smart keypoints and smart rectangles in separate requests, so a
-box's refining clicks arrive without it):
-- a smart rectangle starts a new object and is remembered as the current object's box;
-- keypoints whose newest point is negative, wherever it lands, or positive inside that box grown by the
-  refinement margin (`SAM_BOX_MARGIN_PX`), refine that object: the box, its negative keypoints (an
-  Alt-click removes a part, also one that leaked just past the box), its positive keypoints inside the
-  grown box (a click outside the current mask adds a part) and the previous answer's logits; positive
-  keypoints outside it are dropped;
-- keypoints whose newest point is positive and outside the grown box start a new object (the box is
-  forgotten);
-- a remembered box older than the time limit is forgotten; `SAM_OBJECT_MEMORY=false` turns it off.
+The object rule (which object a click belongs to, and the box it may join) is in one place:
+`sam_backend.labelstudio.objects`, with its table of cases; this module only keeps what it needs.
 
 Keys carry the engine id and the image digest, so another model or image never reads them.
 
@@ -98,25 +89,17 @@ class ObjectMemory:
             self.shared.put(self._shared_key("box", key), struct.pack("<4fd", *map(float, box), time.time()),
                             ttl_s=self.box_ttl_s)
 
-    def box_containing(self, key: tuple, point: tuple[float, float], positive: bool = True,
-                       margin_px: float = 0.0) -> np.ndarray | None:
-        """The current object's box `(4,) XYXY` pixels under `key` (engine, image, task, label) if it has not
-        expired and the newest click belongs to it: a negative click wherever it lands (it removes part of the
-        current answer, which may reach past the box by the refinement margin), a positive one inside the box
-        grown by `margin_px`. Else None, and the box is forgotten (a new object starts)."""
+    def current_box(self, key: tuple) -> np.ndarray | None:
+        """The current object's box `(4,) XYXY` pixels under `key` (engine, image, task, label), or None where there
+        is none or it has expired (then it is forgotten). Whether a click belongs to it: `labelstudio.objects`."""
         entry = self._boxes.get(key) or self._shared_box(key)
         if entry is None:
             return None
         box, at = entry
-        x, y = point
-        m = margin_px
-        inside = box[0] - m <= x <= box[2] + m and box[1] - m <= y <= box[3] + m
-        if time.monotonic() - at < self.box_ttl_s and (inside or not positive):
-            self._boxes.put(key, (box, time.monotonic()))  # in use: its time limit starts again
-            self._share_box(key, box)
-            return box
-        self.forget_box(key)
-        return None
+        if time.monotonic() - at >= self.box_ttl_s:
+            self.forget_box(key)
+            return None
+        return box
 
     def remember_box(self, key: tuple, box: np.ndarray) -> None:
         self._boxes.put(key, (np.asarray(box, np.float32).copy(), time.monotonic()))
@@ -170,48 +153,3 @@ class Memory:
     def __init__(self, images: ImageMemory | None = None, objects: ObjectMemory | None = None) -> None:
         self.images = images or ImageMemory()
         self.objects = objects or ObjectMemory()
-
-
-class ObjectRule:
-    """The object memory's rule for one request (see `sam_backend.serving.memory`): the hook that gives a
-    remembered box back to the prompt parser, and what each answered object leaves for the next click."""
-
-    def __init__(self, objects: ObjectMemory, where: tuple, enabled: bool, margin_px: float = 0.0) -> None:
-        self.objects, self.where, self.enabled, self.margin_px = objects, where, enabled, margin_px
-        self.refined: set[str | None] = set()  # labels whose keypoints joined a remembered box
-
-    def box_for(self, label: str | None, newest: tuple[float, float], positive: bool = True) -> np.ndarray | None:
-        if not self.enabled:
-            return None
-        box = self.objects.box_containing((*self.where, label), newest, positive, self.margin_px)
-        if box is not None:
-            self.refined.add(label)
-        return box
-
-    def _rectangle_key(self, prompt: ObjectPrompt) -> tuple:
-        return (*self.where, prompt.label, tuple(np.round(prompt.box, 1).tolist()))
-
-    @staticmethod
-    def _is_rectangle(prompt: ObjectPrompt) -> bool:
-        return prompt.box is not None and len(prompt.points) == 0 and prompt.stroke is None
-
-    def unanswered(self, prompts: list[ObjectPrompt]) -> list[ObjectPrompt]:
-        """`prompts` without the rectangles answered before for this task, where the request carries several (a
-        newer front end sends every rectangle of the control with a new one): the new ones, or the newest where
-        none is new (a repeated request is answered again). A request with one rectangle is answered as it is."""
-        rectangles = [p for p in prompts if self._is_rectangle(p)]
-        if len(rectangles) <= 1:
-            return prompts
-        new = [p for p in rectangles if not self.objects.rectangle_answered(self._rectangle_key(p))] or rectangles[-1:]
-        return [p for p in prompts if not self._is_rectangle(p) or any(p is q for q in new)]
-
-    def answered(self, prompt: ObjectPrompt) -> None:
-        if self._is_rectangle(prompt):
-            self.objects.mark_rectangle(self._rectangle_key(prompt))
-        if not self.enabled or prompt.stroke is not None:
-            return
-        key = (*self.where, prompt.label)
-        if prompt.box is None:
-            self.objects.forget_box(key)  # keypoints outside the box: a new object
-        elif prompt.label not in self.refined:
-            self.objects.remember_box(key, prompt.box)  # a new rectangle: the current object
