@@ -295,3 +295,19 @@ def test_a_newer_front_end_sending_every_rectangle_gets_only_the_new_one_answere
     ys, xs = np.nonzero(mask)
     assert xs.min() >= nx1 - 9 and xs.max() <= nx2 + 9 and ys.min() >= ny1 - 9  # the new box's answer
     assert len(regions([old, new])) == 1  # a repeated request: the newest again, not both
+
+
+def test_a_positive_click_on_the_current_answer_past_the_margin_refines_it():
+    """The box's answer reaches 40 px past the box (a leak): a positive click there is on the current object's
+    mask, so it refines that object instead of starting a new one; past the answer it starts a new one."""
+    memory = ObjectMemory()
+    rule = ObjectRule(memory, ("e", "img", 1), True, 8)
+    [[boxed]] = [parse_context({"result": [rect(*BOX)]}, image_size=(W, H), remembered_box=rule.box_for,
+                               join_margin_px=8)]
+    answer = np.zeros((H, W), bool)
+    answer[100:300, 100:340] = True  # the box is 100..300: the answer leaks to x = 340
+    rule.answered(boxed, answer)
+    [on_answer] = run([[kp(330, 200)]], memory=memory)[0]
+    assert on_answer.box is not None and on_answer.labels.tolist() == [1]
+    [elsewhere] = run([[kp(330, 200), kp(400, 200)]], memory=memory)[0]
+    assert elsewhere.box is None

@@ -32,7 +32,7 @@ import numpy as np
 
 from sam_backend.labelstudio.brush import BrushError, decode_brush
 from sam_backend.labelstudio.geometry import percent_to_pixels
-from sam_backend.labelstudio.objects import belongs, owner
+from sam_backend.labelstudio.objects import CurrentObject, owner
 from sam_backend.segment.geometry import ImageSize
 from sam_backend.segment.prompts import ObjectPrompt, PromptError
 
@@ -40,7 +40,7 @@ POINT_TYPES = ("keypointlabels", "keypoint")
 BOX_TYPES = ("rectanglelabels", "rectangle")
 BRUSH_TYPES = ("brushlabels", "brush")
 STROKE_POINTS = 3  # positive points sampled on a brush stroke
-RememberedBox = Callable[[str | None, tuple[float, float], bool], "np.ndarray | None"]
+RememberedBox = Callable[[str | None, tuple[float, float], bool], "CurrentObject | None"]
 log = logging.getLogger(__name__)
 _EPS_PCT = 1e-3  # tolerance for float noise at the image border, in percent
 
@@ -283,12 +283,12 @@ def _group(points: list[_Point], boxes: list[_Box], remembered_box: RememberedBo
     prompts = [_make(pts, box) for box, pts in zip(boxes, inside, strict=True)]
     negative_only: list[PromptError] = []
     for label, pts in loose.items():
-        remembered = remembered_box(label, pts[-1].xy, pts[-1].positive) if remembered_box is not None else None
-        if remembered is not None:
-            x1, y1, x2, y2 = (float(v) for v in remembered)
+        current = remembered_box(label, pts[-1].xy, pts[-1].positive) if remembered_box is not None else None
+        if current is not None:
+            x1, y1, x2, y2 = (float(v) for v in current.box)
             first = pts[-1]
             box = _Box((x1, y1, x2, y2), label, first.from_name, first.to_name, first.size)
-            prompts.append(_make([p for p in pts if belongs(p.xy, p.positive, box.xyxy, join_margin_px)], box))
+            prompts.append(_make([p for p in pts if current.takes(p.xy, p.positive)], box))
         elif not any(p.positive for p in pts):
             negative_only.append(PromptError(f"object {label!r} has only negative points ({len(pts)}); add a "
                                              "positive point or a box"))

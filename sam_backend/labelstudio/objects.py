@@ -10,7 +10,8 @@ past its box, and what refinement keeps).
 |---|---|---|
 | negative, anywhere | yes | the current object: it removes part of its answer, which may leak past the box |
 | positive, inside the box or within the margin | yes | the current object: it adds a missed part |
-| positive, farther out | yes | a new object of points only; the box is forgotten |
+| positive, on the current object's last answer | yes | the current object (an answer may reach past the margin) |
+| positive, elsewhere | yes | a new object of points only; the box is forgotten |
 | any | none (no box, expired, other label, `SAM_OBJECT_MEMORY=false`) | a new object of points only |
 | a box and points in one request | – | negative points: the nearest box; positive: the box they lie in or near (1) |
 | negative points alone, no box | – | refused (422) if nothing else in the request is answered; else skipped |
@@ -18,9 +19,9 @@ past its box, and what refinement keeps).
 (1) within the margin; a point several boxes could own goes to the nearest, then the smallest.
 
 When the current object takes keypoints, the negative ones join it wherever they lie and the positive ones only
-within the margin (a positive point far out is an older object's). A rectangle starts a new object. When a newer
-front end sends every rectangle of the control with a new one, only those not answered before for the task are
-answered (a repeated request: the newest again).
+within the margin or on its answer (a positive point elsewhere is an older object's). A rectangle starts a new
+object. When a newer front end sends every rectangle of the control with a new one, only those not answered before
+for the task are answered (a repeated request: the newest again).
 
 Coordinates: image pixels, boxes `XYXY`.
 """
@@ -28,7 +29,8 @@ Coordinates: image pixels, boxes `XYXY`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -58,10 +60,23 @@ def owner(xy: tuple[float, float], positive: bool, boxes: Sequence[Box], margin_
     return min(owners)[2] if owners else None
 
 
+@dataclass(frozen=True)
+class CurrentObject:
+    """The current object a label's newest click belongs to: its box, and which of the label's points it takes
+    (`takes(xy, positive)`: the rule above)."""
+
+    box: np.ndarray
+    takes: Callable[[tuple[float, float], bool], bool]
+
+
 class BoxMemory(Protocol):
     """What the rule needs of the backend's object memory (`serving.memory.ObjectMemory`)."""
 
     def current_box(self, key: tuple) -> np.ndarray | None: ...
+
+    def on_mask(self, key: tuple, point: tuple[float, float]) -> bool: ...
+
+    def remember_mask(self, key: tuple, mask: np.ndarray) -> None: ...
 
     def remember_box(self, key: tuple, box: np.ndarray) -> None: ...
 
@@ -81,21 +96,25 @@ class ObjectRule:
         self.objects, self.where, self.enabled, self.margin_px = objects, where, enabled, margin_px
         self.refined: set[str | None] = set()  # labels whose keypoints joined a remembered box
 
-    def box_for(self, label: str | None, newest: tuple[float, float], positive: bool = True) -> np.ndarray | None:
-        """The current object's box where the newest click belongs to it (the box's time limit starts again);
-        else None, and a box there was is forgotten (a new object starts)."""
+    def box_for(self, label: str | None, newest: tuple[float, float], positive: bool = True) -> CurrentObject | None:
+        """The current object where the newest click belongs to it (its box's time limit starts again); else None,
+        and a box there was is forgotten (a new object starts)."""
         if not self.enabled:
             return None
         key = (*self.where, label)
         box = self.objects.current_box(key)
         if box is None:
             return None
-        if not belongs(newest, positive, box, self.margin_px):
+
+        def takes(xy: tuple[float, float], is_positive: bool) -> bool:
+            return belongs(xy, is_positive, box, self.margin_px) or self.objects.on_mask(key, xy)
+
+        if not takes(newest, positive):
             self.objects.forget_box(key)
             return None
         self.objects.remember_box(key, box)  # in use
         self.refined.add(label)
-        return box
+        return CurrentObject(box, takes)
 
     def _rectangle_key(self, prompt: ObjectPrompt) -> tuple:
         return (*self.where, prompt.label, tuple(np.round(prompt.box, 1).tolist()))
@@ -113,9 +132,9 @@ class ObjectRule:
         new = [p for p in rectangles if not self.objects.rectangle_answered(self._rectangle_key(p))] or rectangles[-1:]
         return [p for p in prompts if not self._is_rectangle(p) or any(p is q for q in new)]
 
-    def answered(self, prompt: ObjectPrompt) -> None:
-        """Remember what `prompt`'s answer leaves: a rectangle becomes the label's current object; keypoints that
-        did not join it make the box forgotten."""
+    def answered(self, prompt: ObjectPrompt, mask: np.ndarray | None = None) -> None:
+        """Remember what `prompt`'s answer (`mask`, `(H, W) bool`) leaves: a rectangle becomes the label's current
+        object, its answer the current object's; keypoints that did not join it make the box forgotten."""
         if self._is_rectangle(prompt):
             self.objects.mark_rectangle(self._rectangle_key(prompt))
         if not self.enabled or prompt.stroke is not None:
@@ -123,5 +142,8 @@ class ObjectRule:
         key = (*self.where, prompt.label)
         if prompt.box is None:
             self.objects.forget_box(key)  # keypoints outside the box: a new object
-        elif prompt.label not in self.refined:
+            return
+        if prompt.label not in self.refined:
             self.objects.remember_box(key, prompt.box)  # a new rectangle: the current object
+        if mask is not None:
+            self.objects.remember_mask(key, mask)

@@ -175,7 +175,7 @@ class SamBackend:
                                 join_margin_px=margin)
         for prompt in memory.unanswered(prompts):
             mask, score = self._segment(engine, embedding, image_id, prompt, stages)
-            memory.answered(prompt)
+            memory.answered(prompt, mask)
             label = target.label_for(prompt.label)
             with stages.stage("rle"):
                 result = mask_result(mask, label, score, target) if mask.any() else None

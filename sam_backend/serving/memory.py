@@ -31,6 +31,7 @@ from sam_backend.serving.cache import CacheStats, EmbeddingCache
 if TYPE_CHECKING:
     from sam_backend.serving.stores import SharedStore
 
+MASK_SIDE = 512  # the current object's answer is kept at most this many pixels on its long side
 LOGITS_BYTES = 64 * 1024 * 1024  # ≈ 256 objects of 256 × 256 float32
 URL_ENTRIES = 4096
 URL_TTL_S = 600.0
@@ -66,6 +67,8 @@ class ObjectMemory:
         self._logits: EmbeddingCache[np.ndarray] = EmbeddingCache(max_bytes)
         self._boxes: EmbeddingCache[tuple[np.ndarray, float]] = EmbeddingCache(boxes, size_of=lambda v: 1)
         self._rectangles: EmbeddingCache[float] = EmbeddingCache(boxes, size_of=lambda v: 1)  # answered, by geometry
+        # the current object's last answer, at most MASK_SIDE px on its long side: `(mask, scale to it)`
+        self._masks: EmbeddingCache[tuple[np.ndarray, float]] = EmbeddingCache(boxes, size_of=lambda v: 1)
         self.box_ttl_s = box_ttl_s
         self.shared = shared
         self.logits_ttl_s = logits_ttl_s
@@ -105,7 +108,27 @@ class ObjectMemory:
         self._boxes.put(key, (np.asarray(box, np.float32).copy(), time.monotonic()))
         self._share_box(key, box)
 
+    def remember_mask(self, key: tuple, mask: np.ndarray) -> None:
+        """Keep the current object's answer `(H, W) bool`, downscaled to `MASK_SIDE` px on its long side."""
+        import cv2
+
+        scale = min(1.0, MASK_SIDE / max(mask.shape))
+        small = mask if scale == 1.0 else cv2.resize(mask.astype(np.uint8), None, fx=scale, fy=scale,
+                                                     interpolation=cv2.INTER_NEAREST) > 0
+        self._masks.put(key, (small, scale))
+
+    def on_mask(self, key: tuple, point: tuple[float, float]) -> bool:
+        """Whether the pixel `point` lies on the current object's last answer (for as long as its box lasts)."""
+        entry = self._masks.get(key)
+        if entry is None or self.current_box(key) is None:
+            return False
+        small, scale = entry
+        h, w = small.shape
+        x, y = int(point[0] * scale), int(point[1] * scale)
+        return 0 <= x < w and 0 <= y < h and bool(small[y, x])
+
     def forget_box(self, key: tuple) -> None:
+        self._masks.discard(key)
         self._boxes.discard(key)
         if self.shared is not None:
             self.shared.delete(self._shared_key("box", key))
