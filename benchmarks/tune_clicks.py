@@ -30,7 +30,6 @@ from sam_backend.segment.engines.sam import SamEngine  # noqa: E402
 from sam_backend.segment.prompts import ObjectPrompt  # noqa: E402
 from sam_backend.segment.refine import refine  # noqa: E402
 from sam_backend.segment.simulator import first_click, iou, mean_iou_curve, next_click, noc  # noqa: E402
-from sam_backend.segment.steady import collapsed, obeys  # noqa: E402
 
 log = logging.getLogger("tune_clicks")
 
@@ -57,6 +56,22 @@ STRATEGIES = {
     "no-keep/box-no-feedback": {"feedback": "no-box", "pick": "sam", "refine": RefineSettings(keep_clicked=False)},
     "no-keep/box-multimask": {"feedback": True, "pick": "box-multimask", "refine": RefineSettings(keep_clicked=False)},
 }
+
+
+def obeys(mask: np.ndarray, point: np.ndarray, positive: bool) -> bool:
+    """Whether a click agrees with `mask`: a positive click on it, a negative one off it."""
+    h, w = mask.shape
+    x, y = int(np.clip(point[0], 0, w - 1)), int(np.clip(point[1], 0, h - 1))
+    return bool(mask[y, x]) == positive
+
+
+def collapsed(logits: np.ndarray, previous: np.ndarray, score: float) -> bool:
+    """An answer that keeps under half of the previous one (low-res IoU < 0.5) while the model doubts it (predicted
+    IoU < 0.8): the collapse the guard strategies try to catch (measured worse, not in the product)."""
+    a, b = logits > 0, previous > 0
+    union = np.logical_or(a, b).sum()
+    overlap = 1.0 if union == 0 else np.logical_and(a, b).sum() / union
+    return score < 0.8 and overlap < 0.5
 
 
 def obeyed(mask: np.ndarray, points: np.ndarray, labels: np.ndarray) -> np.ndarray:
