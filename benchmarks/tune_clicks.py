@@ -110,7 +110,7 @@ def guarded(engine: SamEngine, embedding, prompt: ObjectPrompt, feed):
 
 
 def guard_collapse(engine: SamEngine, embedding, prompt: ObjectPrompt, feed):
-    """`(prediction, index, keep previous)` as the backend answers a corrective click (`segment.steady`)."""
+    """`(prediction, index, keep previous)`: the collapse guard tried (the unseeded answer, else the previous)."""
     out = engine.predict(embedding, prompt, feed)
     if not collapsed(out.low_res_logits[out.best], feed, float(out.scores[out.best])):
         return out, out.best, False
