@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT, WEIGHTS_CACHE, evalset, require_or_skip
 from label_studio_sdk.converter.brush import decode_rle
 from stack import client_for, start_up
-from test_browser import CHROMIUM, pick_smart_tool, wait_suggestion
+from test_browser import CHROMIUM, ensure_label, pick_smart_tool, wait_suggestion
 
 from sam_backend.labelstudio.client import free_port
 
@@ -60,6 +60,31 @@ def mobile_stack(tmp_path_factory, mobile_sam_checkpoint):
     proc.wait(60)
 
 
+def settled_canvas(page, aspect: float) -> dict:
+    """The image canvas's box once the photo is drawn: the stage is resized when the image has loaded, so a box
+    read earlier (a slow machine) puts every click off the photo. Waits for the photo's aspect, twice the same."""
+    last = None
+    for _ in range(240):
+        box = page.locator("canvas").first.bounding_box()
+        if box and box["width"] > 50 and abs(box["height"] / box["width"] - aspect) < 0.03:
+            if box == last:
+                return box
+            last = box
+        page.wait_for_timeout(250)
+    raise AssertionError(f"the image canvas never settled at the photo's aspect {aspect:.3f}: {last}")
+
+
+def pick_tool(page, tool: str, hotkey: str, full_name: str) -> None:
+    """`pick_smart_tool`, checked: the smart tool must be the selected one (tried again once on a slow page)."""
+    selected = "window.ToolManager.allInstances()[0].findSelectedTool()?.fullName"
+    for _ in range(2):
+        pick_smart_tool(page, tool, hotkey)
+        if page.evaluate(selected) == full_name:
+            return
+        page.wait_for_timeout(1000)
+    assert page.evaluate(selected) == full_name
+
+
 def test_box_then_ctrl_alt_click_removes_the_leak_and_the_refined_mask_is_saved(mobile_stack):
     from playwright.sync_api import sync_playwright
 
@@ -85,13 +110,14 @@ def test_box_then_ctrl_alt_click_removes_the_leak_and_the_refined_mask_is_saved(
             page.goto(f"{ls.url}/projects/{project}/data?task={task_id}")
             page.wait_for_selector("canvas")
             page.wait_for_function("window.Htx?.annotationStore?.selected && window.ToolManager?.allInstances().length")
-            canvas = page.locator("canvas").first.bounding_box()
+            canvas = settled_canvas(page, h / w)
 
             def screen(x: float, y: float) -> tuple[float, float]:
                 return canvas["x"] + x / w * canvas["width"], canvas["y"] + y / h * canvas["height"]
 
             # 1. Smart rectangle around the head and fez (labels: brush 1-2, keypoint 3-4, rectangle 5-6).
-            pick_smart_tool(page, "rectangle-tool", "5")
+            pick_tool(page, "rectangle-tool", "5", "RectangleTool-dynamic")
+            ensure_label(page, 4, "5")
             with page.expect_response(lambda r: "interactive-annotating" in r.url) as info:
                 page.mouse.move(*screen(x1, y1))
                 page.mouse.down()
@@ -105,7 +131,8 @@ def test_box_then_ctrl_alt_click_removes_the_leak_and_the_refined_mask_is_saved(
 
             # 2. Esc, the smart keypoint tool and its label, Ctrl+Alt+click on the leak.
             page.keyboard.press("Escape")
-            pick_smart_tool(page, "key-point-tool", "3")
+            pick_tool(page, "key-point-tool", "3", "KeyPointTool-dynamic")
+            ensure_label(page, 2, "3")
             with page.expect_response(lambda r: "interactive-annotating" in r.url) as info:
                 page.keyboard.down("Control")
                 page.keyboard.down("Alt")
