@@ -6,9 +6,10 @@ mIoU from one interaction to the next, per strategy and protocol:
 
     python benchmarks/tune_clicks.py ../shared/evaldata/GrabCut --checkpoint checkpoints/mobile_sam.pt
 
-A strategy: `feedback` (the previous low-res logits as the mask prompt), `pick` (`sam`: the model's own choice,
-three candidates on a lone first click and one after; `consistent`: every mask token's candidate, the one that
-agrees with most clicks, then the highest score), `refine` (the product's clean-up, or none).
+A strategy: `feedback` (the previous low-res logits as the mask prompt; `no-box`: only without a box), `guard` (the
+collapse guard that was tried: on every corrective click or on negative ones), `refine` (a clean-up, or none).
+Choosing among all four decoder tokens by the clicks, tried in the same round, measured worse and needed a hook in
+the engine; it is not kept (README, "Quality on standard benchmarks").
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,28 +35,19 @@ from sam_backend.segment.simulator import first_click, iou, mean_iou_curve, next
 
 log = logging.getLogger("tune_clicks")
 
+# The clean-up of the previous round (its defaults), spelled out: today's `RefineSettings()` is the clamp alone.
+ROUND_BEFORE = RefineSettings(max_hole_px=256, min_island_px=256, keep_clicked=True)
 STRATEGIES = {
-    "plain": {"feedback": True, "pick": "sam", "refine": None},
-    "product": {"feedback": True, "pick": "sam", "refine": RefineSettings()},
-    "consistent": {"feedback": True, "pick": "consistent", "refine": None},
-    "consistent+refine": {"feedback": True, "pick": "consistent", "refine": RefineSettings()},
-    "consistent+refine-no-keep": {"feedback": True, "pick": "consistent",
-                                  "refine": RefineSettings(keep_clicked=False)},
-    "guard": {"feedback": True, "pick": "guard", "refine": None},
-    "guard+refine": {"feedback": True, "pick": "guard", "refine": RefineSettings()},
-    "refine-no-keep": {"feedback": True, "pick": "sam", "refine": RefineSettings(keep_clicked=False)},
-    "refine-no-islands": {"feedback": True, "pick": "sam", "refine": RefineSettings(min_island_px=0)},
-    "refine-holes-only": {"feedback": True, "pick": "sam",
-                          "refine": RefineSettings(keep_clicked=False, min_island_px=0)},
-    "refine-no-holes": {"feedback": True, "pick": "sam", "refine": RefineSettings(max_hole_px=0)},
-    "no-keep/guard": {"feedback": True, "pick": "collapse-guard", "refine": RefineSettings(keep_clicked=False)},
-    "plain/guard": {"feedback": True, "pick": "collapse-guard", "refine": None},
-    "holes-only/neg-guard": {"feedback": True, "pick": "negative-guard",
-                             "refine": RefineSettings(keep_clicked=False, min_island_px=0)},
-    "clamp-only": {"feedback": True, "pick": "sam",
-                   "refine": RefineSettings(keep_clicked=False, min_island_px=0, max_hole_px=0)},
-    "no-keep/box-no-feedback": {"feedback": "no-box", "pick": "sam", "refine": RefineSettings(keep_clicked=False)},
-    "no-keep/box-multimask": {"feedback": True, "pick": "box-multimask", "refine": RefineSettings(keep_clicked=False)},
+    "plain": {"feedback": True, "guard": None, "refine": None},
+    "product": {"feedback": True, "guard": None, "refine": RefineSettings()},
+    "before": {"feedback": True, "guard": None, "refine": ROUND_BEFORE},
+    "before-no-keep": {"feedback": True, "guard": None, "refine": replace(ROUND_BEFORE, keep_clicked=False)},
+    "before-no-islands": {"feedback": True, "guard": None, "refine": replace(ROUND_BEFORE, min_island_px=0)},
+    "before-no-holes": {"feedback": True, "guard": None, "refine": replace(ROUND_BEFORE, max_hole_px=0)},
+    "holes-only": {"feedback": True, "guard": None, "refine": RefineSettings(max_hole_px=256)},
+    "plain/guard": {"feedback": True, "guard": "every", "refine": None},
+    "holes-only/negative-guard": {"feedback": True, "guard": "negative", "refine": RefineSettings(max_hole_px=256)},
+    "product/box-no-feedback": {"feedback": "no-box", "guard": None, "refine": RefineSettings()},
 }
 
 
@@ -72,41 +65,6 @@ def collapsed(logits: np.ndarray, previous: np.ndarray, score: float) -> bool:
     union = np.logical_or(a, b).sum()
     overlap = 1.0 if union == 0 else np.logical_and(a, b).sum() / union
     return score < 0.8 and overlap < 0.5
-
-
-def obeyed(mask: np.ndarray, points: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """`(N,) bool`: whether each click agrees with `mask` (a positive one on it, a negative one off it)."""
-    return np.array([obeys(mask, p, bool(lab)) for p, lab in zip(points, labels, strict=True)], bool)
-
-
-def choose_candidate(out, prompt: ObjectPrompt) -> int:
-    """The candidate that obeys the newest click, then most clicks, then scores highest."""
-    def key(i: int) -> tuple:
-        ok = obeyed(out.mask(i), prompt.points, prompt.labels)
-        return (bool(ok[-1]), int(ok.sum()), float(out.scores[i]))
-
-    return max(range(len(out.scores)), key=key)
-
-
-def guarded(engine: SamEngine, embedding, prompt: ObjectPrompt, feed):
-    """The model's own answer where it obeys the newest click; else, among it, the answer without the previous
-    logits and the multimask candidates, the one that obeys the newest click, then most clicks, then scores."""
-    out = engine.predict(embedding, prompt, feed)
-    best = out.best
-    if feed is None or obeyed(out.mask(best), prompt.points[-1:], prompt.labels[-1:])[0]:
-        return out, best
-    options = [(out, best)]
-    fresh = engine.predict(embedding, prompt, None)
-    options.append((fresh, fresh.best))
-    every = engine.predict_with(engine.fast_decoder, embedding, prompt, feed, every_token=True)
-    options += [(every, i) for i in range(1, len(every.scores))]
-
-    def key(option):
-        pred, i = option
-        ok = obeyed(pred.mask(i), prompt.points, prompt.labels)
-        return (bool(ok[-1]), int(ok.sum()), float(pred.scores[i]))
-
-    return max(options, key=key)
 
 
 def guard_collapse(engine: SamEngine, embedding, prompt: ObjectPrompt, feed):
@@ -139,26 +97,15 @@ def run_object(engine: SamEngine, embedding, obj, strategy: dict, protocol: str,
         labels = np.array([int(p) for _, _, p in clicks], np.int32)
         prompt = ObjectPrompt(pts, labels, box, "o", None, None, (w, h))
         feed = prev if strategy["feedback"] is True or (strategy["feedback"] == "no-box" and box is None) else None
-        if strategy["pick"] == "guard":
-            out, best = guarded(engine, embedding, prompt, feed)
-        elif strategy["pick"] in ("collapse-guard", "negative-guard") and feed is not None and (
-                strategy["pick"] == "collapse-guard" or not clicks[-1][2]):
+        guard = strategy["guard"] == "every" or (strategy["guard"] == "negative" and clicks and not clicks[-1][2])
+        if guard and feed is not None:
             out, best, keep = guard_collapse(engine, embedding, prompt, feed)
             if keep:  # the previous answer stays
                 ious.append(ious[-1])
                 continue
-        elif strategy["pick"] == "box-multimask" and box is not None and k > 0:
-            # with a box, the corrective click's answer from every token: the one obeying the newest click, then
-            # the model's own (token 0), then the highest score
-            out = engine.predict_with(engine.fast_decoder, embedding, prompt, feed, every_token=True)
-            best = max(range(len(out.scores)), key=lambda i: (
-                bool(obeyed(out.mask(i), prompt.points[-1:], prompt.labels[-1:])[0]), i == 0, float(out.scores[i])))
-        elif strategy["pick"] == "sam" or k == 0:
+        else:
             out = engine.predict(embedding, prompt, feed)
             best = out.best
-        else:
-            out = engine.predict_with(engine.fast_decoder, embedding, prompt, feed, every_token=True)
-            best = choose_candidate(out, prompt)
         prev = out.low_res_logits[best]
         mask = out.mask(best)
         if strategy["refine"] is not None:

@@ -14,8 +14,9 @@ from pathlib import Path
 ENGINES = ("sam", "sam2", "grabcut")
 # Official checkpoint file names by model type (URLs and digests: sam_backend.segment.checkpoints).
 # `vit_t` is MobileSAM: a TinyViT-5M image encoder with SAM's own prompt encoder and mask decoder.
+MOBILE_SAM = "vit_t"
 SAM_FILES = {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_h": "sam_vit_h_4b8939.pth",
-             "vit_t": "mobile_sam.pt"}
+             MOBILE_SAM: "mobile_sam.pt"}
 SAM2_FILES = {f"sam2.1_hiera_{size}": f"sam2.1_hiera_{size}.pt" for size in ("tiny", "small", "base_plus", "large")}
 CHECKPOINT_FILES = {**SAM_FILES, **SAM2_FILES}
 MODEL_TYPES = tuple(CHECKPOINT_FILES)

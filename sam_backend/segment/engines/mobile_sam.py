@@ -19,7 +19,6 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTra
 
 from sam_backend.segment.engines import EngineError
 
-MODEL_TYPE = "vit_t"
 IMG_SIZE = 1024
 PROMPT_DIM = 256
 # The one tensor name that tells a TinyViT encoder from a ViT one (ViT's is `image_encoder.patch_embed.proj.weight`).

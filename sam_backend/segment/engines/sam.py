@@ -28,11 +28,11 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from segment_anything.utils.onnx import SamOnnxModel
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from sam_backend.config import MOBILE_SAM
 from sam_backend.segment.checkpoints import expected_sha256
 from sam_backend.segment.embedding import Embedding
 from sam_backend.segment.engines import EngineError, MaskPrediction, check_image, stroke_logits
 from sam_backend.segment.engines.fast_decoder import FastDecoder
-from sam_backend.segment.engines.mobile_sam import MODEL_TYPE as MOBILE_SAM
 from sam_backend.segment.engines.mobile_sam import build_mobile_sam, is_mobile_sam
 from sam_backend.segment.engines.torch_engine import (
     TorchEngine,
@@ -272,12 +272,10 @@ class SamEngine(TorchEngine):
                          {"input_size": [int(resized.shape[0]), int(resized.shape[1])]})
 
     def predict_with(self, decoder: FastDecoder | None, embedding: Embedding, prompt: ObjectPrompt,
-                     prev_logits: np.ndarray | None = None, every_token: bool = False) -> MaskPrediction:
+                     prev_logits: np.ndarray | None = None) -> MaskPrediction:
         """Masks for one object. A lone first click asks for 3 candidates (ambiguity); later
         clicks ask for one, seeded with the previous low-res logits `(256, 256)` (4 × the embedding grid).
-        `every_token` gives every mask token's candidate instead (the single-mask one first, then the three
-        multimask ones), for a caller that picks among them. `decoder` None runs the eager prompt encoder and
-        mask decoder; a fast one runs `SamDecoderGraph`."""
+        `decoder` None runs the eager prompt encoder and mask decoder; a fast one runs `SamDecoderGraph`."""
         if embedding.engine_id != self.engine_id:
             raise EngineError(f"embedding from {embedding.engine_id} given to {self.engine_id}")
         original = embedding.image_size.shape
@@ -309,16 +307,13 @@ class SamEngine(TorchEngine):
         if decoder is None:
             with torch.inference_mode():
                 sparse, dense = self.model.prompt_encoder(points=points, boxes=box, masks=mask_input)
-                decode = self.model.mask_decoder.predict_masks if every_token else partial(
-                    self.model.mask_decoder, multimask_output=multimask)
-                low_res, iou = decode(
+                low_res, iou = self.model.mask_decoder(
                     image_embeddings=self._features(embedding), image_pe=self.model.prompt_encoder.get_dense_pe(),
-                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
+                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask)
         else:
             low_res, iou = decoder(self._graph_inputs(embedding, points, box, mask_input))
-            if not every_token:
-                chosen = slice(1, None) if multimask else slice(0, 1)  # as `MaskDecoder.forward` chooses
-                low_res, iou = low_res[:, chosen], iou[:, chosen]
+            chosen = slice(1, None) if multimask else slice(0, 1)  # as `MaskDecoder.forward` chooses
+            low_res, iou = low_res[:, chosen], iou[:, chosen]
         model = self.model
 
         def upsample(i: int) -> np.ndarray:  # only the mask the answer needs goes to full resolution

@@ -186,7 +186,11 @@ class TorchEngine:
         from sam_backend.segment.samples import bench_image
 
         size = embedding.image_size
-        real = self.compare_decoder(candidate, self.embed(bench_image(size.width, size.height)))
+        samples = self.__dict__.setdefault("_encoded_samples", {})  # a re-export is checked on the same encode
+        key = (self.engine_id, size)
+        if key not in samples:
+            samples[key] = self.embed(bench_image(size.width, size.height))
+        real = self.compare_decoder(candidate, samples[key])
         log.info("decoder check: IoU %.4f on random features, %.4f on the encoded sample image", worst, real)
         return real
 
