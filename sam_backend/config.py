@@ -25,6 +25,7 @@ DEFAULT_MODEL = {"sam": "vit_b", "sam2": "sam2.1_hiera_tiny", "grabcut": "vit_b"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
 DECODERS = ("auto", "eager", "onnx", "compile")
+ENCODERS = ("auto", "eager", "onnx", "aoti")
 
 
 class ConfigError(ValueError):
@@ -57,6 +58,16 @@ def _metadata_db(value: str | None) -> Path | str:
     return Path(value or "annotations.db")
 
 
+def _folder(name: str, value: str | None) -> Path | None:
+    """An existing folder, or None where unset."""
+    if value is None:
+        return None
+    path = Path(value)
+    if not path.is_dir():
+        raise ConfigError(f"{name}: expected a folder of photos, got {value!r} (not a folder)")
+    return path
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the backend reads from its environment (see README for the table)."""
@@ -69,6 +80,8 @@ class Settings:
     device: str = "auto"
     precision: str = "auto"
     decoder: str = "auto"  # the click's decoder path: auto | onnx | compile | eager (segment.engines.fast_decoder)
+    encoder: str = "auto"  # the image encoder's path: auto | onnx | aoti | eager (segment.engines.encoder_choice)
+    check_images: Path | None = None  # SAM_CHECK_IMAGES: photos the fast paths are checked on at first start
     cache_mb: int = 1024
     # SAM_EMBEDDING_STORE: redis://… or file:///… (serving.stores); not in repr: a URL may carry a password
     embedding_store: str | None = field(default=None, repr=False)
@@ -142,6 +155,8 @@ class Settings:
             device=r.choice("SAM_DEVICE", "auto", DEVICES),
             precision=r.choice("SAM_PRECISION", "auto", PRECISIONS),
             decoder=r.choice("SAM_DECODER", "auto", DECODERS),
+            encoder=r.choice("SAM_ENCODER", "auto", ENCODERS),
+            check_images=_folder("SAM_CHECK_IMAGES", r.text("SAM_CHECK_IMAGES")),
             cache_mb=r.integer("SAM_CACHE_MB", 1024, minimum=0),
             embedding_store=store,
             embedding_store_mb=r.integer("SAM_EMBEDDING_STORE_MB", 8192, minimum=1),

@@ -155,6 +155,19 @@ def mobile_sam_engine(mobile_sam_checkpoint):
     return SamEngine.from_checkpoint(mobile_sam_checkpoint, device="cpu", precision="fp32")
 
 
+def real_photo(name: str = "GrabCut", index: int = 0):  # noqa: ANN201 - (image, mask)
+    """`(HWC uint8 RGB image, (H, W) bool object)` of one shared real photo (GrabCut or Berkeley)."""
+    import cv2
+
+    from sam_backend.commands.evalsets import load_objects
+
+    folder = evalset(name)
+    obj = load_objects(folder, limit=index + 1)[index]
+    root = folder / ("data_GT" if name == "GrabCut" else "images")
+    image = cv2.cvtColor(cv2.imread(str(root / obj.image)), cv2.COLOR_BGR2RGB)
+    return image, obj.mask
+
+
 def evalset(name: str) -> Path:
     """A shared real-photo set (`../shared/evaldata/<name>`), or a skip saying why (a failure under CI=true)."""
     folder = EVALDATA / name

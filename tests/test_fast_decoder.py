@@ -197,3 +197,49 @@ def test_only_the_chosen_mask_is_upsampled_and_it_equals_the_reference_on_vit_b(
             reference = (model.postprocess_masks(low, input_size, original) > model.mask_threshold)[0].numpy()
         assert np.array_equal(ours.best_mask, reference[ours.best])
         assert np.array_equal(ours.masks, reference)
+
+
+def test_the_verdict_is_kept_with_the_graph_and_a_restart_does_not_check_again(own_tiny_sam, tmp_path, caplog):
+    """An accepted export's verdict is written beside it, tied to the graph's bytes; the next start uses it without
+    checking (no "decoder check"/"masks IoU" line, the graph untouched)."""
+    import json
+
+    from sam_backend.segment.engines.torch_engine import decoder_verdict_file
+
+    engine, path = own_tiny_sam
+    cache = engine.decoder_cache(path)
+    assert engine.use_decoder("onnx", cache) == "onnx"
+    verdict = json.loads(decoder_verdict_file(cache).read_text())
+    assert verdict["accepted"] is True and verdict["engine_id"] == engine.engine_id and verdict["iou"] >= 0.999
+    calls = []
+    original = engine.compare_decoder
+    engine.compare_decoder = lambda *a: calls.append(1) or original(*a)
+    stamp = cache.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO):
+        assert engine.use_decoder("onnx", cache) == "onnx"
+    assert calls == [] and cache.stat().st_mtime_ns == stamp and "verdict in" in caplog.text
+    image, _, _ = disc_scene()
+    assert_same_masks(engine, engine.embed(image), image.shape[1], image.shape[0])
+    # The graph's bytes changed since (another export, a tampered file): the verdict no longer holds, it is checked.
+    cache.write_bytes(cache.read_bytes() + b"\x00")
+    assert engine.use_decoder("onnx", cache) in ("onnx", "eager") and calls
+
+
+def test_a_refused_verdict_is_not_exported_again(own_tiny_sam, caplog):
+    """A graph refused at an earlier start (its verdict says so) is neither exported nor checked again: eager at
+    once, with the reason in the log."""
+    import json
+
+    from sam_backend.segment.engines.torch_engine import decoder_verdict_file
+
+    engine, path = own_tiny_sam
+    cache = engine.decoder_cache(path)
+    assert engine.use_decoder("onnx", cache) == "onnx"
+    vfile = decoder_verdict_file(cache)
+    verdict = json.loads(vfile.read_text())
+    vfile.write_text(json.dumps({**verdict, "accepted": False, "iou": 0.9972}))
+    stamp = cache.stat().st_mtime_ns
+    with caplog.at_level(logging.WARNING):
+        assert engine.use_decoder("onnx", cache) == "eager"
+    assert engine.decoder_kind == "eager" and cache.stat().st_mtime_ns == stamp
+    assert "was refused" in caplog.text and "0.9972" in caplog.text

@@ -10,9 +10,8 @@ import warnings
 import cv2
 import numpy as np
 import pytest
-from conftest import evalset
+from conftest import evalset, real_photo
 
-from sam_backend.commands.evalsets import load_objects
 from sam_backend.config import Settings
 from sam_backend.segment.engines import EngineError
 from sam_backend.segment.engines.sam import SamEngine
@@ -23,12 +22,7 @@ pytestmark = pytest.mark.slow
 
 
 def photo(name: str = "GrabCut", index: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """`(HWC uint8 RGB image, (H, W) bool object)` of one shared real photo."""
-    folder = evalset(name)
-    obj = load_objects(folder, limit=index + 1)[index]
-    root = folder / ("data_GT" if name == "GrabCut" else "images")
-    image = cv2.cvtColor(cv2.imread(str(root / obj.image)), cv2.COLOR_BGR2RGB)
-    return image, obj.mask
+    return real_photo(name, index)
 
 
 def prompts(mask: np.ndarray) -> list[ObjectPrompt]:
@@ -111,7 +105,7 @@ def test_model_version_names_the_loaded_model(mobile_sam_checkpoint, tmp_path):
     image, mask = photo()
     cv2.imwrite(str(tmp_path / "photo.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     settings = Settings.from_env({"SAM_CHECKPOINT": str(mobile_sam_checkpoint), "SAM_DECODER": "eager",
-                                  "LOCAL_FILES_DOCUMENT_ROOT": str(tmp_path),
+                                  "SAM_ENCODER": "eager", "LOCAL_FILES_DOCUMENT_ROOT": str(tmp_path),
                                   "SAM_METADATA_DB": str(tmp_path / "sidecar.db")})
     client = create_app(settings).test_client()
     h, w = mask.shape

@@ -132,6 +132,15 @@ class ChecksumError(DownloadError):
     """A file's SHA-256 is not the expected one."""
 
 
+def graph_base(checkpoint: Path) -> Path:
+    """The path the names of files derived from `checkpoint` (exported graphs, verdicts, load times) are built on:
+    beside it where its folder is writable, else under `$XDG_CACHE_HOME/sam-backend/graphs` (a read-only volume)."""
+    if os.access(checkpoint.parent, os.W_OK):
+        return checkpoint
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sam-backend" / "graphs"
+    return cache / checkpoint.name
+
+
 def sha256_file(path: Path, progress: bool = False) -> str:
     """Hex SHA-256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()

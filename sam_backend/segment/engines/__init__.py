@@ -16,6 +16,7 @@ Shapes: images are `(H, W, 3) uint8 RGB`; masks are `(K, H, W) bool` in the imag
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Embedding", "Engine", "EngineError", "MaskPrediction", "check_image", "make_engine"]
 
+
+log = logging.getLogger(__name__)
 
 class EngineError(RuntimeError):
     """The engine cannot be built or cannot run (missing checkpoint, wrong weights, bad device)."""
@@ -163,5 +166,13 @@ def make_engine(settings: Settings) -> Engine:
         from sam_backend.segment.engines.sam import SamEngine
 
         engine = SamEngine.from_settings(settings)
-    engine.use_decoder(settings.decoder, engine.decoder_cache(settings.checkpoint_path))
+    from sam_backend.segment.checkpoints import graph_base
+    from sam_backend.segment.engines.encoder_choice import choose_encoder
+
+    engine.use_decoder(settings.decoder, engine.decoder_cache(graph_base(settings.checkpoint_path)),
+                       settings.check_images)
+    if settings.engine == "sam":
+        choose_encoder(engine, settings.encoder, settings.checkpoint_path, settings.check_images)
+    elif settings.encoder not in ("auto", "eager"):
+        log.warning("SAM_ENCODER=%s applies to the sam engine only; SAM 2.1 encodes eagerly", settings.encoder)
     return engine

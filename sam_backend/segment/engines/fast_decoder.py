@@ -85,11 +85,13 @@ class OnnxDecoder:
         # 54.8 ms without spinning and 62.6 ms with it, the decoder alone 33.2 and 35.4 ms.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = None
+        self.from_cache = False  # whether the graph was read from `cache` (else exported by this call)
         if cache is not None and cache.is_file():
             try:
                 self.session = ort.InferenceSession(str(cache), options, providers=["CPUExecutionProvider"])
                 if [i.name for i in self.session.get_inputs()] != self.names:
                     raise ValueError(f"inputs {[i.name for i in self.session.get_inputs()]}, expected {self.names}")
+                self.from_cache = True
                 log.info("decoder graph read from %s", cache)
             except Exception as exc:  # a torn or foreign file: export again
                 log.warning("ignored the cached decoder graph %s (%s); exporting it again", cache, exc)

@@ -265,9 +265,12 @@ class SamEngine(TorchEngine):
         check_image(image)
         resized = self.transform.apply_image(image)  # the model's image_format is RGB
         pixels = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        fast = self.fast_encoder
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                  enabled=self.precision == "bf16" and fast is None)
         with self._encode_lock, torch.inference_mode(), autocast:
-            features = self.model.image_encoder(self.model.preprocess(pixels))
+            x = self.model.preprocess(pixels)
+            features = self.model.image_encoder(x) if fast is None else fast(x.float())
         return Embedding(self.engine_id, ImageSize.of(image), {"image_embed": features.float().contiguous()},
                          {"input_size": [int(resized.shape[0]), int(resized.shape[1])]})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -20,6 +21,7 @@ from sam_backend.segment.engines.fast_decoder import (
     build_fast_decoder,
     resolve_decoder,
 )
+from sam_backend.segment.engines.fast_encoder import FastEncoder
 
 if TYPE_CHECKING:
     from sam_backend.segment.prompts import ObjectPrompt
@@ -100,6 +102,8 @@ class TorchEngine:
     precision: str
     engine_id: str
     fast_decoder: FastDecoder | None = None  # None: the eager prompt encoder + mask decoder
+    fast_encoder: FastEncoder | None = None  # None: the eager image encoder (see `segment.engines.encoder_choice`)
+    encoder_tuning: threading.Thread | None = None  # the background measurement of the encoder paths, if one runs
 
     @classmethod
     def build(cls, model_type: str) -> torch.nn.Module:
@@ -128,6 +132,25 @@ class TorchEngine:
         other.engine_id = self.engine_id.rsplit("/", 1)[0] + "/" + other.precision
         return other
 
+    def with_encoder(self: T, encoder: FastEncoder | None) -> T:
+        """The same weights with another image-encoder runner (None: eager)."""
+        other = type(self).__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other.fast_encoder = encoder
+        return other
+
+    @property
+    def encoder_kind(self) -> str:
+        """`onnx`, `aoti` or `eager`: the image-encoder path `embed` runs."""
+        encoder = self.fast_encoder
+        return encoder.kind if encoder is not None else "eager"
+
+    @property
+    def encoder_precision(self) -> str:
+        """The precision the image encoder computes in (an `onnx` graph is fp32 whatever the engine's)."""
+        encoder = self.fast_encoder
+        return encoder.precision if encoder is not None else self.precision
+
     @property
     def decoder_kind(self) -> str:
         """`onnx`, `compile` or `eager`: the decoder path `predict` runs."""
@@ -143,30 +166,45 @@ class TorchEngine:
         weights = self.engine_id.split("/")[2]
         return checkpoint.with_name(f"{checkpoint.name}.decoder-{GRAPH_VERSION}-{weights}.onnx")
 
-    def use_decoder(self, kind: str = "auto", cache: Path | None = None) -> str:
+    def use_decoder(self, kind: str = "auto", cache: Path | None = None, check_images: Path | None = None) -> str:
         """Run clicks through the `kind` decoder (`auto`, `onnx`, `compile`, `eager`); returns the kind in use.
 
         A fast kind is used only where its masks agree with eager ones (IoU ≥ 0.999 for every candidate of a
-        table of prompts on random features); where it cannot be built or does not agree, a warning says why
-        and eager stays."""
+        table of prompts, on random features, else on encoded check images: `decoder_agreement`); where it cannot
+        be built or does not agree, a warning says why and eager stays. An ONNX graph's verdict is kept beside it
+        (`<graph>.json`, tied to the graph's SHA-256): a restart reuses an accepted graph without checking it
+        again and does not export a refused one again."""
         kind = resolve_decoder(kind, self.device)
         self.fast_decoder = None
         if kind == "eager":
             return "eager"
+        verdict = read_decoder_verdict(cache, self.engine_id) if kind == "onnx" else None
+        if verdict is not None and not verdict["accepted"]:
+            log.warning("SAM_DECODER=%s was refused for these weights on this machine (masks IoU %.4f < %.3f, "
+                        "verdict in %s); clicks use the eager decoder", kind, verdict["iou"], MIN_IOU,
+                        decoder_verdict_file(cache))
+            return "eager"
         try:
             graph, example, embedding = self.decoder_graph()
             candidate = build_fast_decoder(kind, graph, example, cache=cache)
-            worst = self.decoder_agreement(candidate, embedding)
-            if worst < MIN_IOU and cache is not None and cache.is_file():  # a stale or tampered cached export
+            if verdict is not None:
+                self.fast_decoder = candidate
+                log.info("clicks use the %s decoder (masks IoU %.4f against eager, verdict in %s)", kind,
+                         verdict["iou"], decoder_verdict_file(cache))
+                return kind
+            worst = self.decoder_agreement(candidate, embedding, check_images)
+            if worst < MIN_IOU and getattr(candidate, "from_cache", False):
                 log.warning("the cached decoder graph %s gives other masks than these weights (IoU %.4f); "
-                            "exporting it again", cache, worst)
+                            "exporting it again", cache, worst)  # a stale or tampered cached export
                 cache.unlink(missing_ok=True)
                 candidate = build_fast_decoder(kind, graph, example, cache=cache)
-                worst = self.decoder_agreement(candidate, embedding)
+                worst = self.decoder_agreement(candidate, embedding, check_images)
         except Exception as exc:  # onnxruntime missing, an exporter or compiler failure: eager still works
             log.warning("SAM_DECODER=%s cannot run here (%s: %s); clicks use the eager decoder", kind,
                         type(exc).__name__, str(exc).splitlines()[0][:300] if str(exc) else "")
             return "eager"
+        if kind == "onnx":
+            write_decoder_verdict(cache, self.engine_id, worst)
         if worst < MIN_IOU:
             log.warning("SAM_DECODER=%s masks differ from eager ones (IoU %.4f < %.3f); clicks use the eager "
                         "decoder", kind, worst, MIN_IOU)
@@ -175,23 +213,25 @@ class TorchEngine:
         log.info("clicks use the %s decoder (masks IoU %.4f against eager)", kind, worst)
         return kind
 
-    def decoder_agreement(self, candidate: FastDecoder, embedding: Embedding) -> float:
+    def decoder_agreement(self, candidate: FastDecoder, embedding: Embedding, check_images: Path | None = None
+                          ) -> float:
         """`compare_decoder` on `embedding` (random features: no encode); where that falls below `MIN_IOU`, the
-        verdict of the same table on this engine's own encoding of the sample image. Trained weights put many
-        low-res logits of random features right at the threshold, where float rounding flips pixels (MobileSAM's
-        real weights: IoU 0.9972 on random features, 1.0 on an encoded image), so an image's features decide."""
+        lowest verdict of the same table on this engine's own encodings of the check images (`SAM_CHECK_IMAGES`'
+        photos, else the sample image). Trained weights put many low-res logits of random features right at the
+        threshold, where float rounding flips pixels (MobileSAM's real weights: IoU 0.9972 on random features,
+        1.0 on encoded photos), so images' features decide."""
         worst = self.compare_decoder(candidate, embedding)
         if worst >= MIN_IOU:
             return worst
-        from sam_backend.segment.samples import bench_image
+        from sam_backend.segment.engines.encoder_choice import check_images as load_check_images
 
-        size = embedding.image_size
-        samples = self.__dict__.setdefault("_encoded_samples", {})  # a re-export is checked on the same encode
-        key = (self.engine_id, size)
+        samples = self.__dict__.setdefault("_encoded_samples", {})  # a re-export is checked on the same encodes
+        key = (self.engine_id, check_images)
         if key not in samples:
-            samples[key] = self.embed(bench_image(size.width, size.height))
-        real = self.compare_decoder(candidate, samples[key])
-        log.info("decoder check: IoU %.4f on random features, %.4f on the encoded sample image", worst, real)
+            samples[key] = [self.embed(image) for image in load_check_images(check_images)]
+        real = min(self.compare_decoder(candidate, e) for e in samples[key])
+        log.info("decoder check: IoU %.4f on random features, %.4f on %d encoded check images", worst, real,
+                 len(samples[key]))
         return real
 
     def compare_decoder(self, candidate: FastDecoder, embedding: Embedding) -> float:
@@ -237,6 +277,50 @@ class TorchEngine:
         features: dict[str, Any] = {k: torch.from_numpy(v).to(self.device, torch.float32)
                                     for k, v in arrays.items()}
         return Embedding(stored.engine_id, stored.image_size, features, stored.meta)
+
+
+def decoder_verdict_file(graph: Path) -> Path:
+    return graph.with_name(graph.name + ".json")
+
+
+def _graph_digest(graph: Path) -> str | None:
+    try:
+        return hashlib.sha256(graph.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def read_decoder_verdict(graph: Path | None, engine_id: str) -> dict | None:
+    """The kept verdict on `graph` for `engine_id` (`{"accepted", "iou", ...}`), or None where there is none, it
+    is torn, or the graph's bytes are not the ones it was given for."""
+    import json
+
+    if graph is None or not graph.is_file():
+        return None
+    try:
+        verdict = json.loads(decoder_verdict_file(graph).read_text())
+        if verdict.get("engine_id") != engine_id or verdict.get("graph_sha256") != _graph_digest(graph):
+            return None
+        return {"accepted": bool(verdict["accepted"]), "iou": float(verdict["iou"])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def write_decoder_verdict(graph: Path | None, engine_id: str, iou: float) -> None:
+    """Keep the verdict on `graph` beside it (skipped where the place cannot be written)."""
+    import json
+
+    from sam_backend.fileio import write_atomic
+
+    digest = _graph_digest(graph) if graph is not None else None
+    if digest is None:
+        return
+    data = {"engine_id": engine_id, "graph_sha256": digest, "iou": round(iou, 5), "accepted": iou >= MIN_IOU,
+            "min_iou": MIN_IOU}
+    try:
+        write_atomic(decoder_verdict_file(graph), json.dumps(data).encode())
+    except OSError as exc:
+        log.warning("could not keep the decoder verdict beside %s (%s)", graph, exc)
 
 
 def load_state_dict(path: Path) -> object:

@@ -1,0 +1,339 @@
+"""Which image-encoder path this machine runs (`SAM_ENCODER`): measured, checked against fp32, remembered.
+
+`measure_paths` times every path (`eager` in the engine's precision, `onnx`, `aoti`; see `fast_encoder`) on check
+images, the preprocessed pixels and the decoder the same for all, and compares each path's masks with fp32 eager
+ones for annotator-like prompts on each image (`annotator_prompts`): a path is accepted only where their mean IoU
+is ≥ 0.99. (Not every mask: bf16 rounding flips a few prompts' answers between near-equal candidates; MobileSAM on
+GrabCut's real clicks: mean 0.995, lowest 0.77, and NoC@90 the same; see the README.)
+The fastest accepted path is chosen. The verdict is a JSON file beside the graphs, keyed like them (weights,
+precision, machine), so a restart reads it and loads the chosen graph in milliseconds.
+
+`SAM_ENCODER=auto` with no verdict yet serves with eager at once and measures in a background process at low
+CPU priority (`python -m sam_backend.segment.engines.encoder_choice`, which also writes the graphs); when it is
+done the engine switches to the chosen path. A named path (`onnx`, `aoti`) is measured before the engine is
+ready. Check images: up to 3 photos of `SAM_CHECK_IMAGES` (a folder), else the synthetic `bench_image`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from sam_backend.fileio import write_atomic
+from sam_backend.segment.checkpoints import graph_base
+from sam_backend.segment.engines.fast_encoder import (
+    ENCODER_GRAPH_VERSION,
+    FAST_KINDS,
+    encoder_file,
+    export_encoder,
+    load_encoder,
+    machine_key,
+)
+
+if TYPE_CHECKING:
+    from sam_backend.segment.embedding import Embedding
+    from sam_backend.segment.engines.sam import SamEngine
+    from sam_backend.segment.prompts import ObjectPrompt
+
+log = logging.getLogger(__name__)
+
+MIN_MASK_IOU = 0.99
+MIN_MEASURED_SIDE = 512  # `auto` measures encoders of this input side and up (every published SAM is 1024)
+CHECK_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+@dataclass
+class PathResult:
+    """One encoder path on this machine: median seconds per encode; the mean and lowest IoU of its masks against
+    fp32 eager ones over `prompts` annotator-like prompts (`annotator_prompts`)."""
+
+    kind: str
+    precision: str
+    accepted: bool
+    seconds: float | None = None
+    iou: float | None = None
+    min_iou: float | None = None
+    prompts: int = 0
+    reason: str = ""
+
+
+@dataclass
+class Verdict:
+    """Every path measured for one engine on one machine, and the one chosen (`eager` where none is faster)."""
+
+    engine_id: str
+    machine: str
+    chosen: str
+    fp32_eager_s: float
+    images: int
+    paths: list[PathResult] = field(default_factory=list)
+    version: str = ENCODER_GRAPH_VERSION
+
+    def result(self, kind: str) -> PathResult | None:
+        return next((p for p in self.paths if p.kind == kind), None)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=1).encode()
+
+    @classmethod
+    def read(cls, path: Path, engine_id: str) -> Verdict | None:
+        """The verdict in `path` for `engine_id` on this machine, or None (missing, torn, another engine or CPU)."""
+        try:
+            raw = json.loads(path.read_text())
+            verdict = cls(**{**raw, "paths": [PathResult(**p) for p in raw.get("paths", [])]})
+        except (OSError, ValueError, TypeError):
+            return None
+        if (verdict.engine_id, verdict.machine, verdict.version) != (engine_id, machine_key(),
+                                                                   ENCODER_GRAPH_VERSION):
+            return None
+        return verdict
+
+
+def verdict_file(base: Path, precision: str) -> Path:
+    return base.with_name(f"{base.name}.encoder-{ENCODER_GRAPH_VERSION}-{precision}-{machine_key()}.json")
+
+
+def check_images(folder: Path | None, limit: int = 3) -> list[np.ndarray]:
+    """`(H, W, 3) uint8 RGB` images the paths are checked on: up to `limit` photos of `folder` (sorted by name),
+    else the synthetic sample image."""
+    from sam_backend.segment.samples import bench_image
+
+    images: list[np.ndarray] = []
+    if folder is not None and folder.is_dir():
+        from PIL import Image
+
+        for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in CHECK_IMAGE_SUFFIXES)[:limit]:
+            with Image.open(path) as im:
+                images.append(np.asarray(im.convert("RGB")))
+    return images or [bench_image(1024, 768)]
+
+
+def annotator_prompts(reference: SamEngine, embedding: Embedding, size: tuple[int, int]) -> list[ObjectPrompt]:
+    """Prompts made the way annotators make them, on the objects `reference` finds at the `bench_prompts`: for
+    each such object (its best mask, 0.2-90 % of the image) a box around it, a click at its deepest point, and that
+    click with the standard simulator's corrective click. Prompts on an object's edge (where candidates score
+    alike and the best flips on rounding) are what no annotator sends; these are what they do send."""
+    from sam_backend.segment.prompts import ObjectPrompt
+    from sam_backend.segment.samples import bench_prompts
+    from sam_backend.segment.simulator import first_click, next_click
+
+    w, h = size
+    prompts: list[ObjectPrompt] = []
+    for seed in bench_prompts(w, h):
+        target = reference.predict_with(None, embedding, seed).best_mask
+        if not 0.002 * w * h <= target.sum() <= 0.9 * w * h:
+            continue
+        ys, xs = np.nonzero(target)
+        box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
+        prompts.append(ObjectPrompt(np.zeros((0, 2)), np.zeros(0), box, "check", None, None, size))
+        x, y, _ = first_click(target)
+        click = ObjectPrompt(np.array([[x, y]]), np.array([1]), None, "check", None, None, size)
+        prompts.append(click)
+        fix = next_click(reference.predict_with(None, embedding, click).best_mask, target)
+        if fix is not None:
+            prompts.append(ObjectPrompt(np.array([[x, y], fix[:2]]), np.array([1, int(fix[2])]), None, "check", None,
+                                        None, size))
+    return prompts
+
+
+def _masks(engine: SamEngine, image: np.ndarray, prompts: list[ObjectPrompt] | None = None
+           ) -> tuple[float, list[np.ndarray], Embedding]:
+    """`(seconds of the encode, the best mask of each prompt (eager decoder), the embedding)`."""
+    t0 = time.perf_counter()
+    embedding = engine.embed(image)
+    seconds = time.perf_counter() - t0
+    masks = [engine.predict_with(None, embedding, p).best_mask for p in prompts or []]
+    return seconds, masks, embedding
+
+
+def measure_paths(engine: SamEngine, base: Path | None, kinds: tuple[str, ...], images: list[np.ndarray],
+                  progress: bool = False) -> Verdict:
+    """Time and check `eager` (in the engine's precision) and each of `kinds` (see the module docstring); graph
+    files are written beside `base` (None: a temporary folder, dropped after)."""
+    from sam_backend.segment.simulator import iou
+
+    if base is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return measure_paths(engine, Path(tmp) / "weights", kinds, images, progress)
+    reference = engine.with_encoder(None).with_precision("fp32")
+    reference.embed(images[0])  # warm-up
+    timed = [_masks(reference, im) for im in images] + ([_masks(reference, images[0])] if len(images) == 1 else [])
+    fp32_s = statistics.median(t for t, _, _ in timed)
+    prompts = [annotator_prompts(reference, e, (im.shape[1], im.shape[0])) for (_, _, e), im in zip(timed, images,
+                                                                                                    strict=False)]
+    ref_masks = [[reference.predict_with(None, e, p).best_mask for p in ps] for (_, _, e), ps in zip(timed, prompts,
+                                                                                                      strict=False)]
+    side = engine.model.image_encoder.img_size
+    results: list[PathResult] = []
+    candidates = (["eager"] if engine.precision != "fp32" else []) + list(kinds)
+    for kind in candidates:
+        t0 = time.perf_counter()
+        try:
+            if kind == "eager":
+                candidate = engine.with_encoder(None)
+            else:
+                path = encoder_file(base, kind, engine.precision)
+                if not path.is_file():
+                    export_encoder(kind, engine.model.image_encoder, side, engine.precision, path)
+                candidate = engine.with_encoder(load_encoder(kind, path, engine.precision))
+            built = time.perf_counter() - t0
+            candidate.embed(images[0])  # warm-up (first-run allocations)
+            runs = [_masks(candidate, im, ps) for im, ps in zip(images, prompts, strict=True)]
+            if len(images) == 1:
+                runs.append(_masks(candidate, images[0]))
+        except Exception as exc:  # an exporter, compiler or runtime that fails here: the path is refused
+            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+            results.append(PathResult(kind, engine.precision, False, reason=reason))
+            log.warning("encoder path %s cannot run here (%s)", kind, reason)
+            continue
+        ious = [iou(a, b) for ref, (_, got, _) in zip(ref_masks, runs, strict=False) for a, b in zip(ref, got,
+                                                                                                  strict=True)]
+        mean, worst = float(np.mean(ious)) if ious else 1.0, min(ious, default=1.0)
+        seconds = statistics.median(t for t, _, _ in runs)
+        precision = candidate.encoder_precision
+        ok = mean >= MIN_MASK_IOU
+        results.append(PathResult(kind, precision, ok, round(seconds, 4), round(mean, 4), round(worst, 4),
+                                  len(ious), "" if ok else f"mean masks IoU {mean:.4f} < {MIN_MASK_IOU} against fp32"))
+        if progress:
+            log.info("encoder path %s (%s): %.3f s per image (built in %.0f s), masks IoU against fp32 eager: mean "
+                     "%.4f, lowest %.4f over %d prompts", kind, precision, seconds, built, mean, worst, len(ious))
+    if engine.precision == "fp32":
+        results.insert(0, PathResult("eager", "fp32", True, round(fp32_s, 4), 1.0, 1.0, 0))
+    accepted = [r for r in results if r.accepted and r.seconds is not None]
+    chosen = min(accepted, key=lambda r: r.seconds).kind if accepted else "eager"
+    return Verdict(engine.engine_id, machine_key(), chosen, round(fp32_s, 4), len(images), results)
+
+
+def apply_verdict(engine: SamEngine, verdict: Verdict, base: Path, kind: str | None = None) -> str:
+    """Put the verdict's chosen path (or `kind`, where it was accepted) into `engine`; returns the path in use."""
+    want = kind or verdict.chosen
+    result = verdict.result(want)
+    if want == "eager" or result is None or not result.accepted:
+        if result is not None and not result.accepted:
+            log.warning("SAM_ENCODER=%s refused on this machine (%s); images use the eager encoder", want,
+                        result.reason)
+        engine.fast_encoder = None
+        return "eager"
+    try:
+        engine.fast_encoder = load_encoder(want, encoder_file(base, want, engine.precision), engine.precision)
+    except Exception as exc:  # a graph file removed or torn since the verdict: eager still works
+        log.warning("encoder graph %s cannot be loaded (%s); images use the eager encoder", want, exc)
+        engine.fast_encoder = None
+        return "eager"
+    log.info("images use the %s encoder (%s): %.3f s per image against %.3f s fp32 eager, masks IoU %.4f",
+             want, result.precision, result.seconds or 0, verdict.fp32_eager_s, result.iou or 0)
+    return want
+
+
+def choose_encoder(engine: SamEngine, kind: str, checkpoint: Path, images_dir: Path | None) -> str:
+    """Set `engine`'s encoder path as `SAM_ENCODER=kind` asks (see the module docstring); returns the path in use
+    now (`eager` while a background measurement runs)."""
+    if kind == "eager":
+        return "eager"
+    base = graph_base(checkpoint)
+    vfile = verdict_file(base, engine.precision)
+    verdict = Verdict.read(vfile, engine.engine_id)
+    if kind == "auto":
+        if engine.device.type != "cpu" or engine.model.image_encoder.img_size < MIN_MEASURED_SIDE:
+            return "eager"  # a GPU, or a small test model, runs the eager encoder fast
+        if verdict is not None:
+            return apply_verdict(engine, verdict, base)
+        engine.encoder_tuning = measure_in_background(engine, checkpoint, vfile, images_dir)
+        return "eager"
+    if verdict is None or verdict.result(kind) is None:
+        verdict = measure_paths(engine, base, (kind,), check_images(images_dir), progress=True)
+        _write_verdict(vfile, verdict)
+    return apply_verdict(engine, verdict, base, kind)
+
+
+def _write_verdict(path: Path, verdict: Verdict) -> None:
+    try:
+        write_atomic(path, verdict.to_json())
+    except OSError as exc:
+        log.warning("could not keep the encoder verdict at %s (%s); it is measured again at the next start",
+                    path, exc)
+
+
+def measure_in_background(engine: SamEngine, checkpoint: Path, vfile: Path, images_dir: Path | None
+                          ) -> threading.Thread:
+    """Measure every path in a child process at low CPU priority; when it has written `vfile`, switch `engine`
+    to the chosen path. Returns the thread that waits for it."""
+    cmd = [sys.executable, "-m", "sam_backend.segment.engines.encoder_choice", "--checkpoint", str(checkpoint),
+           "--engine-id", engine.engine_id, "--precision", engine.precision, "--out", str(vfile),
+           "--threads", str(torch.get_num_threads())]
+    if images_dir is not None:
+        cmd += ["--images", str(images_dir)]
+
+    def run() -> None:
+        t0 = time.monotonic()
+        log.info("measuring the image encoder's paths in the background (one-off, about a minute)")
+        try:
+            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True, preexec_fn=_lower_priority, check=False,
+                                  timeout=1800)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("the encoder measurement did not finish (%s); images use the eager encoder", exc)
+            return
+        verdict = Verdict.read(vfile, engine.engine_id)
+        if proc.returncode != 0 or verdict is None:
+            tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
+            log.warning("the encoder measurement failed (exit %s: %s); images use the eager encoder",
+                        proc.returncode, tail[0][:300])
+            return
+        apply_verdict(engine, verdict, graph_base(checkpoint))
+        log.info("encoder measurement done in %.0f s", time.monotonic() - t0)
+
+    thread = threading.Thread(target=run, name="encoder-choice", daemon=True)
+    thread.start()
+    return thread
+
+
+def _lower_priority() -> None:
+    os.nice(10)  # the measurement (and the compiler it starts) yields the CPU to clicks and encodes
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The background measurement: load the checkpoint as the server did, measure, write the verdict."""
+    parser = argparse.ArgumentParser(description="Measure the image encoder's paths and write the verdict.")
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--engine-id", required=True, help="the server's engine id: the same weights are loaded")
+    parser.add_argument("--precision", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--images", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from sam_backend.segment.checkpoints import sha256_file
+    from sam_backend.segment.engines.sam import SamEngine
+
+    digest = sha256_file(args.checkpoint)
+    verified = digest if args.engine_id.split("/")[2] == digest[:12] else None  # as the server loaded it
+    engine = SamEngine.from_checkpoint(args.checkpoint, device="cpu", precision=args.precision,
+                                       expected_sha256=verified)
+    if engine.engine_id != args.engine_id:
+        log.error("the checkpoint holds %s, the server runs %s", engine.engine_id, args.engine_id)
+        return 2
+    verdict = measure_paths(engine, graph_base(args.checkpoint), FAST_KINDS, check_images(args.images),
+                            progress=True)
+    write_atomic(args.out, verdict.to_json())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

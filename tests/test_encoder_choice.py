@@ -1,0 +1,138 @@
+"""The image encoder's paths (`SAM_ENCODER`) with MobileSAM's real weights on real photos: a graph is used only after
+its masks matched fp32 eager ones, the fastest accepted one is chosen, the verdict is kept and read back at the
+next start, and a graph with other weights is refused."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+from conftest import evalset, real_photo
+
+from sam_backend.config import Settings
+from sam_backend.segment.engines import make_engine
+from sam_backend.segment.engines.encoder_choice import (
+    MIN_MASK_IOU,
+    Verdict,
+    check_images,
+    choose_encoder,
+    measure_paths,
+    verdict_file,
+)
+from sam_backend.segment.engines.fast_encoder import encoder_file, export_encoder
+from sam_backend.segment.engines.sam import SamEngine
+from sam_backend.segment.prompts import ObjectPrompt
+from sam_backend.segment.simulator import first_click, iou
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def weights(mobile_sam_checkpoint, tmp_path):
+    """MobileSAM's checkpoint copied into a folder of its own: graphs and verdicts are written beside it."""
+    path = tmp_path / "mobile_sam.pt"
+    shutil.copyfile(mobile_sam_checkpoint, path)
+    return path
+
+
+def photos() -> list[np.ndarray]:
+    return check_images(evalset("GrabCut") / "data_GT", limit=2)
+
+
+def test_the_onnx_encoder_gives_fp32_masks_and_is_chosen_where_fastest(weights):
+    engine = SamEngine.from_checkpoint(weights, device="cpu", precision="fp32")
+    images = photos()
+    verdict = measure_paths(engine, weights, ("onnx",), images)
+    onnx = verdict.result("onnx")
+    assert onnx is not None and onnx.accepted and onnx.iou >= 0.999 and onnx.prompts >= 6
+    eager = verdict.result("eager")
+    assert eager is not None and eager.seconds == verdict.fp32_eager_s
+    fastest = min((r for r in verdict.paths if r.accepted), key=lambda r: r.seconds)
+    assert verdict.chosen == fastest.kind
+    assert encoder_file(weights, "onnx", "fp32").is_file()
+    # The graph's features give the eager encoder's masks on a real object, click by click.
+    from sam_backend.segment.engines.fast_encoder import load_encoder
+
+    fast = engine.with_encoder(load_encoder("onnx", encoder_file(weights, "onnx", "fp32"), "fp32"))
+    assert fast.encoder_kind == "onnx"
+    image = images[0]
+    a, b = engine.embed(image), fast.embed(image)
+    assert float((a.features["image_embed"] - b.features["image_embed"]).abs().max()) < 1e-3
+
+
+def test_a_graph_with_other_weights_is_refused(weights):
+    """A graph file of another MobileSAM (random weights) planted where the export goes: it loads and runs, its
+    masks do not match, so the path is refused and eager stays."""
+    engine = SamEngine.from_checkpoint(weights, device="cpu", precision="fp32")
+    other = SamEngine.random("vit_t", device="cpu", precision="fp32", seed=3)
+    export_encoder("onnx", other.model.image_encoder, 1024, "fp32", encoder_file(weights, "onnx", "fp32"))
+    verdict = measure_paths(engine, weights, ("onnx",), photos()[:1])
+    onnx = verdict.result("onnx")
+    assert onnx is not None and not onnx.accepted and onnx.iou < MIN_MASK_IOU and "IoU" in onnx.reason
+    assert verdict.chosen == "eager"
+
+
+def test_a_named_path_is_measured_once_and_its_verdict_read_at_the_next_start(weights, caplog):
+    settings = Settings.from_env({"SAM_CHECKPOINT": str(weights), "SAM_DEVICE": "cpu", "SAM_PRECISION": "fp32",
+                                  "SAM_DECODER": "eager", "SAM_ENCODER": "onnx",
+                                  "SAM_CHECK_IMAGES": str(evalset("GrabCut") / "data_GT")})
+    engine = make_engine(settings)
+    assert engine.encoder_kind == "onnx"
+    vfile = verdict_file(weights, "fp32")
+    kept = json.loads(vfile.read_text())
+    assert kept["engine_id"] == engine.engine_id and kept["images"] == 3
+    graph = encoder_file(weights, "onnx", "fp32")
+    stamp = graph.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO):
+        again = make_engine(settings)
+    assert again.encoder_kind == "onnx" and graph.stat().st_mtime_ns == stamp
+    assert "masks IoU against fp32 eager" not in caplog.text  # nothing measured again
+    # A torn verdict is measured again; a removed graph falls back to eager with a warning.
+    vfile.write_text("{not json")
+    assert Verdict.read(vfile, engine.engine_id) is None
+    graph.unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        third = make_engine(settings)
+    assert third.encoder_kind == "onnx" and graph.is_file()
+    kept["paths"] = [p for p in kept["paths"] if p["kind"] != "onnx"] + [
+        {"kind": "onnx", "precision": "fp32", "accepted": True, "seconds": 0.1, "iou": 1.0}]
+    kept["chosen"] = "onnx"
+    vfile.write_text(json.dumps(kept))
+    graph.unlink()
+    with caplog.at_level(logging.WARNING):
+        fourth = make_engine(settings)
+    assert fourth.encoder_kind == "eager" and "cannot be loaded" in caplog.text
+
+
+def test_auto_measures_in_the_background_then_switches_and_a_restart_reuses_the_verdict(weights, caplog):
+    """The first start serves with eager at once and measures every path in a low-priority child process; the
+    engine then runs the chosen path. The second start reads the verdict: no measurement, the chosen path at once.
+    The chosen path's masks on a real object match the fp32 eager ones."""
+    engine = SamEngine.from_checkpoint(weights, device="cpu", precision="auto")
+    check = evalset("GrabCut") / "data_GT"
+    assert choose_encoder(engine, "auto", weights, check) == "eager"
+    assert engine.encoder_tuning is not None and engine.encoder_kind == "eager"
+    engine.encoder_tuning.join(900)
+    assert not engine.encoder_tuning.is_alive()
+    verdict = Verdict.read(verdict_file(weights, engine.precision), engine.engine_id)
+    assert verdict is not None, "the background measurement wrote no verdict"
+    assert {p.kind for p in verdict.paths} >= {"onnx", "aoti"}
+    assert engine.encoder_kind == verdict.chosen
+    accepted = [p for p in verdict.paths if p.accepted]
+    assert verdict.chosen == min(accepted, key=lambda p: p.seconds).kind if accepted else verdict.chosen == "eager"
+
+    restarted = SamEngine.from_checkpoint(weights, device="cpu", precision="auto")
+    assert choose_encoder(restarted, "auto", weights, check) == verdict.chosen
+    assert restarted.encoder_tuning is None and restarted.encoder_kind == verdict.chosen  # read, not measured
+
+    image, mask = real_photo("GrabCut", 0)
+    reference = restarted.with_encoder(None).with_precision("fp32")
+    x, y, _ = first_click(mask)
+    prompt = ObjectPrompt(np.array([[x, y]]), np.array([1]), None, "o", None, None, (mask.shape[1], mask.shape[0]))
+    a = reference.predict(reference.embed(image), prompt).best_mask
+    b = restarted.predict(restarted.embed(image), prompt).best_mask
+    assert iou(a, b) >= 0.95 and iou(b, mask) >= 0.8
