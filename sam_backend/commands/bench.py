@@ -17,6 +17,11 @@ image (default 1024 × 768), so ratios compare like with like:
 - `repeat_click_s`: a click on a cached image: hash, cache hit, decode, refine.
 - `reembed_baseline_s`: re-encode (fp32) on every click, then decode, as Label Studio's SAM2 example does.
 - `bf16_mask_iou`: the lowest IoU between fp32- and bf16-embedding masks over several prompts.
+- `encoders` (SAM engine): every image-encoder path (`eager` in the engine's precision, `onnx`, `aoti`) with its
+  median seconds per image, `speedup` over fp32 eager and masks IoU against fp32 eager (mean and lowest over
+  annotator-like prompts on the check images: `--check-images DIR`, else the synthetic image), as
+  `segment.engines.encoder_choice` measures them at a server's first start; `encoder` is the one chosen, and the
+  click figures below run with it.
 
 Any engine can be measured (GrabCut too). bf16 is measured only where the hardware runs it natively
 (`bf16_native`); elsewhere an emulated bf16 encode takes minutes, so `encoder_bf16_s` and
@@ -84,15 +89,52 @@ def _median(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
+def compare_encoders(engine: Engine, kinds: tuple[str, ...], graphs: Path | None, check_dir: Path | None
+                     ) -> dict[str, Any]:
+    """`{"encoder": chosen, "encoders": [...]}` (see the module docstring), the chosen path put into `engine`;
+    `{}` for an engine without a SAM image encoder. Graph files go beside `graphs` (None: a temporary folder)."""
+    if not kinds or not hasattr(getattr(engine, "model", None), "image_encoder") or not hasattr(engine, "with_encoder"):
+        return {}
+    from sam_backend.segment.engines.encoder_choice import check_images, measure_paths
+    from sam_backend.segment.engines.fast_encoder import encoder_file, load_encoder
+
+    verdict = measure_paths(engine, graphs, kinds, check_images(check_dir), progress=True)
+    rows = [{"kind": "eager", "precision": "fp32", "seconds": verdict.fp32_eager_s, "speedup": 1.0, "iou": 1.0,
+             "min_iou": 1.0, "accepted": True}] if engine.precision != "fp32" else []
+    for r in verdict.paths:
+        rows.append({"kind": r.kind, "precision": r.precision, "seconds": r.seconds,
+                     "speedup": round(verdict.fp32_eager_s / r.seconds, 2) if r.seconds else None,
+                     "iou": r.iou, "min_iou": r.min_iou, "accepted": r.accepted, **({"reason": r.reason}
+                                                                                     if r.reason else {})})
+    engine.fast_encoder = None
+    if verdict.chosen != "eager" and graphs is not None:
+        engine.fast_encoder = load_encoder(verdict.chosen, encoder_file(graphs, verdict.chosen, engine.precision),
+                                           engine.precision)
+    return {"encoder": engine.encoder_kind, "encoder_check_images": verdict.images,
+            "encoder_prompts": max((r.prompts for r in verdict.paths), default=0), "encoders": rows}
+
+
 def run_bench(engine: Engine, *, width: int = 1024, height: int = 768, repeats: int = 3,
               click_repeats: int = 20, refine_settings: RefineSettings | None = None,
-              decoders: tuple[str, ...] = ("eager", "onnx", "compile"), http: bool = True) -> dict[str, Any]:
-    """Measure the figures above with `engine` (its precision and decoder path are the configured ones)."""
+              decoders: tuple[str, ...] = ("eager", "onnx", "compile"), http: bool = True,
+              encoders: tuple[str, ...] = (), graphs: Path | None = None, check_dir: Path | None = None
+              ) -> dict[str, Any]:
+    """Measure the figures above with `engine` (its precision and decoder path are the configured ones; its encoder
+    path the fastest accepted of `encoders` where they are measured)."""
     refine_settings = refine_settings or RefineSettings()
+    if graphs is None and encoders:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:  # graphs of random weights live as long as the bench
+            return run_bench(engine, width=width, height=height, repeats=repeats, click_repeats=click_repeats,
+                             refine_settings=refine_settings, decoders=decoders, http=http, encoders=encoders,
+                             graphs=Path(tmp) / "weights", check_dir=check_dir)
+    paths_of_encoder = compare_encoders(engine, encoders, graphs, check_dir)
     with_precision = getattr(engine, "with_precision", None)
-    fp32 = with_precision("fp32") if with_precision else engine
+    plain = engine.with_encoder(None) if hasattr(engine, "with_encoder") else engine  # the eager encoder
+    fp32 = plain.with_precision("fp32") if with_precision else engine
     bf16_native = bool(getattr(engine, "bf16_native", False))
-    bf16 = with_precision("bf16") if with_precision and bf16_native else None
+    bf16 = plain.with_precision("bf16") if with_precision and bf16_native else None
     image = bench_image(width, height)
     prompts = bench_prompts(width, height)
     log.info("warming up %s", engine.engine_id)
@@ -154,6 +196,7 @@ def run_bench(engine: Engine, *, width: int = 1024, height: int = 768, repeats: 
         "repeats": repeats,
         "encoder_fp32_s": round(encoder_fp32, 4),
         "encoder_bf16_s": None if encoder_bf16 is None else round(encoder_bf16, 4),
+        **paths_of_encoder,
         "decoder": getattr(engine, "decoder_kind", "-"),
         "decode_s": round(decode, 4),
         **paths,

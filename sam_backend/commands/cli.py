@@ -87,10 +87,18 @@ def download(model_type: str | None, dest: Path | None, url: str | None, digest:
               help="Decoder paths to compare side by side; repeatable. Default: eager, onnx and compile (compile "
                    "takes tens of seconds per prompt shape). Clicks use SAM_DECODER's.")
 @click.option("--no-http", is_flag=True, help="Skip the click over HTTP through the Flask app.")
+@click.option("--encoder", "encoders", multiple=True, type=click.Choice(["onnx", "aoti", "none"]),
+              help="Image-encoder paths to measure beside eager (IoU against fp32 eager); repeatable. Default: onnx "
+                   "and aoti for the sam engine (aoti compiles for about a minute the first time); none: skip.")
+@click.option("--check-images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A folder of photos the encoder paths' masks are compared on (default: SAM_CHECK_IMAGES, else a "
+                   "synthetic image).")
 def bench(as_json: bool, engines: tuple[str, ...], model_types: tuple[str, ...], random_weights: bool, repeats: int,
-          width: int, height: int, decoders: tuple[str, ...], no_http: bool) -> None:
+          width: int, height: int, decoders: tuple[str, ...], no_http: bool, encoders: tuple[str, ...],
+          check_images: Path | None) -> None:
     """Median timings of encoder, decoder and clicks, per stage; see sam_backend/commands/bench.py."""
     from sam_backend.commands.bench import run_bench
+    from sam_backend.segment.checkpoints import graph_base
     from sam_backend.segment.engines import EngineError, make_engine
 
     settings = _settings()
@@ -104,12 +112,16 @@ def bench(as_json: bool, engines: tuple[str, ...], model_types: tuple[str, ...],
                     engine = make_engine(replace(settings, engine=name))
                 elif random_weights:
                     engine = _random_engine(name, model, settings)
-                else:
-                    engine = make_engine(replace(settings, engine=name, model_type=model))
+                else:  # the encoder paths are measured below, in this process
+                    engine = make_engine(replace(settings, engine=name, model_type=model, encoder="eager"))
             except EngineError as exc:
                 raise click.ClickException(str(exc)) from None
+            kinds = () if "none" in encoders or name != "sam" else (encoders or ("onnx", "aoti"))
+            graphs = None if random_weights or name != "sam" else graph_base(
+                replace(settings, engine=name, model_type=model).checkpoint_path)
             result = run_bench(engine, width=width, height=height, repeats=repeats, refine_settings=settings.refine,
-                               decoders=decoders or ("eager", "onnx", "compile"), http=not no_http)
+                               decoders=decoders or ("eager", "onnx", "compile"), http=not no_http, encoders=kinds,
+                               graphs=graphs, check_dir=check_images or settings.check_images)
             if as_json:
                 click.echo(json.dumps(result))
             else:

@@ -82,6 +82,10 @@ class FastJSON(DefaultJSONProvider):
                                         mimetype=self.mimetype)
 
 
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 2)
+
+
 def _error(message: str, status: int) -> Response:
     """`{"errors": [message]}` with the message also as the HTTP reason phrase: Label Studio drops the
     body of a non-200 answer and shows only `str(HTTPError)`, which carries the reason phrase."""
@@ -154,8 +158,10 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
     @app.get("/health")
     def health() -> Response:
         return jsonify({"status": "UP", "model_class": "SamBackend", "model_version": backend.model_version,
+                        "model": backend.engine.state, "model_load_s_left": _rounded(backend.engine.seconds_left()),
+                        "model_load_s": _rounded(backend.engine.load_s),
                         "engine_ready": backend.engine.ready, "engine_error": backend.engine.error,
-                        "decoder": backend.decoder_kind,
+                        "decoder": backend.decoder_kind, "encoder": backend.encoder_kind,
                         "store": None if backend.store is None else {"kind": backend.store.kind,
                                                                       "up": not backend.store.outage.down},
                         "precompute_pending": backend.prewarm.pending,
@@ -203,6 +209,11 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
     def metrics() -> Response:
         if backend.decoder_kind is not None:
             backend.metrics.decoder_kind.labels(backend.decoder_kind).set(1)
+        encoder = backend.encoder_kind
+        if encoder is not None:
+            for kind in ("eager", "onnx", "aoti", "measuring"):
+                backend.metrics.encoder_kind.labels(kind).set(1 if kind == encoder else 0)
+        backend.metrics.model_ready.set(1 if backend.engine.ready else 0)
         return Response(backend.metrics.render(), mimetype="text/plain; version=0.0.4")
 
     @app.errorhandler(ClientError)

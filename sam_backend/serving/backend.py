@@ -27,13 +27,14 @@ from sam_backend.labelstudio.images import ImageFetcher, LoadedImage, safe_url
 from sam_backend.labelstudio.labelconfig import LabelConfig, parse_label_config, required_image_url, task_image_url
 from sam_backend.labelstudio.objects import ObjectRule
 from sam_backend.labelstudio.results import mask_result
+from sam_backend.segment.checkpoints import graph_base
 from sam_backend.segment.embedding import Embedding
 from sam_backend.segment.engines import Engine, make_engine
 from sam_backend.segment.prompts import ObjectPrompt
 from sam_backend.segment.refine import clamp_to_box, refine
 from sam_backend.serving.cache import EmbeddingCache
 from sam_backend.serving.encoder import BACKGROUND, CLICK, Encoder, StillEncoding
-from sam_backend.serving.loader import EngineHolder
+from sam_backend.serving.loader import EngineHolder, LoadTimes
 from sam_backend.serving.memory import Memory, ObjectMemory
 from sam_backend.serving.metrics import Metrics
 from sam_backend.serving.prefetch import Prefetcher
@@ -60,7 +61,11 @@ class SamBackend:
         """`cache` and `memory` may be shared by several backends of one engine (the evaluator does); `store` is
         the shared tier behind the cache (default: the one `SAM_EMBEDDING_STORE` names, if any)."""
         self.settings = settings
-        self.engine = EngineHolder(engine_factory or (lambda: make_engine(settings)))
+        times = None
+        if engine_factory is None and settings.engine != "grabcut":
+            times = LoadTimes(graph_base(settings.checkpoint_path).with_name(
+                f"{settings.checkpoint_path.name}.load-{settings.engine}.json"))
+        self.engine = EngineHolder(engine_factory or (lambda: make_engine(settings)), times)
         self.cache = cache if cache is not None else EmbeddingCache(settings.cache_mb * 1024 * 1024)
         self.store = store if store is not None else open_store(settings.embedding_store,
                                                                  settings.embedding_store_mb * 2**20)
@@ -103,6 +108,17 @@ class SamBackend:
         else:
             kind = f"{self.settings.engine}-{loaded or self.settings.model_type}"
         return f"sam-backend-{__version__}-{kind}"
+
+    @property
+    def encoder_kind(self) -> str | None:
+        """The image encoder's path (`aoti`, `onnx`, `eager`; see `SAM_ENCODER`), `measuring` while the background
+        measurement runs, None before the engine is loaded."""
+        engine = self.engine.peek()
+        if engine is None:
+            return None
+        tuning = getattr(engine, "encoder_tuning", None)
+        kind = getattr(engine, "encoder_kind", "eager")
+        return "measuring" if tuning is not None and tuning.is_alive() and kind == "eager" else kind
 
     @property
     def decoder_kind(self) -> str | None:
@@ -160,13 +176,14 @@ class SamBackend:
                       project: str | None, stages: StageTimes, request_key: str | None, written: list
                       ) -> dict[str, Any]:
         t0 = time.perf_counter()
-        engine = self.engine.get()
+        started = time.monotonic()
+        engine = self._engine_for_click()
         results = context.get("result") if isinstance(context, Mapping) else None
         first = results[0] if isinstance(results, list) and results and isinstance(results[0], Mapping) else {}
         target = config.for_image(first.get("to_name"))
         url = required_image_url(task, target)
         with stages.stage("embedding"):
-            image_id, embedding, hit = self.embedding(url, engine)
+            image_id, embedding, hit = self.embedding(url, engine, started=started)
         margin = self.settings.refine.box_margin_px  # what may leak past a box: its clicks still refine it
         memory = ObjectRule(self.memory.objects, (engine.engine_id, image_id, task.get("id")),
                             self.settings.object_memory, margin)
@@ -215,10 +232,23 @@ class SamBackend:
             self.metrics.refine_emptied.inc()
         return mask, float(pred.scores[best])
 
-    def embedding(self, url: str, engine: Engine, priority: int = CLICK) -> tuple[str, Embedding, bool]:
+    def _engine_for_click(self) -> Engine:
+        """The engine; while it loads, a click waits at most `SAM_CLICK_DEADLINE_S`, then gets `ModelLoading` (503)
+        with the time the load has left, as a click waiting for an encode does."""
+        engine = self.engine.wait(self.settings.click_deadline_s)
+        if engine is None:
+            self.metrics.click_deadline.inc()
+            left_s = self.engine.seconds_left()
+            when = "time left not known yet" if left_s is None else f"about {left_s:.0f} s left"
+            raise ModelLoading(f"model loading ({when}): click again")
+        return engine
+
+    def embedding(self, url: str, engine: Engine, priority: int = CLICK, started: float | None = None
+                  ) -> tuple[str, Embedding, bool]:
         """`(image sha256, embedding, cache hit)`; a known URL with a cached embedding is not fetched again. A click
-        waits at most `SAM_CLICK_DEADLINE_S` for an encode, then gets `StillEncoding` (503) while it goes on."""
-        t0 = time.monotonic()
+        waits at most `SAM_CLICK_DEADLINE_S` (counted from `started`, `time.monotonic()`, default now) for an
+        encode, then gets `StillEncoding` (503) while it goes on."""
+        t0 = time.monotonic() if started is None else started
         known = self.memory.images.digest(engine.engine_id, url)
         if known is None and self.tier is not None:  # another worker may have seen this URL
             known = self.tier.digest(engine.engine_id, url)
@@ -267,6 +297,10 @@ class SamBackend:
         embedding = self.encoder.encode(engine, loaded.pixels, key, priority)
         log.info("encoded %s (%dx%d) in %.2f s", safe_url(loaded.url), *loaded.size, time.perf_counter() - t0)
         return embedding
+
+
+class ModelLoading(StillEncoding):
+    """A click arrived while the model loads and the load did not end within `SAM_CLICK_DEADLINE_S` (503)."""
 
 
 class EmptyAnswer(ClientError):

@@ -1,40 +1,119 @@
-"""The engine, built once off the request path; a failure is remembered so every request can say why."""
+"""The engine, built once off the request path; a failure is remembered so every request can say why.
+
+A click that arrives while the model loads waits at most its deadline (`wait`), like a click waiting for an encode,
+and is then told how long the load has left: the previous load's duration is kept in a small file (`LoadTimes`)
+so that a restart can say "about N s left".
+"""
 
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 
+from sam_backend.fileio import write_atomic
 from sam_backend.segment.engines import Engine, EngineError
 
 log = logging.getLogger(__name__)
 
 
-class EngineHolder:
-    """Builds the engine from `factory` on first use (or in the background after `start`); thread-safe."""
+class LoadTimes:
+    """Seconds the last load of a model took, in a JSON file (None: not kept). Unreadable or unwritable: ignored."""
 
-    def __init__(self, factory: Callable[[], Engine]) -> None:
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def read(self) -> float | None:
+        if self.path is None:
+            return None
+        try:
+            seconds = float(json.loads(self.path.read_text())["load_s"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return seconds if seconds > 0 else None
+
+    def write(self, seconds: float) -> None:
+        if self.path is None:
+            return
+        try:
+            write_atomic(self.path, json.dumps({"load_s": round(seconds, 3)}).encode())
+        except OSError as exc:
+            log.debug("could not keep the load time at %s (%s)", self.path, exc)
+
+
+class EngineHolder:
+    """Builds the engine from `factory` on first use (or in the background after `start`); thread-safe.
+
+    `state`: `idle` (not asked for yet), `loading`, `ready` or `failed` (`error` says why)."""
+
+    def __init__(self, factory: Callable[[], Engine], times: LoadTimes | None = None) -> None:
         self._factory = factory
         self._lock = threading.Lock()
         self._engine: Engine | None = None
+        self._started = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._done = threading.Event()
+        self.times = times or LoadTimes(None)
+        self.expected_s = self.times.read()
+        self.loading_since: float | None = None
+        self.load_s: float | None = None
         self.error: str | None = None
 
     def start(self) -> None:
-        threading.Thread(target=self._try_get, name="engine-load", daemon=True).start()
+        """Build the engine in the background (once)."""
+        with self._started:
+            if self._thread is None and self._engine is None:
+                self._thread = threading.Thread(target=self._try_get, name="engine-load", daemon=True)
+                self._thread.start()
 
     def _try_get(self) -> None:
-        with contextlib.suppress(EngineError):
+        try:
             self.get()
+        except EngineError:
+            pass
+        finally:
+            self._done.set()
 
     @property
     def ready(self) -> bool:
         return self._engine is not None
 
+    @property
+    def state(self) -> str:
+        if self._engine is not None:
+            return "ready"
+        if self.loading_since is not None:
+            return "loading"
+        return "failed" if self.error else "idle"
+
     def peek(self) -> Engine | None:
         """The engine if it is built, else None (never builds it)."""
         return self._engine
+
+    def seconds_left(self) -> float | None:
+        """Estimate of the seconds the running load has left, from the previous load's duration (None: unknown)."""
+        if self.loading_since is None or self.expected_s is None:
+            return None
+        return max(1.0, self.expected_s - (time.monotonic() - self.loading_since))
+
+    def wait(self, timeout_s: float) -> Engine | None:
+        """The engine, waiting at most `timeout_s` for a load in progress (started here if none is); None if it is
+        still loading then. `EngineError` where it cannot be built (a failed load is tried again here, so a
+        checkpoint downloaded since is picked up)."""
+        if self._engine is not None:
+            return self._engine
+        if self.error is not None and self.loading_since is None:
+            return self.get()
+        self.start()
+        self._done.wait(timeout_s)
+        if self._engine is not None:
+            return self._engine
+        if self.error is not None and self.loading_since is None:
+            raise EngineError(self.error)
+        return None
 
     def get(self) -> Engine:
         """The engine; `EngineError` saying why where it cannot be built."""
@@ -42,9 +121,13 @@ class EngineHolder:
             return self._engine
         with self._lock:
             if self._engine is None:
+                self.loading_since = time.monotonic()
                 try:
                     self._engine = self._factory()
                     self.error = None
+                    self.load_s = time.monotonic() - self.loading_since
+                    self.times.write(self.load_s)
+                    log.info("model ready in %.1f s", self.load_s)
                 except EngineError as exc:
                     self.error = str(exc)
                     log.error("engine not available: %s", exc)
@@ -53,4 +136,6 @@ class EngineHolder:
                     self.error = f"engine failed to load ({exc.__class__.__name__}: {exc})"
                     log.exception("engine failed to load")
                     raise EngineError(self.error) from None
+                finally:
+                    self.loading_since = None
             return self._engine

@@ -31,6 +31,10 @@ class Metrics:
                                      "json), per request", ["stage"], buckets=_STAGE_BUCKETS, registry=self.registry)
         self.decoder_kind = Gauge("sam_decoder_info", "The decoder path clicks run (1 for the kind in use)", ["kind"],
                                   registry=self.registry)
+        self.encoder_kind = Gauge("sam_encoder_info", "The image encoder's path (1 for the kind in use, 0 for others)",
+                                  ["kind"], registry=self.registry)
+        self.model_ready = Gauge("sam_model_ready", "1 once the model is loaded, 0 while it loads or failed",
+                                 registry=self.registry)
         self.click_wait = Histogram("sam_click_encode_wait_seconds",
                                     "Seconds a click waited for its image's encode (cache misses only)",
                                     buckets=_LATENCY_BUCKETS, registry=self.registry)
