@@ -16,6 +16,22 @@ Prints one JSON object (seconds, medians):
 - the CPU model and flags.
 Target (issue "click in under 100 ms"): `cached_click_ls_s` ≤ 0.1 for ViT-B and Hiera-T on a 2-core CPU.
 
+With real weights and photos (`--checkpoint FILE --photos DIR`, SAM engine: MobileSAM, ViT-B/L/H) the backend runs
+as its own process (`sam-backend serve`, the configured SAM_ENCODER / SAM_DECODER, SAM_PREFETCH_NEXT=1), as in
+production, and the figures are the ones a client of Label Studio sees (medians):
+- `ready_s`: process start → `/health` says the model is ready, graphs as cached beside the checkpoint
+  (`ready_first_s`: the first start of this run, which may have exported them; the bench restarts the backend
+  once the background encoder measurement is done and times the restart);
+- `never_seen_click_ls_s`: a click on a photo the backend has never seen (fetch, encode, decode);
+- `cached_click_ls_s`, `cached_box_ls_s`, `switch_click_ls_s`, `click_after_open_ls_s`: as above on photos;
+- `cached_click_while_encoding_ls_s`: clicks on a cached photo while another photo encodes;
+- `next_task_click_ls_s` / `next_task_hits`: the annotator opens a task, works `--pace` seconds (10), then clicks on
+  the next task, never opened: with SAM_PREFETCH_NEXT its image is already encoded (the sidecar says hit or not);
+- `ls_share_s`, `stages_ms`, `encoder`, `decoder`, `peak_rss_mb` (the backend process's VmHWM), the CPU.
+
+    .venv/bin/python benchmarks/bench_ls_click.py --checkpoint checkpoints/mobile_sam.pt \
+        --photos ../shared/evaldata/GrabCut/data_GT
+
     .venv/bin/python benchmarks/bench_ls_click.py --engine sam --model-type vit_b
     .venv/bin/python benchmarks/bench_ls_click.py --engine sam2 --model-type sam2.1_hiera_tiny
     SAM_DECODER=eager .venv/bin/python benchmarks/bench_ls_click.py   # the eager decoder, for a before/after
@@ -28,7 +44,10 @@ import io
 import json
 import logging
 import os
+import sqlite3
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -42,7 +61,7 @@ from sam_backend.commands.bench import cpu_info
 from sam_backend.config import Settings
 from sam_backend.labelstudio.client import free_port
 from sam_backend.labelstudio.context import keypoint_result
-from sam_backend.labelstudio.process import LabelStudio
+from sam_backend.labelstudio.process import LabelStudio, stop_process
 from sam_backend.segment.samples import bench_image
 from sam_backend.serving.app import create_app
 from sam_backend.serving.backend import SamBackend
@@ -88,7 +107,16 @@ def main() -> None:
     parser.add_argument("--model-type", default=None, help="vit_b (sam) or sam2.1_hiera_tiny (sam2) by default")
     parser.add_argument("--clicks", type=int, default=15)
     parser.add_argument("--opens", type=int, default=3, help="tasks opened for the first-click figures")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="real SAM weights (MobileSAM: mobile_sam.pt)")
+    parser.add_argument("--photos", type=Path, default=None, help="a folder of photos (.jpg, .png, .bmp)")
+    parser.add_argument("--pace", type=float, default=10.0, help="seconds an annotator works on a task")
     args = parser.parse_args()
+    if (args.checkpoint is None) != (args.photos is None):
+        parser.error("--checkpoint and --photos go together")
+    if args.checkpoint is not None:
+        logging.basicConfig(level=logging.WARNING)
+        print(json.dumps(real_bench(args)))
+        return
     logging.basicConfig(level=logging.WARNING)
     model_type = args.model_type or ("vit_b" if args.engine == "sam" else "sam2.1_hiera_tiny")
     engine = engine_for(args.engine, model_type)
@@ -164,6 +192,185 @@ def main() -> None:
         "encode_s": round(med(encodes), 3),
         "stages_ms": stages,
     }))
+
+
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+class ServerProcess:
+    """`sam-backend serve` on 127.0.0.1 as a child process, its output in `log`."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.t0 = time.monotonic()
+        self.log = log.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "sam_backend", "serve", "--port", str(self.port)],
+                                     env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def health(self) -> dict:
+        try:
+            return requests.get(self.url + "/health", timeout=2).json()
+        except (requests.RequestException, ValueError):
+            return {}
+
+    def wait_ready(self, timeout_s: float = 600) -> float:
+        """Seconds from the process start until `/health` says the model is ready."""
+        while time.monotonic() - self.t0 < timeout_s:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the backend exited with {self.proc.returncode}; see {self.log.name}")
+            state = self.health()
+            if state.get("engine_ready"):
+                return time.monotonic() - self.t0
+            if state.get("model") == "failed":
+                raise RuntimeError(f"the model failed to load: {state.get('engine_error')}")
+            time.sleep(0.05)
+        raise RuntimeError("the model was not ready in time")
+
+    def wait_until(self, pred, timeout_s: float = 600) -> None:  # noqa: ANN001 - health dict → bool
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if pred(self.health()):
+                return
+            time.sleep(0.2)
+        raise RuntimeError("the backend did not reach the expected state in time")
+
+    def peak_rss_mb(self) -> float | None:
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+        except OSError:
+            return None
+        return None
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.log.close()
+
+
+def rect(x: float, y: float, w: float, h: float) -> dict:
+    """A smart rectangle as the labeling UI sends it (percent of the image)."""
+    return {"original_width": 100, "original_height": 100, "image_rotation": 0, "id": "r1", "from_name": "box",
+            "to_name": "image", "type": "rectanglelabels", "origin": "manual",
+            "value": {"x": x, "y": y, "width": w, "height": h, "rotation": 0, "rectanglelabels": ["Object"]}}
+
+
+def percent_keypoint(x: float, y: float, size: tuple[int, int]) -> dict:
+    result = keypoint_result(x * size[0] / 100, y * size[1] / 100, size)
+    result["value"]["labels"] = ["Object"]
+    return {**result, "image_rotation": 0, "id": "k1", "origin": "manual"}
+
+
+def real_bench(args: argparse.Namespace) -> dict:
+    """The figures of the module docstring with real weights and photos (see there)."""
+    photos = sorted(p for p in args.photos.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
+    need = 6 + 2 * args.opens + 2 * args.opens
+    if len(photos) < need:
+        raise SystemExit(f"--photos: expected at least {need} photos, found {len(photos)} in {args.photos}")
+    photos = photos[:need]
+    sizes = {p.name: Image.open(p).size for p in photos}
+    config = (ROOT / "label_config" / CONFIG_FILE).read_text()
+    med = statistics.median
+    with tempfile.TemporaryDirectory() as tmp:
+        ls = LabelStudio(Path(tmp) / "ls", "bench@example.com", "bench-Passw0rd-1").start()
+        server = None
+        try:
+            project = ls.create_project("bench", config)
+            tasks = ls.upload(project, {p.name: p.read_bytes() for p in photos})
+            names = {t: ls.task(t)["data"]["image"].rsplit("/", 1)[-1] for t in tasks}
+            size_of = {t: next(v for k, v in sizes.items() if names[t].endswith(k)) for t in tasks}
+            db = Path(tmp) / "sidecar.db"
+            env = {**os.environ, "SAM_ENGINE": "sam", "SAM_CHECKPOINT": str(args.checkpoint.resolve()),
+                   "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.pat, "SAM_METADATA_DB": str(db),
+                   "SAM_PREFETCH_NEXT": "1", "SAM_CLICK_DEADLINE_S": "80"}
+            env.pop("SAM_MODEL_TYPE", None)
+            server = ServerProcess(env, Path(tmp) / "backend.log")
+            ready_first = server.wait_ready()
+            server.wait_until(lambda h: h.get("encoder") != "measuring", timeout_s=1800)
+            server.stop()
+            server = ServerProcess(env, Path(tmp) / "backend.log")  # the restart: graphs and verdicts cached
+            ready = server.wait_ready()
+            health = server.health()
+            ml = ls.add_ml_backend(project, server.url)
+
+            def click(task: int, result: list[dict]) -> float:
+                t0 = time.perf_counter()
+                answer = ls.interactive(ml, task, result)
+                took = time.perf_counter() - t0
+                if "errors" in answer or not answer.get("data", {}).get("result"):
+                    raise RuntimeError(f"click through Label Studio failed: {json.dumps(answer)[:300]}")
+                return took
+
+            def point(task: int) -> list[dict]:
+                return [percent_keypoint(50, 50, size_of[task])]
+
+            box = [rect(25, 25, 50, 50)]
+            fresh = iter(tasks[6:])
+            never_seen = [click(t, point(t)) for t in tasks[2:6]]
+            cached = [click(tasks[0], point(tasks[0])) for _ in range(args.clicks)]
+            click(tasks[1], point(tasks[1]))
+            boxes = [click(tasks[0], box) for _ in range(args.clicks)]
+            switch = [click(tasks[i % 2], point(tasks[i % 2])) for i in range(args.clicks)]
+            body = {"tasks": [ls.task(tasks[0])], "label_config": config, "project": f"{project}.0",
+                    "params": {"context": {"result": point(tasks[0])}}}
+            direct, stages = [], {}
+            with requests.Session() as http:
+                for _ in range(args.clicks):
+                    t0 = time.perf_counter()
+                    resp = http.post(server.url + "/predict", json=body, timeout=60)
+                    direct.append(time.perf_counter() - t0)
+                    resp.raise_for_status()
+                    stages = {k: float(v) for k, v in (p.split(";dur=") for p in
+                                                       resp.headers["Server-Timing"].split(", "))}
+
+                def open_task(task: int) -> None:
+                    opened = {"tasks": [ls.task(task)], "label_config": config, "project": f"{project}.0",
+                              "params": {"context": None}}
+                    http.post(server.url + "/predict", json=opened, timeout=10).raise_for_status()
+
+                after_open, while_encoding, next_task, next_ids = [], [], [], []
+                for _ in range(args.opens):
+                    task = next(fresh)
+                    open_task(task)  # the click comes at once: it waits for the rest of the encode
+                    after_open.append(click(task, point(task)))
+                for _ in range(args.opens):
+                    task = next(fresh)
+                    open_task(task)  # its encode runs; meanwhile clicks on a cached photo
+                    t_end = time.perf_counter() + 0.5
+                    while time.perf_counter() < t_end:
+                        while_encoding.append(click(tasks[0], point(tasks[0])))
+                    server.wait_until(lambda h: h.get("precompute_pending") == 0)
+                for _ in range(args.opens):
+                    task, following = next(fresh), next(fresh)
+                    open_task(task)
+                    time.sleep(args.pace)  # the annotator works on the opened task
+                    next_task.append(click(following, point(following)))
+                    next_ids.append(following)
+            rss = server.peak_rss_mb()
+            hits = []
+            with sqlite3.connect(db) as con:
+                for task in next_ids:
+                    row = con.execute("SELECT cache_hit FROM interactions WHERE task_id = ? ORDER BY id LIMIT 1",
+                                      (task,)).fetchone()
+                    hits.append(bool(row and row[0]))
+        finally:
+            if server is not None:
+                server.stop()
+            ls.stop()
+    return {
+        "model": health.get("model_version"), "encoder": health.get("encoder"), "decoder": health.get("decoder"),
+        **cpu_info(), "photos": str(args.photos), "clicks": args.clicks,
+        "ready_first_s": round(ready_first, 2), "ready_s": round(ready, 2),
+        "never_seen_click_ls_s": round(med(never_seen), 3),
+        "cached_click_ls_s": round(med(cached), 4), "cached_click_direct_s": round(med(direct), 4),
+        "ls_share_s": round(med(cached) - med(direct), 4),
+        "cached_box_ls_s": round(med(boxes), 4), "switch_click_ls_s": round(med(switch), 4),
+        "click_after_open_ls_s": round(med(after_open), 3),
+        "cached_click_while_encoding_ls_s": round(med(while_encoding), 4) if while_encoding else None,
+        "next_task_click_ls_s": round(med(next_task), 4), "next_task_hits": f"{sum(hits)}/{len(hits)}",
+        "peak_rss_mb": rss, "stages_ms": stages,
+    }
 
 
 if __name__ == "__main__":
