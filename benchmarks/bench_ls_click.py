@@ -27,7 +27,10 @@ production, and the figures are the ones a client of Label Studio sees (medians)
 - `cached_click_while_encoding_ls_s`: clicks on a cached photo while another photo encodes;
 - `next_task_click_ls_s` / `next_task_hits`: the annotator opens a task, works `--pace` seconds (10), then clicks on
   the next task, never opened: with SAM_PREFETCH_NEXT its image is already encoded (the sidecar says hit or not);
-- `ls_share_s`, `stages_ms`, `encoder`, `decoder`, `peak_rss_mb` (the backend process's VmHWM), the CPU.
+  `next_task_click_direct_s`: the same first click on a next task posted to the backend itself;
+- `ls_share_s` (a click through Label Studio minus the same click posted to the backend), `ls_floor_s` (a click
+  through Label Studio to a stand-in backend that answers a stored result at once: what Label Studio alone costs),
+  `stages_ms`, `encoder`, `decoder`, `peak_rss_mb` (the backend process's VmHWM), the CPU.
 
     .venv/bin/python benchmarks/bench_ls_click.py --checkpoint checkpoints/mobile_sam.pt \
         --photos ../shared/evaldata/GrabCut/data_GT
@@ -40,6 +43,7 @@ production, and the figures are the ones a client of Label Studio sees (medians)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import logging
@@ -236,13 +240,19 @@ class ServerProcess:
         raise RuntimeError("the backend did not reach the expected state in time")
 
     def peak_rss_mb(self) -> float | None:
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-        except OSError:
-            return None
-        return None
+        """The largest VmHWM of the server and its worker processes (gunicorn serves from a child)."""
+        pids, peak = [self.proc.pid], None
+        with contextlib.suppress(OSError):
+            pids += [int(p) for p in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()]
+        for pid in pids:
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        mb = round(int(line.split()[1]) / 1024, 1)
+                        peak = mb if peak is None else max(peak, mb)
+            except OSError:
+                continue
+        return peak
 
     def stop(self) -> None:
         stop_process(self.proc)
@@ -262,10 +272,35 @@ def percent_keypoint(x: float, y: float, size: tuple[int, int]) -> dict:
     return {**result, "image_rotation": 0, "id": "k1", "origin": "manual"}
 
 
+def ls_floor(ls: LabelStudio, project: int, task: int, result: list[dict], body: dict, backend: str,
+             clicks: int) -> float:
+    """Median seconds of a click through Label Studio to a stand-in backend that answers, at once, the answer the
+    real backend gave to the same click (Label Studio's own cost: its API, serializing the task, the JSON both
+    ways)."""
+    from flask import Flask, jsonify
+
+    canned = requests.post(backend + "/predict", json=body, timeout=60).json()
+    app = Flask("ls-floor")
+    app.add_url_rule("/health", "health", lambda: jsonify({"status": "UP", "model_class": "stand-in"}))
+    app.add_url_rule("/setup", "setup", lambda: jsonify({"model_version": "stand-in"}), methods=["POST"])
+    app.add_url_rule("/predict", "predict", lambda: jsonify(canned), methods=["POST"])
+    port = free_port()
+    server = make_server("127.0.0.1", port, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        ml = ls.add_ml_backend(project, f"http://127.0.0.1:{port}")
+        ls.interactive(ml, task, result)
+        times = [timed(lambda: ls.interactive(ml, task, result)) for _ in range(clicks)]
+    finally:
+        server.shutdown()
+        server.server_close()
+    return statistics.median(times)
+
+
 def real_bench(args: argparse.Namespace) -> dict:
     """The figures of the module docstring with real weights and photos (see there)."""
     photos = sorted(p for p in args.photos.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
-    need = 6 + 2 * args.opens + 2 * args.opens
+    need = 6 + 2 * args.opens + 4 * args.opens
     if len(photos) < need:
         raise SystemExit(f"--photos: expected at least {need} photos, found {len(photos)} in {args.photos}")
     photos = photos[:need]
@@ -341,13 +376,22 @@ def real_bench(args: argparse.Namespace) -> dict:
                     while time.perf_counter() < t_end:
                         while_encoding.append(click(tasks[0], point(tasks[0])))
                     server.wait_until(lambda h: h.get("precompute_pending") == 0)
-                for _ in range(args.opens):
+                next_direct = []
+                for i in range(2 * args.opens):
                     task, following = next(fresh), next(fresh)
                     open_task(task)
                     time.sleep(args.pace)  # the annotator works on the opened task
-                    next_task.append(click(following, point(following)))
-                    next_ids.append(following)
+                    if i % 2 == 0:
+                        next_task.append(click(following, point(following)))
+                        next_ids.append(following)
+                    else:  # the same click posted to the backend: Label Studio's share of a task's first click
+                        first = {**body, "tasks": [ls.task(following)],
+                                 "params": {"context": {"result": point(following)}}}
+                        t0 = time.perf_counter()
+                        http.post(server.url + "/predict", json=first, timeout=60).raise_for_status()
+                        next_direct.append(time.perf_counter() - t0)
             rss = server.peak_rss_mb()
+            floor = ls_floor(ls, project, tasks[0], point(tasks[0]), body, server.url, args.clicks)
             hits = []
             with sqlite3.connect(db) as con:
                 for task in next_ids:
@@ -364,11 +408,12 @@ def real_bench(args: argparse.Namespace) -> dict:
         "ready_first_s": round(ready_first, 2), "ready_s": round(ready, 2),
         "never_seen_click_ls_s": round(med(never_seen), 3),
         "cached_click_ls_s": round(med(cached), 4), "cached_click_direct_s": round(med(direct), 4),
-        "ls_share_s": round(med(cached) - med(direct), 4),
+        "ls_share_s": round(med(cached) - med(direct), 4), "ls_floor_s": round(floor, 4),
         "cached_box_ls_s": round(med(boxes), 4), "switch_click_ls_s": round(med(switch), 4),
         "click_after_open_ls_s": round(med(after_open), 3),
         "cached_click_while_encoding_ls_s": round(med(while_encoding), 4) if while_encoding else None,
         "next_task_click_ls_s": round(med(next_task), 4), "next_task_hits": f"{sum(hits)}/{len(hits)}",
+        "next_task_click_direct_s": round(med(next_direct), 4),
         "peak_rss_mb": rss, "stages_ms": stages,
     }
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from sam_backend.config import DEFAULT_MODEL, ENGINE_MODELS, ENGINES, MODEL_TYPES, ConfigError, Settings
+from sam_backend.errors import ClientError
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +273,57 @@ def export_cmd(source: Path | None, project: int | None, config_path: Path | Non
     except ExportError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(summary.to_json(), indent=1))
+
+
+@main.command()
+@click.option("--project", type=int, default=None,
+              help="Label Studio project N (LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY from the environment).")
+@click.option("--from", "source", type=click.Choice(["annotations", "predictions", "both"]), default="annotations",
+              show_default=True, help="Rectangles of each task's newest live annotation, newest prediction, or both.")
+@click.option("--overwrite", is_flag=True, help="Replace this model's earlier mask predictions instead of skipping.")
+@click.option("--backend", "backend_url", default=None,
+              help="Send the work to a running backend (or the nginx in front of replicas) instead of this process.")
+@click.option("--coco", "coco_path", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="A COCO file with bbox annotations (instead of --project).")
+@click.option("--images", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="With --coco: the folder the images' file_name values are relative to.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None, help="With --coco: the COCO file to write.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def preannotate(project: int | None, source: str, overwrite: bool, backend_url: str | None, coco_path: Path | None,
+                images: Path | None, out: Path | None, quiet: bool) -> None:
+    """Turn every rectangle of a project (or a COCO file's boxes) into a mask; see sam_backend/commands/preannotate.py.
+    Prints a JSON report: counts, images per second, the encoder's share, and every problem with its task id."""
+    from sam_backend.commands.preannotate import (
+        LocalSegmenter,
+        PreannotateError,
+        RemoteSegmenter,
+        preannotate_coco,
+        preannotate_project,
+    )
+    from sam_backend.segment.engines import EngineError
+
+    if (project is None) == (coco_path is None):
+        raise click.UsageError("give either --project N or --coco boxes.json --images DIR -o masks.json")
+    settings = _settings()
+    try:
+        if coco_path is not None:
+            if images is None or out is None:
+                raise click.UsageError("--coco needs --images DIR and -o masks.json")
+            report = preannotate_coco(coco_path, images, out, settings, progress=not quiet)
+        else:
+            if not settings.label_studio_url or not settings.label_studio_api_key:
+                raise click.ClickException("--project needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+            from sam_backend.labelstudio.client import LabelStudioClient
+
+            ls = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
+            segmenter = RemoteSegmenter(backend_url) if backend_url else LocalSegmenter(settings)
+            report = preannotate_project(ls, project, segmenter, source=source, overwrite=overwrite,
+                                         progress=not quiet)
+    except (PreannotateError, EngineError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except ClientError as exc:
+        raise click.ClickException(exc.message) from None
+    click.echo(json.dumps(report.to_json(), indent=1))
 
 
 @main.command()

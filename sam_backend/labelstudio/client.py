@@ -75,8 +75,12 @@ class LabelStudioClient:
         """`/api/current-user/whoami`, unchecked: the caller reads the status (is the token accepted?)."""
         return self.call("GET", "/api/current-user/whoami", check=False, timeout=10)
 
-    def tasks(self, project: int, page_size: int = 100_000) -> list[dict]:
-        r = self.call("GET", "/api/tasks/", params={"project": project, "page_size": page_size})
+    def tasks(self, project: int, page_size: int = 100_000, fields: str | None = None) -> list[dict]:
+        """A project's tasks; `fields="all"` includes their annotations and predictions (the default is data only)."""
+        params: dict[str, Any] = {"project": project, "page_size": page_size}
+        if fields:
+            params["fields"] = fields
+        r = self.call("GET", "/api/tasks/", params=params)
         data = r.json()
         return data["tasks"] if isinstance(data, dict) else data
 

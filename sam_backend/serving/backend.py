@@ -21,6 +21,7 @@ import numpy as np
 from sam_backend import __version__
 from sam_backend.config import Settings
 from sam_backend.errors import ClientError
+from sam_backend.labelstudio.boxes import task_rectangles
 from sam_backend.labelstudio.client import LabelStudioClient
 from sam_backend.labelstudio.context import parse_context
 from sam_backend.labelstudio.images import ImageFetcher, LoadedImage, safe_url
@@ -159,6 +160,10 @@ class SamBackend:
         context = params.get("context")
         if not context or not (isinstance(context, Mapping) and context.get("result")):
             target = config.targets[0]
+            boxed = self._rectangles_to_answer(tasks, target)
+            if boxed is not None:  # Retrieve Predictions (or a task opened) on tasks that have rectangles
+                return {"results": [self._masks_for_rectangles(task, rects, config, body, stages)
+                                    for task, rects in boxed], "model_version": self.model_version}
             for task in tasks:
                 self.prewarm.schedule(required_image_url(task, target))
                 self.prefetch.opened(str(body.get("project") or "").split(".")[0] or None, task.get("id"),
@@ -171,6 +176,43 @@ class SamBackend:
                                       written if written is not None else [])
                    for i, task in enumerate(tasks)]
         return {"results": results, "model_version": self.model_version}
+
+    def _rectangles_to_answer(self, tasks: list, target: Any) -> list[tuple[Mapping[str, Any], list]] | None:
+        """`[(task, its rectangles)]` where a request without a context (Label Studio's Retrieve Predictions, or a
+        task opened with "use predictions to prelabel") carries tasks with rectangles: those of the newest live
+        annotation, else of the newest prediction not written by this backend. None where no task has one."""
+        own = {self.model_version}
+        found = []
+        for task in tasks:
+            rects = task_rectangles(task, "annotations") or task_rectangles(task, "predictions", own)
+            usable = []
+            for rect in rects:
+                if abs(rect.rotation) > 1e-6:
+                    log.warning("task %s: rotated rectangle %s left out (SAM takes axis-aligned boxes)",
+                                task.get("id"), rect.region_id)
+                elif rect.label is not None and target.labels and rect.label not in target.labels:
+                    log.warning("task %s: rectangle %s has label %r, which %s does not offer; left out",
+                                task.get("id"), rect.region_id, rect.label, target.output)
+                else:
+                    usable.append(rect)
+            found.append((task, usable))
+        return found if any(rects for _, rects in found) else None
+
+    def _masks_for_rectangles(self, task: Mapping[str, Any], rects: list, config: LabelConfig,
+                              body: Mapping[str, Any], stages: StageTimes | None) -> dict[str, Any]:
+        """One prediction for `task`: a mask from each rectangle as a box prompt (each as its own object)."""
+        project = str(body.get("project") or "").split(".")[0] or None
+        out, scores = [], []
+        for n, rect in enumerate(rects):
+            context = {"result": [{**rect.result, "id": rect.region_id or f"box{n}"}]}
+            try:
+                answer = self._predict_task(task, config, context, project, stages or StageTimes(), None, [])
+            except EmptyAnswer:
+                continue
+            for r in answer["result"]:
+                out.append({**r, "id": f"{rect.region_id or n}-mask"})
+                scores.append(answer["score"])
+        return {"result": out, "score": float(np.mean(scores)) if scores else 0.0, "model_version": self.model_version}
 
     def _predict_task(self, task: Mapping[str, Any], config: LabelConfig, context: Mapping[str, Any],
                       project: str | None, stages: StageTimes, request_key: str | None, written: list
@@ -191,7 +233,7 @@ class SamBackend:
         prompts = parse_context(context, image_size=embedding.image_size, remembered_box=memory.box_for,
                                 join_margin_px=margin)
         for prompt in memory.unanswered(prompts):
-            mask, score = self._segment(engine, embedding, image_id, prompt, stages)
+            mask, score = self.segment_prompt(engine, embedding, image_id, prompt, stages)
             memory.answered(prompt, mask)
             label = target.label_for(prompt.label)
             with stages.stage("rle"):
@@ -212,7 +254,7 @@ class SamBackend:
                               "object, add a positive click, or draw a box around it")
         return {"result": out, "score": float(np.mean(scores)) if scores else 0.0, "model_version": self.model_version}
 
-    def _segment(self, engine: Engine, embedding: Embedding, image_id: str, prompt: ObjectPrompt,
+    def segment_prompt(self, engine: Engine, embedding: Embedding, image_id: str, prompt: ObjectPrompt,
                  stages: StageTimes) -> tuple[np.ndarray, float]:
         """`(mask (H, W) bool, score)` for one object: the model's best mask (seeded with the object's previous
         logits), refined; where refinement would empty it, the unrefined mask clamped to the box instead."""

@@ -108,6 +108,7 @@ class Encoder:
         self._on_encoded = on_encoded
         self._pool = ThreadPoolExecutor(click_threads, thread_name_prefix="click-encode")
         self._durations: deque[float] = deque(maxlen=20)
+        self.total_s = 0.0  # seconds spent encoding since start (the encoder's share of a batch job)
 
     def encode(self, engine: Engine, pixels: np.ndarray, key: Hashable, priority: int) -> Embedding:
         """`engine.embed(pixels)` when the gate lets `key` through at `priority`."""
@@ -116,6 +117,7 @@ class Encoder:
             embedding = engine.embed(pixels)
             elapsed = time.perf_counter() - t0
         self._durations.append(elapsed)
+        self.total_s += elapsed
         self._on_encoded(elapsed)
         return embedding
 

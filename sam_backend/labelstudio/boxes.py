@@ -1,0 +1,82 @@
+"""Rectangles a task already has, read for turning into masks (`sam-backend preannotate`, Retrieve Predictions).
+
+A task's rectangles come from its newest live annotation (not cancelled; newest by `updated_at`, then `created_at`,
+then id) and/or its newest prediction (a detector's boxes imported as predictions), skipping predictions this
+backend wrote itself (`own_versions`). Each rectangle is a Label Studio `rectanglelabels` result: percent geometry of
+`original_width` × `original_height`, origin top-left, `rotation` in degrees. Nothing here changes a task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+SOURCES = ("annotations", "predictions", "both")
+RECT_TYPES = ("rectanglelabels", "rectangle")
+
+
+@dataclass(frozen=True)
+class SourceRect:
+    """One rectangle result as Label Studio stored it, its label (None: unlabeled) and where it came from."""
+
+    result: Mapping[str, Any]
+    label: str | None
+    source: str  # "annotation" or "prediction"
+
+    @property
+    def rotation(self) -> float:
+        value = self.result.get("value") or {}
+        try:
+            return float(value.get("rotation") or 0.0)
+        except (TypeError, ValueError):
+            return 0.0
+
+    @property
+    def region_id(self) -> str | None:
+        rid = self.result.get("id")
+        return str(rid) if rid is not None else None
+
+
+def _stamp(item: Mapping[str, Any]) -> tuple[str, str, int]:
+    rid = item.get("id")
+    return (str(item.get("updated_at") or ""), str(item.get("created_at") or ""), rid if isinstance(rid, int) else 0)
+
+
+def newest_live_annotation(task: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The task's newest annotation that was not cancelled (skipped), or None."""
+    live = [a for a in task.get("annotations") or [] if isinstance(a, Mapping) and not a.get("was_cancelled")]
+    return max(live, key=_stamp) if live else None
+
+
+def newest_prediction(task: Mapping[str, Any], own_versions: Iterable[str] = ()) -> Mapping[str, Any] | None:
+    """The task's newest prediction not written by this backend (`own_versions`), or None."""
+    own = set(own_versions)
+    preds = [p for p in task.get("predictions") or [] if isinstance(p, Mapping) and p.get("model_version") not in own]
+    return max(preds, key=_stamp) if preds else None
+
+
+def rectangles_of(item: Mapping[str, Any] | None, source: str) -> list[SourceRect]:
+    """The rectangle results of one annotation or prediction."""
+    if item is None or not isinstance(item.get("result"), list):
+        return []
+    out = []
+    for r in item["result"]:
+        if not isinstance(r, Mapping) or r.get("type") not in RECT_TYPES or not isinstance(r.get("value"), Mapping):
+            continue
+        labels = r["value"].get("rectanglelabels") or []
+        out.append(SourceRect(r, str(labels[0]) if labels else None, source))
+    return out
+
+
+def task_rectangles(task: Mapping[str, Any], source: str = "annotations", own_versions: Iterable[str] = ()
+                    ) -> list[SourceRect]:
+    """The rectangles to turn into masks: of the newest live annotation, the newest prediction, or both."""
+    if source not in SOURCES:
+        raise ValueError(f"source: expected one of {', '.join(SOURCES)}, got {source!r}")
+    rects: list[SourceRect] = []
+    if source in ("annotations", "both"):
+        rects += rectangles_of(newest_live_annotation(task), "annotation")
+    if source in ("predictions", "both"):
+        rects += rectangles_of(newest_prediction(task, own_versions), "prediction")
+    return rects
