@@ -136,3 +136,26 @@ def test_auto_measures_in_the_background_then_switches_and_a_restart_reuses_the_
     a = reference.predict(reference.embed(image), prompt).best_mask
     b = restarted.predict(restarted.embed(image), prompt).best_mask
     assert iou(a, b) >= 0.95 and iou(b, mask) >= 0.8
+
+
+def test_bench_prints_every_encoder_path_with_its_iou_against_fp32(weights):
+    """`sam-backend bench` with the real weights: each encoder path measured, with its speed-up over fp32 eager and
+    its masks' IoU against fp32 eager on the check photos; the click figures run with the chosen one."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "SAM_CHECKPOINT": str(weights), "SAM_PRECISION": "fp32", "SAM_DEVICE": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "sam_backend", "bench", "--json", "--encoder", "onnx", "--decoder",
+                           "eager", "--no-http", "--repeats", "1", "--check-images",
+                           str(evalset("GrabCut") / "data_GT")], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = {r["kind"]: r for r in result["encoders"]}
+    assert set(rows) == {"eager", "onnx"} and rows["eager"]["speedup"] == 1.0
+    assert rows["onnx"]["accepted"] and rows["onnx"]["iou"] >= 0.999 and rows["onnx"]["speedup"] > 0
+    assert result["encoder_check_images"] == 3 and result["encoder_prompts"] >= 6
+    assert result["encoder"] == ("onnx" if rows["onnx"]["seconds"] < rows["eager"]["seconds"] else "eager")

@@ -207,3 +207,40 @@ def test_retrieve_predictions_answers_the_rectangles_masks(project, tmp_path):
     got = masks_of(preds[0])
     assert sorted(v[0] for v in got.values()) == ["Car", "Person"]
     assert max(iou(m, masks["a.png"][0]) for _, m in got.values()) > 0.85
+
+
+def test_preannotate_a_coco_file(tmp_path):
+    """`--coco boxes.json --images DIR -o masks.json`: every usable bbox gets an RLE segmentation of its object;
+    a missing image and an empty box are reported with their ids, the rest of the file is kept as it was."""
+    from pycocotools import mask as mask_utils
+
+    images = tmp_path / "images"
+    images.mkdir()
+    png, truth = scene(7)
+    (images / "a.png").write_bytes(png)
+    boxes = []
+    for i, ((cx, cy), r) in enumerate(DISCS):
+        boxes.append({"id": 10 + i, "image_id": 1, "category_id": 1 + i, "iscrowd": 0,
+                      "bbox": [cx - r - 6, cy - r - 6, 2 * r + 12, 2 * r + 12]})
+    boxes.append({"id": 20, "image_id": 1, "category_id": 1, "bbox": [5, 5, 0, 10]})
+    boxes.append({"id": 30, "image_id": 2, "category_id": 1, "bbox": [5, 5, 50, 50]})
+    coco = {"info": {"description": "kept"}, "images": [{"id": 1, "file_name": "a.png", "width": W, "height": H},
+                                                        {"id": 2, "file_name": "gone.png", "width": W, "height": H}],
+            "annotations": boxes, "categories": [{"id": 1, "name": "left"}, {"id": 2, "name": "right"}]}
+    (tmp_path / "boxes.json").write_text(json.dumps(coco))
+    env = {**os.environ, "SAM_ENGINE": "grabcut"}
+    proc = subprocess.run([sys.executable, "-m", "sam_backend", "preannotate", "--coco", str(tmp_path / "boxes.json"),
+                           "--images", str(images), "-o", str(tmp_path / "masks.json"), "--quiet"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["masks"] == 2 and {(p["task"], p["problem"]) for p in report["problems"]} == {
+        (20, "bad box"), (2, "image")}
+    out = json.loads((tmp_path / "masks.json").read_text())
+    assert out["info"] == coco["info"] and out["categories"] == coco["categories"]
+    by_id = {a["id"]: a for a in out["annotations"]}
+    for i, truth_mask in enumerate(truth):
+        ann = by_id[10 + i]
+        assert ann["bbox"] == boxes[i]["bbox"] and ann["segmentation"]["size"] == [H, W]
+        assert iou(mask_utils.decode(ann["segmentation"]) > 0, truth_mask) > 0.85
+    assert "segmentation" not in by_id[20] and "segmentation" not in by_id[30]

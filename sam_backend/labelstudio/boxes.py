@@ -56,6 +56,12 @@ def newest_prediction(task: Mapping[str, Any], own_versions: Iterable[str] = ())
     return max(preds, key=_stamp) if preds else None
 
 
+def has_masks(item: Mapping[str, Any]) -> bool:
+    """Whether an annotation or prediction holds mask regions (brush or polygon) already."""
+    return any(isinstance(r, Mapping) and r.get("type") in ("brushlabels", "polygonlabels")
+               for r in item.get("result") or [])
+
+
 def rectangles_of(item: Mapping[str, Any] | None, source: str) -> list[SourceRect]:
     """The rectangle results of one annotation or prediction."""
     if item is None or not isinstance(item.get("result"), list):

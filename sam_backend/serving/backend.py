@@ -21,7 +21,7 @@ import numpy as np
 from sam_backend import __version__
 from sam_backend.config import Settings
 from sam_backend.errors import ClientError
-from sam_backend.labelstudio.boxes import task_rectangles
+from sam_backend.labelstudio.boxes import has_masks, newest_live_annotation, rectangles_of, task_rectangles
 from sam_backend.labelstudio.client import LabelStudioClient
 from sam_backend.labelstudio.context import parse_context
 from sam_backend.labelstudio.images import ImageFetcher, LoadedImage, safe_url
@@ -180,11 +180,16 @@ class SamBackend:
     def _rectangles_to_answer(self, tasks: list, target: Any) -> list[tuple[Mapping[str, Any], list]] | None:
         """`[(task, its rectangles)]` where a request without a context (Label Studio's Retrieve Predictions, or a
         task opened with "use predictions to prelabel") carries tasks with rectangles: those of the newest live
-        annotation, else of the newest prediction not written by this backend. None where no task has one."""
+        annotation, else of the newest prediction not written by this backend; a task whose newest annotation holds
+        masks already is left alone. None where no task has one."""
         own = {self.model_version}
         found = []
         for task in tasks:
-            rects = task_rectangles(task, "annotations") or task_rectangles(task, "predictions", own)
+            annotation = newest_live_annotation(task)
+            if annotation is not None and has_masks(annotation):  # labeled with masks already: left alone
+                found.append((task, []))
+                continue
+            rects = rectangles_of(annotation, "annotation") or task_rectangles(task, "predictions", own)
             usable = []
             for rect in rects:
                 if abs(rect.rotation) > 1e-6:
