@@ -244,3 +244,27 @@ def test_preannotate_a_coco_file(tmp_path):
         assert ann["bbox"] == boxes[i]["bbox"] and ann["segmentation"]["size"] == [H, W]
         assert iou(mask_utils.decode(ann["segmentation"]) > 0, truth_mask) > 0.85
     assert "segmentation" not in by_id[20] and "segmentation" not in by_id[30]
+
+
+def test_preannotate_through_a_running_backend(project, tmp_path):
+    """`--backend URL`: the same work sent to a running backend (a replica set's nginx in production); the remote
+    backend fetches the images from Label Studio itself."""
+    ls, pid, t, masks = project
+    settings = Settings.from_env({"SAM_ENGINE": "grabcut", "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.pat,
+                                  "SAM_METADATA_DB": str(tmp_path / "s.db")})
+    backend = SamBackend(settings)
+    port = free_port()
+    server = make_server("127.0.0.1", port, create_app(settings, backend=backend), threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        report = run_preannotate(ls.url, ls.pat, "--project", str(pid), "--backend", f"http://127.0.0.1:{port}",
+                                 "--overwrite", "--quiet")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert report["model_version"] == f"{backend.model_version}/boxes-from-annotations"
+    assert report["predicted"] == 1 and report["masks"] == 2  # task A; C's box is a prediction, not an annotation
+    assert {p["problem"] for p in report["problems"]} == {"label not in brush control", "rotated rectangle", "image"}
+    assert backend.encoder.total_s > 0  # the remote backend did the encoding
+    [pred] = [p for p in ls.task(t["a"])["predictions"] if p["model_version"] == report["model_version"]]
+    assert sorted(label for label, _ in masks_of(pred).values()) == ["Car", "Person"]
