@@ -24,6 +24,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -100,18 +101,32 @@ class LocalSegmenter:
         self.backend.start()
         self.backend.engine.get()  # load now: a model that cannot load stops the run before any task
         self.model_version = self.backend.model_version
+        self._ahead = ThreadPoolExecutor(1, thread_name_prefix="fetch-ahead")
+        self._opened: set[str] = set()
 
     def predict(self, body: Mapping[str, Any]) -> dict[str, Any]:
         return self.backend.predict(body)
 
     def open(self, body: Mapping[str, Any]) -> None:
-        self.backend.predict(_opening(body))
+        """Download the task's image on a thread of its own, then queue its encode: the encoder never waits for a
+        download (measured: the encoder was idle 21 % of a run while it fetched each image itself)."""
+        config = parse_label_config(body.get("label_config") or "")
+        url = task_image_url((body.get("tasks") or [{}])[0], config.targets[0].value_key)
+        if not url or url in self._opened:
+            return
+        self._opened.add(url)
+
+        def fetch_then_queue() -> None:
+            self.backend.fetch_ahead(url)
+            self.backend.predict(_opening(body))
+
+        self._ahead.submit(fetch_then_queue)
 
     def encoder_seconds(self) -> float | None:
         return self.backend.encoder.total_s
 
     def close(self) -> None:
-        self.backend.prewarm.wait(0)
+        self._ahead.shutdown(wait=False, cancel_futures=True)
 
 
 class RemoteSegmenter:

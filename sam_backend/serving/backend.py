@@ -11,7 +11,9 @@ for the background encoder; keypoints may join a box drawn earlier (`serving.mem
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -46,6 +48,8 @@ from sam_backend.serving.tiers import SharedTier
 from sam_backend.sidecar.records import Interaction
 
 log = logging.getLogger(__name__)
+
+FETCHED_AHEAD_BYTES = 256 * 2**20
 
 
 class RequestError(ClientError):
@@ -96,6 +100,8 @@ class SamBackend:
         if recorder is not None and hasattr(recorder, "on_lost"):
             recorder.on_lost = lambda reason: self.metrics.sidecar_lost.labels(reason).inc()
         self.setup_config: str | None = None
+        self._fetched: OrderedDict[str, LoadedImage] = OrderedDict()  # images a batch job fetched ahead (bounded)
+        self._fetched_lock = threading.Lock()
 
     @property
     def model_version(self) -> str:
@@ -309,7 +315,7 @@ class SamBackend:
             if stored is not None:
                 self.cache.put((engine.engine_id, known), stored)
                 return known, stored, True
-        loaded = self.fetcher.load(url)
+        loaded = self._take_fetched(url) or self.fetcher.load(url)
         self.memory.images.remember(engine.engine_id, url, loaded.sha256)
         if self.tier is not None:
             self.tier.remember_digest(engine.engine_id, url, loaded.sha256)
@@ -331,6 +337,24 @@ class SamBackend:
             raise StillEncoding(f"image still encoding ({when}): click again") from None
         self.metrics.click_wait.observe(time.monotonic() - t0)
         return loaded.sha256, embedding, hit
+
+    def fetch_ahead(self, url: str) -> None:
+        """Download and decode `url` now, so that its encode (queued next by a batch job such as `preannotate`) does
+        not wait for the download: the encoder then runs back to back while the next image downloads. Kept until
+        used, at most `FETCHED_AHEAD_BYTES` of pixels (the oldest go first); a failure is left to the encode's own
+        fetch, which reports it."""
+        try:
+            loaded = self.fetcher.load(url)
+        except ClientError:
+            return
+        with self._fetched_lock:
+            self._fetched[url] = loaded
+            while sum(v.pixels.nbytes for v in self._fetched.values()) > FETCHED_AHEAD_BYTES and len(self._fetched) > 1:
+                self._fetched.popitem(last=False)
+
+    def _take_fetched(self, url: str) -> LoadedImage | None:
+        with self._fetched_lock:
+            return self._fetched.pop(url, None)
 
     def _encode(self, engine: Engine, loaded: LoadedImage, key: tuple[str, str], priority: int) -> Embedding:
         """Encode here, or once across the workers that share a store (`serving.tiers`)."""

@@ -329,9 +329,16 @@ def main(argv: list[str] | None = None) -> int:
     if engine.engine_id != args.engine_id:
         log.error("the checkpoint holds %s, the server runs %s", engine.engine_id, args.engine_id)
         return 2
-    verdict = measure_paths(engine, graph_base(args.checkpoint), FAST_KINDS, check_images(args.images),
-                            progress=True)
-    write_atomic(args.out, verdict.to_json())
+    import fcntl
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out.with_name(args.out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # workers of one host measure once; the others wait and read the verdict
+        if Verdict.read(args.out, engine.engine_id) is not None:
+            return 0
+        verdict = measure_paths(engine, graph_base(args.checkpoint), FAST_KINDS, check_images(args.images),
+                                progress=True)
+        write_atomic(args.out, verdict.to_json())
     return 0
 
 
