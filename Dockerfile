@@ -3,7 +3,9 @@
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
-RUN apt-get update && apt-get install -y --no-install-recommends curl libgl1 libglib2.0-0 \
+# g++: AOTInductor compiles the image encoder for this CPU once, at the first start (SAM_ENCODER=auto); without a
+# compiler that path is refused with the reason and ONNX Runtime or eager is used.
+RUN apt-get update && apt-get install -y --no-install-recommends curl libgl1 libglib2.0-0 g++ \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY pyproject.toml README.md ./
