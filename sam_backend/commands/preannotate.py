@@ -232,8 +232,9 @@ def preannotate_project(ls: Any, project: int, segmenter: Segmenter, *, source: 
     bar = _bar(len(work), progress)
     try:
         for i, task in enumerate(work):
-            for ahead in work[i + 1:i + 1 + LOOKAHEAD]:  # queued once; the backend drops repeats
-                if task_image_url(ahead, target.value_key) and not _done(ahead, version, overwrite):
+            for ahead in work[i + 1:i + 1 + LOOKAHEAD]:  # only images that will be needed, each once
+                if (task_image_url(ahead, target.value_key) and not _done(ahead, version, overwrite)
+                        and task_rectangles(ahead, source, own_versions={version})):
                     segmenter.open(_body(ahead, config, project, None))
             _one_task(ls, task, config, project, target, segmenter, version, source, overwrite, report)
             report.seconds = time.perf_counter() - t0
