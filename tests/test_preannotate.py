@@ -14,6 +14,8 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import cv2
 import numpy as np
@@ -127,6 +129,20 @@ def project(tmp_path_factory):
         ls.stop()
 
 
+@contextmanager
+def serving(settings: Settings) -> Iterator[tuple[SamBackend, str]]:
+    """The backend's real app on a threaded server on 127.0.0.1: `(backend, its URL)`, stopped after."""
+    backend = SamBackend(settings)
+    port = free_port()
+    server = make_server("127.0.0.1", port, create_app(settings, backend=backend), threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield backend, f"http://127.0.0.1:{port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def run_preannotate(ls_url: str, pat: str, *args: str) -> dict:
     env = {**os.environ, "LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": pat, "SAM_ENGINE": "grabcut",
            "SAM_ALLOWED_HOSTS": "127.0.0.1"}
@@ -190,18 +206,11 @@ def test_retrieve_predictions_answers_the_rectangles_masks(project, tmp_path):
     ls, pid, t, masks = project
     settings = Settings.from_env({"SAM_ENGINE": "grabcut", "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.pat,
                                   "SAM_METADATA_DB": str(tmp_path / "s.db")})
-    backend = SamBackend(settings)
-    port = free_port()
-    server = make_server("127.0.0.1", port, create_app(settings, backend=backend), threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        ls.add_ml_backend(pid, f"http://127.0.0.1:{port}", interactive=True)
+    with serving(settings) as (backend, url):
+        ls.add_ml_backend(pid, url, interactive=True)
         resp = ls.call("POST", "/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": pid},
                        json={"selectedItems": {"all": False, "included": [t["a"], t["e"]]}})
         assert resp.status_code == 200
-    finally:
-        server.shutdown()
-        server.server_close()
     preds = [p for p in ls.task(t["a"])["predictions"] if p["model_version"] == backend.model_version]
     assert len(preds) == 1
     got = masks_of(preds[0])
@@ -252,16 +261,8 @@ def test_preannotate_through_a_running_backend(project, tmp_path):
     ls, pid, t, masks = project
     settings = Settings.from_env({"SAM_ENGINE": "grabcut", "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.pat,
                                   "SAM_METADATA_DB": str(tmp_path / "s.db")})
-    backend = SamBackend(settings)
-    port = free_port()
-    server = make_server("127.0.0.1", port, create_app(settings, backend=backend), threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        report = run_preannotate(ls.url, ls.pat, "--project", str(pid), "--backend", f"http://127.0.0.1:{port}",
-                                 "--overwrite", "--quiet")
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(settings) as (backend, url):
+        report = run_preannotate(ls.url, ls.pat, "--project", str(pid), "--backend", url, "--overwrite", "--quiet")
     assert report["model_version"] == f"{backend.model_version}/boxes-from-annotations"
     assert report["predicted"] == 1 and report["masks"] == 2  # task A; C's box is a prediction, not an annotation
     assert {p["problem"] for p in report["problems"]} == {"label not in brush control", "rotated rectangle", "image"}

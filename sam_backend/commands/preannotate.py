@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +33,7 @@ import numpy as np
 import requests
 
 from sam_backend.errors import ClientError
-from sam_backend.labelstudio.boxes import SourceRect, task_rectangles
+from sam_backend.labelstudio.boxes import task_rectangles
 from sam_backend.labelstudio.labelconfig import parse_label_config, task_image_url
 
 log = logging.getLogger(__name__)
@@ -208,13 +208,6 @@ def problem_kind(exc: ClientError) -> str:
     return "no mask" if exc.status == 422 else "backend"
 
 
-def as_context(rect: SourceRect, index: int) -> dict[str, Any]:
-    """The rectangle as the smart rectangle tool would send it in a `/predict` context."""
-    r = dict(rect.result)
-    r["id"] = rect.region_id or f"box{index}"
-    return r
-
-
 def preannotate_project(ls: Any, project: int, segmenter: Segmenter, *, source: str = "annotations",
                         overwrite: bool = False, progress: bool = True) -> Report:
     """Turn every rectangle of project `project` into a mask prediction (see the module docstring). `ls` is a
@@ -259,15 +252,19 @@ def _body(task: Mapping[str, Any], config: str, project: int, context: Any) -> d
     return {"tasks": [task], "label_config": config, "project": f"{project}.0", "params": {"context": context}}
 
 
+def _mine(task: Mapping[str, Any], version: str) -> list[Mapping[str, Any]]:
+    """The task's predictions of `version` (an earlier run's)."""
+    return [p for p in task.get("predictions") or [] if isinstance(p, Mapping) and p.get("model_version") == version]
+
+
 def _done(task: Mapping[str, Any], version: str, overwrite: bool) -> bool:
-    return not overwrite and any(isinstance(p, Mapping) and p.get("model_version") == version
-                                 for p in task.get("predictions") or [])
+    return not overwrite and bool(_mine(task, version))
 
 
 def _one_task(ls: Any, task: Mapping[str, Any], config: str, project: int, target: Any, segmenter: Segmenter,
               version: str, source: str, overwrite: bool, report: Report) -> None:
     tid = task.get("id")
-    mine = [p for p in task.get("predictions") or [] if isinstance(p, Mapping) and p.get("model_version") == version]
+    mine = _mine(task, version)
     if mine and not overwrite:
         report.already += 1
         return
@@ -278,17 +275,12 @@ def _one_task(ls: Any, task: Mapping[str, Any], config: str, project: int, targe
     results, scores = [], []
     for n, rect in enumerate(rects):
         report.regions += 1
-        if abs(rect.rotation) > 1e-6:
-            report.problem(tid, "rotated rectangle", f"region {rect.region_id}: rotation {rect.rotation:g}°; SAM "
-                                                     "takes axis-aligned boxes, this one is left as it is")
-            continue
-        if rect.label is not None and target.labels and rect.label not in target.labels:
-            report.problem(tid, "label not in brush control",
-                           f"region {rect.region_id}: {rect.label!r}; {target.output} offers "
-                           f"{', '.join(target.labels)}")
+        why = rect.unusable(target.labels, target.output)
+        if why is not None:
+            report.problem(tid, *why)
             continue
         try:
-            answer = segmenter.predict(_body(task, config, project, {"result": [as_context(rect, n)]}))
+            answer = segmenter.predict(_body(task, config, project, {"result": [rect.as_context(n)]}))
         except ClientError as exc:
             kind = problem_kind(exc)
             report.problem(tid, kind, f"region {rect.region_id}: HTTP {exc.status}: {exc.message}")
@@ -413,7 +405,3 @@ def _box_mask(backend: Any, engine: Any, embedding: Any, image_key: str, ann: di
         return None
     return mask
 
-
-def iter_problems(report: Report) -> Iterator[str]:
-    for p in report.problems:
-        yield f"task {p['task']}: {p['problem']}: {p['detail']}"

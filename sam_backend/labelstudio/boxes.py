@@ -37,6 +37,21 @@ class SourceRect:
         rid = self.result.get("id")
         return str(rid) if rid is not None else None
 
+    def as_context(self, index: int) -> dict[str, Any]:
+        """The rectangle as the smart rectangle tool sends it in a `/predict` context (an id made up if it has none)."""
+        return {**self.result, "id": self.region_id or f"box{index}"}
+
+    def unusable(self, labels: tuple[str, ...], control: str) -> tuple[str, str] | None:
+        """`(problem, detail)` where this rectangle cannot become a mask of the brush control `control` offering
+        `labels` (rotated: SAM takes axis-aligned boxes; a label the control lacks), else None."""
+        if abs(self.rotation) > 1e-6:
+            return "rotated rectangle", (f"region {self.region_id}: rotation {self.rotation:g}°; SAM takes "
+                                         "axis-aligned boxes, this one is left as it is")
+        if self.label is not None and labels and self.label not in labels:
+            return "label not in brush control", (f"region {self.region_id}: {self.label!r}; {control} offers "
+                                                  f"{', '.join(labels)}")
+        return None
+
 
 def _stamp(item: Mapping[str, Any]) -> tuple[str, str, int]:
     rid = item.get("id")

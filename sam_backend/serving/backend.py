@@ -198,14 +198,11 @@ class SamBackend:
             rects = rectangles_of(annotation, "annotation") or task_rectangles(task, "predictions", own)
             usable = []
             for rect in rects:
-                if abs(rect.rotation) > 1e-6:
-                    log.warning("task %s: rotated rectangle %s left out (SAM takes axis-aligned boxes)",
-                                task.get("id"), rect.region_id)
-                elif rect.label is not None and target.labels and rect.label not in target.labels:
-                    log.warning("task %s: rectangle %s has label %r, which %s does not offer; left out",
-                                task.get("id"), rect.region_id, rect.label, target.output)
-                else:
+                why = rect.unusable(target.labels, target.output)
+                if why is None:
                     usable.append(rect)
+                else:
+                    log.warning("task %s: %s, left out (%s)", task.get("id"), *why)
             found.append((task, usable))
         return found if any(rects for _, rects in found) else None
 
@@ -215,7 +212,7 @@ class SamBackend:
         project = str(body.get("project") or "").split(".")[0] or None
         out, scores = [], []
         for n, rect in enumerate(rects):
-            context = {"result": [{**rect.result, "id": rect.region_id or f"box{n}"}]}
+            context = {"result": [rect.as_context(n)]}
             try:
                 answer = self._predict_task(task, config, context, project, stages or StageTimes(), None, [])
             except EmptyAnswer:
