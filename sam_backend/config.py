@@ -103,6 +103,12 @@ class Settings:
     object_memory: bool = True  # join a box's refining clicks to it (see sam_backend.serving.memory)
     object_memory_ttl_s: float = 600.0
     click_deadline_s: float = 80.0  # answer a click still waiting for its encode before Label Studio's 100 s
+    # SAM_ADAPT: learn each project's mask decoder from its accepted masks (serving.adapters, segment.adapt)
+    adapt: bool = False
+    adapter_dir: Path = Path("adapters")  # SAM_ADAPTER_DIR: one folder per project, versions written atomically
+    adapt_min_masks: int = 5  # SAM_ADAPT_MIN_MASKS: accepted masks before the first training (≥ 5: one held out)
+    adapt_every: int = 5  # SAM_ADAPT_EVERY: new accepted masks before training again
+    adapt_steps: int = 150  # SAM_ADAPT_STEPS: optimizer steps of one training (one prompt each)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -176,6 +182,11 @@ class Settings:
             click_deadline_s=r.number("SAM_CLICK_DEADLINE_S", 80.0, minimum=0.1),
             object_memory=r.boolean("SAM_OBJECT_MEMORY", True),
             object_memory_ttl_s=r.number("SAM_OBJECT_MEMORY_TTL_S", 600.0, minimum=1.0),
+            adapt=r.boolean("SAM_ADAPT", False),
+            adapter_dir=Path(r.text("SAM_ADAPTER_DIR") or "adapters"),
+            adapt_min_masks=r.integer("SAM_ADAPT_MIN_MASKS", 5, minimum=5),
+            adapt_every=r.integer("SAM_ADAPT_EVERY", 5, minimum=1),
+            adapt_steps=r.integer("SAM_ADAPT_STEPS", 150, minimum=1),
         )
 
 

@@ -404,10 +404,14 @@ def precompute(project: int, backend_url: str, limit: int | None) -> None:
 @click.option("--limit", type=int, default=None, help="At most this many objects.")
 @click.option("--backend", "backend_url", default=None, help="Evaluate a running backend over HTTP instead.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--adapt-on", "adapt_on", type=click.IntRange(min=2), default=None, metavar="K",
+              help="Per category, learn from the first K objects as accepted masks (as SAM_ADAPT does), then measure "
+              "the rest with the base model and adapted (configurations ending in /adapted).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def evaluate(data: Path, images: Path | None, engines: tuple[str, ...], model_types: tuple[str, ...],
              precisions: tuple[str, ...], no_refine: bool, no_logit_feedback: bool, plain: bool, protocol: str,
-             max_clicks: int, limit: int | None, backend_url: str | None, out: Path, quiet: bool) -> None:
+             max_clicks: int, limit: int | None, backend_url: str | None, out: Path, adapt_on: int | None,
+             quiet: bool) -> None:
     """Clicks-to-quality (NoC@85/90, mIoU per click, refused prompts) with a plot, on a dataset folder (GrabCut's
     data_GT/boundary_GT, Berkeley's images/masks, DAVIS or COCO-MVal's img/gt), a Label Studio export or a COCO
     file."""
@@ -444,8 +448,10 @@ def evaluate(data: Path, images: Path | None, engines: tuple[str, ...], model_ty
                         if plain and not no_refine:
                             configs.append(Configuration(f"{label}/{p}{extra}/plain", engine, False,
                                                          not no_logit_feedback, p))
+        from sam_backend.segment.adapt import AdaptConfig
+
         summary = evaluate(objects, configs, settings, out, max_clicks=max_clicks, backend_url=backend_url,
-                           progress=not quiet)
+                           progress=not quiet, adapt_on=adapt_on, adapt_config=AdaptConfig(steps=settings.adapt_steps))
     except (EvaluateError, EngineError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(summary, indent=1))

@@ -13,6 +13,12 @@ Each object is its own task, so one object's memory never leaks into another's.
 Protocols: `clicks` (the first click at the object's deepest point, then corrective clicks) and `box` (the
 object's bounding box first, then corrective clicks; interaction 1 is the box). NoC@85 / NoC@90 count
 interactions; an object that never reaches the IoU counts `max_clicks` and a failure.
+
+`adapt_on=K` (`--adapt-on K`) measures learning from accepted masks (`segment.adapt`, as `SAM_ADAPT` runs it in the
+backend): objects are grouped by category (COCO `categories`, a Label Studio export's label, COCO-MVal's file names);
+in each group the first K are taken as the team's accepted masks and learnt from by the backend's own rule (every
+fifth held out, the version kept only where it does better there), then the rest are measured twice: with the base
+model and with the group's adapted one (`<configuration>/adapted`). The K objects are measured by neither.
 """
 
 from __future__ import annotations
@@ -123,8 +129,8 @@ def run_object(ask: Callable[[dict[str, Any]], Any], obj: EvalObject, task_id: i
     return run
 
 
-def in_process_asker(settings: Settings, config: Configuration, shared: dict[str, Any]) -> Callable:
-    """`/predict` through a `SamBackend` in this process; backends of one engine share embeddings and images."""
+def in_process_backend(settings: Settings, config: Configuration, shared: dict[str, Any]) -> Any:
+    """A `SamBackend` in this process for `config`; backends of one engine share embeddings and images."""
     from sam_backend.serving.backend import SamBackend
     from sam_backend.serving.cache import EmbeddingCache
     from sam_backend.serving.memory import LOGITS_BYTES, ImageMemory, Memory, ObjectMemory
@@ -134,8 +140,13 @@ def in_process_asker(settings: Settings, config: Configuration, shared: dict[str
     objects = ObjectMemory(max_bytes=LOGITS_BYTES if config.logit_feedback else 0,
                            box_ttl_s=settings.object_memory_ttl_s)
     memory = Memory(images=shared.setdefault("images", ImageMemory()), objects=objects)
-    backend = SamBackend(replace(settings, refine=replace(settings.refine, enabled=config.refine)),
-                         engine_factory=lambda: engine, cache=cache, memory=memory)
+    return SamBackend(replace(settings, refine=replace(settings.refine, enabled=config.refine), adapt=False),
+                      engine_factory=lambda: engine, cache=cache, memory=memory)
+
+
+def in_process_asker(settings: Settings, config: Configuration, shared: dict[str, Any]) -> Callable:
+    """`/predict` through a `SamBackend` in this process; backends of one engine share embeddings and images."""
+    backend = in_process_backend(settings, config, shared)
 
     def ask(body: dict[str, Any]) -> Any:
         try:
@@ -214,9 +225,11 @@ def write_outputs(out: Path, objects: list[EvalObject], results: dict[str, tuple
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     for name, (summary, _) in results.items():
-        plain = name.endswith("/plain")  # dashed, so a plain curve on top of the product's stays visible
-        ax.plot(range(1, len(summary["miou"]) + 1), summary["miou"], marker="x" if plain else "o", markersize=3,
-                linestyle="--" if plain else "-", label=f"{name} (NoC@90 {summary['noc90']:.2f})")
+        plain = "/plain" in name  # dashed, so a plain curve on top of the product's stays visible
+        adapted = name.endswith("/adapted")  # dotted with squares: the same model after learning
+        ax.plot(range(1, len(summary["miou"]) + 1), summary["miou"], marker="s" if adapted else "x" if plain else "o",
+                markersize=3, linestyle=":" if adapted else "--" if plain else "-",
+                label=f"{name} (NoC@90 {summary['noc90']:.2f})")
     ax.set_xlabel("interactions (clicks; with the box protocol the box is the first)")
     ax.set_ylabel("mean IoU")
     ax.set_ylim(0, 1)
@@ -229,12 +242,69 @@ def write_outputs(out: Path, objects: list[EvalObject], results: dict[str, tuple
     plt.close(fig)
 
 
+def category_groups(objects: list[EvalObject], k: int) -> list[tuple[str, list[EvalObject], list[EvalObject]]]:
+    """`(category, its first k objects, the rest)` per category, in order of first appearance; a category with no
+    more than k objects has nothing to measure and is left out."""
+    groups: dict[str, list[EvalObject]] = {}
+    for obj in objects:
+        groups.setdefault(obj.category, []).append(obj)
+    return [(name, objs[:k], objs[k:]) for name, objs in groups.items() if len(objs) > k]
+
+
+@dataclass
+class Adaptation:
+    """One category's learning: the engine its rest is measured with (adapted, or the base where refused)."""
+
+    category: str
+    engine: Engine
+    record: dict[str, Any]
+
+
+def adapt_group(settings: Settings, config: Configuration, shared: dict[str, Any], category: str,
+                accepted: list[EvalObject], adapt_config: Any) -> Adaptation:
+    """Learn from `accepted` as the backend does (`segment.adapt.split_held_out`, `adapt`): embeddings through the
+    shared cache, the version kept only where it does better on its held-out objects."""
+    from sam_backend.segment.adapt import Example, adapt, adapted_decoder, split_held_out
+
+    engine = config.engine
+    backend = in_process_backend(settings, config, shared)
+    examples = []
+    for obj in accepted:
+        _, embedding, _ = backend.embedding(obj.image, engine)
+        examples.append(Example(embedding, obj.mask, obj.ignore, obj.name))
+    train, held = split_held_out(examples)
+    outcome = adapt(engine, train, held, adapt_config)
+    record = {"accepted": outcome.accepted, "trained_on": len(train), "held_out": len(held),
+              "held_out_base": outcome.base.to_json() if outcome.base else None,
+              "held_out_adapted": outcome.adapted.to_json() if outcome.adapted else None,
+              "seconds": round(outcome.seconds, 2), "steps": outcome.steps}
+    log.info("%s: learnt from %d objects in %.1f s, %s", category, len(train), outcome.seconds,
+             "kept" if outcome.accepted else "refused (no better on its held-out objects)")
+    adapted = engine.with_mask_decoder(adapted_decoder(engine, outcome.state), category) if outcome.accepted else engine
+    return Adaptation(category, adapted, record)
+
+
 def evaluate(objects: list[EvalObject], configs: list[Configuration], settings: Settings, out: Path,
-             max_clicks: int = 20, backend_url: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run every configuration on every object; write summary.json, per_object.csv, miou_vs_clicks.png."""
+             max_clicks: int = 20, backend_url: str | None = None, progress: bool = True,
+             adapt_on: int | None = None, adapt_config: Any = None) -> dict[str, Any]:
+    """Run every configuration on every object; write summary.json, per_object.csv, miou_vs_clicks.png. With
+    `adapt_on` (see the module docstring) every configuration also runs adapted (`<name>/adapted`) on the objects
+    after each category's first `adapt_on`."""
+    groups = None
+    if adapt_on is not None:
+        if backend_url or any(not hasattr(c.engine, "with_mask_decoder") for c in configs):
+            raise EvaluateError("--adapt-on needs a SAM engine in this process (SAM_ENGINE=sam; not --backend, "
+                                "SAM 2.1 or GrabCut): it fine-tunes SAM's mask decoder")
+        groups = category_groups(objects, adapt_on)
+        if not groups:
+            raise EvaluateError(f"--adapt-on {adapt_on}: no category has more than {adapt_on} objects, so nothing is "
+                                "left to measure after learning")
+        objects = [obj for _, _, rest in groups for obj in rest]
     results: dict[str, tuple[dict, list[ObjectRun]]] = {}
     shared: dict[str, dict[str, Any]] = {}
-    bar = tqdm(total=len(objects) * len(configs), unit="object", desc="evaluate", disable=not progress)
+    adaptations: dict[str, list[Adaptation]] = {}  # per engine: clicks and box configurations learn once
+    bar = tqdm(total=len(objects) * len(configs) * (2 if groups else 1), unit="object", desc="evaluate",
+               disable=not progress)
     try:
         for config in configs:
             if backend_url:
@@ -246,7 +316,51 @@ def evaluate(objects: list[EvalObject], configs: list[Configuration], settings: 
                 runs.append(run_object(ask, obj, i + 1, config.protocol, max_clicks))
                 bar.update(1)
             results[config.name] = (summarize(runs, max_clicks, config.protocol), runs)
+            if groups:
+                results[f"{config.name}/adapted"] = _run_adapted(config, groups, settings, shared, adaptations,
+                                                                 adapt_config, max_clicks, bar)
     finally:
         bar.close()
     write_outputs(out, objects, results, max_clicks)
     return {name: s for name, (s, _) in results.items()}
+
+
+def _run_adapted(config: Configuration, groups: list, settings: Settings, shared: dict[str, dict[str, Any]],
+                 adaptations: dict[str, list[Adaptation]], adapt_config: Any, max_clicks: int, bar: Any
+                 ) -> tuple[dict, list[ObjectRun]]:
+    """Each group's rest, measured with the group's adapted engine (learnt once per engine)."""
+    import resource
+
+    from sam_backend.segment.adapt import AdaptConfig
+
+    engine_shared = shared.setdefault(config.engine.engine_id, {})
+    key = config.engine.engine_id + ("" if config.refine else "/plain")
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if key not in adaptations:
+        adaptations[key] = []
+        for category, accepted, _ in groups:
+            bar.set_postfix_str(f"learning {category}")
+            adaptations[key].append(adapt_group(settings, config, engine_shared, category, accepted,
+                                                adapt_config or AdaptConfig()))
+        bar.set_postfix_str("")
+    runs: list[ObjectRun] = []
+    index = 0
+    for adaptation, (_, _, rest) in zip(adaptations[key], groups, strict=True):
+        ask = in_process_asker(settings, replace(config, engine=adaptation.engine), engine_shared)
+        for obj in rest:
+            index += 1
+            runs.append(run_object(ask, obj, index, config.protocol, max_clicks))
+            bar.update(1)
+    summary = summarize(runs, max_clicks, config.protocol)
+    records = {a.category: a.record for a in adaptations[key]}
+    trained = sum(r["trained_on"] for r in records.values())
+    seconds = sum(r["seconds"] for r in records.values())
+    summary["adaptation"] = {
+        "k": len(groups[0][1]), "groups": len(records), "kept": sum(r["accepted"] for r in records.values()),
+        "refused": sum(not r["accepted"] for r in records.values()), "seconds": round(seconds, 1),
+        "seconds_per_accepted_mask": round(seconds / max(1, trained + sum(r["held_out"] for r in records.values())),
+                                           2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_rss_growth_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0),
+        "per_group": records}
+    return summary, runs

@@ -164,7 +164,7 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
                         "decoder": backend.decoder_kind, "encoder": backend.encoder_kind,
                         "store": None if backend.store is None else {"kind": backend.store.kind,
                                                                       "up": not backend.store.outage.down},
-                        "precompute_pending": backend.prewarm.pending,
+                        "precompute_pending": backend.prewarm.pending, "adapt": backend.adapters.status(),
                         "cache_entries": backend.cache.stats().entries})
 
     @app.post("/setup")
@@ -197,9 +197,11 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
         action = body.get("action")
         log.debug("webhook %s", action)
         if action == "START_TRAINING":
-            return jsonify({"status": "ignored", "action": action,
-                            "message": "this backend does not train; SAM is used as released"})
-        return jsonify({"status": "ok", "action": action})
+            message = ("this backend learns from accepted masks as they are saved (SAM_ADAPT=true), not on request"
+                       if backend.adapters.enabled else "this backend does not train; SAM is used as released "
+                       "(SAM_ADAPT=true learns from accepted masks)")
+            return jsonify({"status": "ignored", "action": action, "message": message})
+        return jsonify({"status": "ok", "action": action, **backend.webhook(body)})
 
     @app.get("/versions")
     def versions() -> Response:

@@ -35,6 +35,7 @@ from sam_backend.segment.embedding import Embedding
 from sam_backend.segment.engines import Engine, make_engine
 from sam_backend.segment.prompts import ObjectPrompt
 from sam_backend.segment.refine import clamp_to_box, refine
+from sam_backend.serving.adapters import Activity, Adapters
 from sam_backend.serving.cache import EmbeddingCache
 from sam_backend.serving.encoder import BACKGROUND, CLICK, Encoder, StillEncoding
 from sam_backend.serving.loader import EngineHolder, LoadTimes
@@ -100,6 +101,8 @@ class SamBackend:
         if recorder is not None and hasattr(recorder, "on_lost"):
             recorder.on_lost = lambda reason: self.metrics.sidecar_lost.labels(reason).inc()
         self.setup_config: str | None = None
+        self.activity = Activity()  # clicks in flight: background learning waits for them
+        self.adapters = Adapters(settings, self)
         self._fetched: OrderedDict[str, LoadedImage] = OrderedDict()  # images a batch job fetched ahead (bounded)
         self._fetched_lock = threading.Lock()
 
@@ -138,6 +141,7 @@ class SamBackend:
         """Load the engine and start the background encoder, both in the background."""
         self.engine.start()
         self.prewarm.start()
+        self.adapters.start()
 
     def setup(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """`/setup`: check the config; remember the `hostname` (used only without LABEL_STUDIO_URL)."""
@@ -149,6 +153,14 @@ class SamBackend:
         if isinstance(hostname, str) and hostname.startswith(("http://", "https://")):
             self.fetcher.setup_hostname = hostname.rstrip("/")
         return {"model_version": self.model_version}
+
+    def webhook(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """`/webhook`: annotation events feed learning (`SAM_ADAPT`); every other event is acknowledged."""
+        return self.adapters.webhook(dict(body))
+
+    def version_for(self, project: str | None) -> str:
+        """The model version a project's clicks get: `model_version`, plus its adapted decoder's version if any."""
+        return self.adapters.model_version_for(project, self.model_version)
 
     def predict(self, body: Mapping[str, Any], stages: StageTimes | None = None,
                 request_id: str | None = None, written: list | None = None) -> dict[str, Any]:
@@ -166,10 +178,12 @@ class SamBackend:
         context = params.get("context")
         if not context or not (isinstance(context, Mapping) and context.get("result")):
             target = config.targets[0]
-            boxed = self._rectangles_to_answer(tasks, target)
+            boxed = self._rectangles_to_answer(tasks, target, str(body.get("project") or "").split(".")[0] or None)
             if boxed is not None:  # Retrieve Predictions (or a task opened) on tasks that have rectangles
-                return {"results": [self._masks_for_rectangles(task, rects, config, body, stages)
-                                    for task, rects in boxed], "model_version": self.model_version}
+                project = str(body.get("project") or "").split(".")[0] or None
+                with self.activity.click():
+                    results = [self._masks_for_rectangles(task, rects, config, body, stages) for task, rects in boxed]
+                return {"results": results, "model_version": self.version_for(project)}
             for task in tasks:
                 self.prewarm.schedule(required_image_url(task, target))
                 self.prefetch.opened(str(body.get("project") or "").split(".")[0] or None, task.get("id"),
@@ -177,18 +191,20 @@ class SamBackend:
             return {"results": [], "model_version": self.model_version}
         project = str(body.get("project") or "").split(".")[0] or None
         stages = stages if stages is not None else StageTimes()
-        results = [self._predict_task(task, config, context, project, stages,
-                                      None if request_id is None else f"{request_id}:{i}",
-                                      written if written is not None else [])
-                   for i, task in enumerate(tasks)]
-        return {"results": results, "model_version": self.model_version}
+        with self.activity.click():
+            results = [self._predict_task(task, config, context, project, stages,
+                                          None if request_id is None else f"{request_id}:{i}",
+                                          written if written is not None else [])
+                       for i, task in enumerate(tasks)]
+        return {"results": results, "model_version": self.version_for(project)}
 
-    def _rectangles_to_answer(self, tasks: list, target: Any) -> list[tuple[Mapping[str, Any], list]] | None:
+    def _rectangles_to_answer(self, tasks: list, target: Any, project: str | None = None
+                              ) -> list[tuple[Mapping[str, Any], list]] | None:
         """`[(task, its rectangles)]` where a request without a context (Label Studio's Retrieve Predictions, or a
         task opened with "use predictions to prelabel") carries tasks with rectangles: those of the newest live
         annotation, else of the newest prediction not written by this backend; a task whose newest annotation holds
         masks already is left alone. None where no task has one."""
-        own = {self.model_version}
+        own = {self.model_version, *self.adapters.versions_of(project, self.model_version)}
         found = []
         for task in tasks:
             annotation = newest_live_annotation(task)
@@ -220,20 +236,22 @@ class SamBackend:
             for r in answer["result"]:
                 out.append({**r, "id": f"{rect.region_id or n}-mask"})
                 scores.append(answer["score"])
-        return {"result": out, "score": float(np.mean(scores)) if scores else 0.0, "model_version": self.model_version}
+        return {"result": out, "score": float(np.mean(scores)) if scores else 0.0,
+                "model_version": self.version_for(project)}
 
     def _predict_task(self, task: Mapping[str, Any], config: LabelConfig, context: Mapping[str, Any],
                       project: str | None, stages: StageTimes, request_key: str | None, written: list
                       ) -> dict[str, Any]:
         t0 = time.perf_counter()
         started = time.monotonic()
-        engine = self._engine_for_click()
+        base = self._engine_for_click()
+        engine = self.adapters.engine_for(project, base)  # the project's adapted decoder, if it has one
         results = context.get("result") if isinstance(context, Mapping) else None
         first = results[0] if isinstance(results, list) and results and isinstance(results[0], Mapping) else {}
         target = config.for_image(first.get("to_name"))
         url = required_image_url(task, target)
         with stages.stage("embedding"):
-            image_id, embedding, hit = self.embedding(url, engine, started=started)
+            image_id, embedding, hit = self.embedding(url, base, started=started)
         margin = self.settings.refine.box_margin_px  # what may leak past a box: its clicks still refine it
         memory = ObjectRule(self.memory.objects, (engine.engine_id, image_id, task.get("id")),
                             self.settings.object_memory, margin)
@@ -254,13 +272,14 @@ class SamBackend:
             if self.recorder is not None:
                 written.append(self.recorder(Interaction(
                     image_id=image_id, prompt=prompt.to_json(), mask=mask, project=project, task_id=task.get("id"),
-                    image_url=safe_url(url), engine=embedding.engine_id, model_version=self.model_version,
+                    image_url=safe_url(url), engine=embedding.engine_id, model_version=self.version_for(project),
                     label=label, score=score, latency_ms=(time.perf_counter() - t0) * 1000.0, cache_hit=hit,
                     request_key=None if request_key is None else f"{request_key}:{len(out) - 1}")))
         if empty and not out:
             raise EmptyAnswer("the model found no object at this prompt (its mask is empty): click inside the "
                               "object, add a positive click, or draw a box around it")
-        return {"result": out, "score": float(np.mean(scores)) if scores else 0.0, "model_version": self.model_version}
+        return {"result": out, "score": float(np.mean(scores)) if scores else 0.0,
+                "model_version": self.version_for(project)}
 
     def segment_prompt(self, engine: Engine, embedding: Embedding, image_id: str, prompt: ObjectPrompt,
                  stages: StageTimes) -> tuple[np.ndarray, float]:

@@ -61,6 +61,28 @@ class Metrics:
                                   registry=self.registry)
         self.store_up = Gauge("sam_store_up", "1 while the shared embedding store answers, 0 in an outage",
                               registry=self.registry)
+        # SAM_ADAPT (serving.adapters): per project, the version clicks use and what it was learnt from
+        self.adapter_version = Gauge("sam_adapter_version", "Adapted decoder version serving a project's clicks "
+                                     "(0: the base model)", ["project"], registry=self.registry)
+        self.adapter_masks = Gauge("sam_adapter_accepted_masks", "Accepted masks kept for a project",
+                                   ["project"], registry=self.registry)
+        self.adapter_learnt = Gauge("sam_adapter_learnt_masks", "Accepted masks the serving version was trained on",
+                                    ["project"], registry=self.registry)
+        self.adapter_noc90 = Gauge("sam_adapter_heldout_noc90", "Held-out NoC@90 of the serving version (adapted) "
+                                   "and of the base model, on the project's held-out accepted masks",
+                                   ["project", "model"], registry=self.registry)
+        self.adapter_miou = Gauge("sam_adapter_heldout_miou5", "Held-out mean IoU over the first five simulated "
+                                  "clicks, adapted and base", ["project", "model"], registry=self.registry)
+        self.adapt_skipped = Counter("sam_adapt_skipped", "Accepted-mask input not learnt from, by reason",
+                                     ["reason"], registry=self.registry)
+        self.adapt_trainings = Counter("sam_adapt_trainings", "Trainings by result (accepted: a new version serves; "
+                                       "refused: no better on held-out masks; failed)", ["result"],
+                                       registry=self.registry)
+        self.adapt_paused = Counter("sam_adapt_paused", "Training steps that waited for clicks or prewarm",
+                                    registry=self.registry)
+        self.adapt_training = Gauge("sam_adapt_training", "1 while a project's decoder trains", registry=self.registry)
+        self.adapt_seconds = Histogram("sam_adapt_seconds", "Seconds of one training (encodes, steps, held-out check)",
+                                       buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1800), registry=self.registry)
         self.registry.register(_CacheCollector(cache_stats))
 
     def observe_stages(self, seconds: dict[str, float]) -> None:

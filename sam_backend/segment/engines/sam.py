@@ -13,6 +13,7 @@ cached features, which costs tens of milliseconds. Both use segment-anything's p
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import threading
@@ -284,29 +285,7 @@ class SamEngine(TorchEngine):
         original = embedding.image_size.shape
         input_size = tuple(embedding.meta["input_size"])
         multimask = prev_logits is None and prompt.box is None and prompt.stroke is None and len(prompt.points) == 1
-        points = box = mask_input = None
-        if len(prompt.points) > 0:
-            coords = self.transform.apply_coords(prompt.points, original)
-            points = (torch.as_tensor(coords, dtype=torch.float, device=self.device)[None],
-                      torch.as_tensor(prompt.labels, dtype=torch.int, device=self.device)[None])
-        if prompt.box is not None:
-            box = torch.as_tensor(self.transform.apply_boxes(prompt.box, original), dtype=torch.float,
-                                  device=self.device)[None]
-        if prev_logits is not None:
-            expected = tuple(4 * s for s in self.model.prompt_encoder.image_embedding_size)
-            logits = np.asarray(prev_logits, dtype=np.float32)
-            if logits.shape[-2:] != expected:
-                raise EngineError(f"prev_logits: expected {expected}, got {logits.shape}")
-            mask_input = torch.as_tensor(logits.reshape(1, 1, *expected), device=self.device)
-        elif prompt.stroke is not None:  # the scribble, resized and padded as the image was, as the mask prompt
-            import cv2
-
-            h_in, w_in = input_size
-            frame = np.zeros((self.transform.target_length,) * 2, bool)
-            frame[:h_in, :w_in] = cv2.resize(prompt.stroke.astype(np.uint8), (w_in, h_in),
-                                             interpolation=cv2.INTER_NEAREST) > 0
-            low = stroke_logits(frame, tuple(4 * s for s in self.model.prompt_encoder.image_embedding_size))
-            mask_input = torch.as_tensor(low[None, None], device=self.device)
+        points, box, mask_input = self.prompt_tensors(embedding, prompt, prev_logits)
         if decoder is None:
             with torch.inference_mode():
                 sparse, dense = self.model.prompt_encoder(points=points, boxes=box, masks=mask_input)
@@ -325,6 +304,59 @@ class SamEngine(TorchEngine):
             return up[0, 0].cpu().numpy()
 
         return MaskPrediction(None, iou[0].float().cpu().numpy(), low_res[0].float().cpu().numpy(), upsample)
+
+    def prompt_tensors(self, embedding: Embedding, prompt: ObjectPrompt, prev_logits: np.ndarray | None = None
+                       ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None, torch.Tensor | None]:
+        """The prompt encoder's inputs in the encoder's input frame: `(points ((1, N, 2) float, (1, N) int) or None,
+        box (1, 4) float or None, mask input (1, 1, 256, 256) float or None)`; the mask input is `prev_logits`, else
+        a scribble resized and padded as the image was."""
+        original = embedding.image_size.shape
+        points = box = mask_input = None
+        if len(prompt.points) > 0:
+            coords = self.transform.apply_coords(prompt.points, original)
+            points = (torch.as_tensor(coords, dtype=torch.float, device=self.device)[None],
+                      torch.as_tensor(prompt.labels, dtype=torch.int, device=self.device)[None])
+        if prompt.box is not None:
+            box = torch.as_tensor(self.transform.apply_boxes(prompt.box, original), dtype=torch.float,
+                                  device=self.device)[None]
+        if prev_logits is not None:
+            expected = tuple(4 * s for s in self.model.prompt_encoder.image_embedding_size)
+            logits = np.asarray(prev_logits, dtype=np.float32)
+            if logits.shape[-2:] != expected:
+                raise EngineError(f"prev_logits: expected {expected}, got {logits.shape}")
+            mask_input = torch.as_tensor(logits.reshape(1, 1, *expected), device=self.device)
+        elif prompt.stroke is not None:  # the scribble, resized and padded as the image was, as the mask prompt
+            import cv2
+
+            h_in, w_in = embedding.meta["input_size"]
+            frame = np.zeros((self.transform.target_length,) * 2, bool)
+            frame[:h_in, :w_in] = cv2.resize(prompt.stroke.astype(np.uint8), (w_in, h_in),
+                                             interpolation=cv2.INTER_NEAREST) > 0
+            low = stroke_logits(frame, tuple(4 * s for s in self.model.prompt_encoder.image_embedding_size))
+            mask_input = torch.as_tensor(low[None, None], device=self.device)
+        return points, box, mask_input
+
+    # -- adapted decoders (`sam_backend.segment.adapt`) ------------------------------------------------------------
+    adapter_version: str | None = None  # None: the decoder as released
+
+    @property
+    def base_mask_decoder(self) -> torch.nn.Module:
+        """The mask decoder as released (an adapted engine keeps its base's)."""
+        return self.__dict__.get("_base_mask_decoder", self.model.mask_decoder)
+
+    def with_mask_decoder(self, decoder: torch.nn.Module, version: str | None) -> SamEngine:
+        """The same engine (same `engine_id`: embeddings are shared) with another mask decoder, run eagerly;
+        `version` names it (`adapter_version`)."""
+        other = type(self).__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other._base_mask_decoder = self.base_mask_decoder
+        model = copy.copy(self.model)
+        model._modules = dict(self.model._modules)
+        model._modules["mask_decoder"] = decoder.to(self.device).eval()
+        other.model = model
+        other.fast_decoder = None
+        other.adapter_version = version
+        return other
 
     def _graph_inputs(self, embedding: Embedding, points: tuple[torch.Tensor, torch.Tensor] | None,
                       box: torch.Tensor | None, mask_input: torch.Tensor | None) -> dict[str, torch.Tensor]:

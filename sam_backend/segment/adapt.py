@@ -1,0 +1,383 @@
+"""Learning from accepted masks: fine-tune SAM's mask decoder on one group of objects (a project's accepted masks,
+or one category), with prompts made the way annotators click, and keep the result only where it does better on
+masks it was not trained on.
+
+Frames: a mask is `(H, W) bool` in image pixels; an embedding is the engine's (`image_embed` `(1, C, g, g)`); the
+decoder's low-res logits are `(256, 256)` over the encoder's padded square input (the image resized so its longest
+side is the encoder's input size, padded right and bottom). The loss is computed there: the true mask is resized and
+padded the same way and area-averaged to `256 × 256` (a soft target), the padding and ignored pixels weigh nothing.
+
+Training prompts come from the standard simulator (`segment.simulator`) run with the model being adapted from:
+the first click at the object's deepest point and the corrective clicks after it (each seeded with the previous
+low-res logits, as clicks are served), the object's box and the corrective clicks after the box, and first clicks at
+random points inside the object (annotators do not click at the deepest point). A lone first click is trained as
+SAM was: the best of its three candidates against the mask, and every candidate's score against its true IoU, so
+that the candidate the product picks (the highest score) is the right one for this kind of object.
+
+Only `TRAINABLE` parts of the decoder change (see `TRAINABLE`); a version is the state of those tensors
+(`pack_version` / `unpack_version`: `torch.save` bytes, read back with `weights_only=True`).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sam_backend.segment.embedding import Embedding
+from sam_backend.segment.prompts import ObjectPrompt
+from sam_backend.segment.simulator import first_click, iou, next_click, noc
+
+if TYPE_CHECKING:
+    from sam_backend.segment.engines.sam import SamEngine
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# The decoder's parts that learn (prefixes of `MaskDecoder` parameter names); the two-way transformer stays as
+# released: see the README's "The model learns from the team" for what was measured with other choices.
+TRAINABLE = ("output_hypernetworks_mlps", "iou_prediction_head", "output_upscaling", "mask_tokens", "iou_token")
+VERSION_FORMAT = 1
+
+
+class AdaptError(ValueError):
+    """The input cannot be learnt from (the message says what was expected and what arrived)."""
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """How one version is trained and judged."""
+
+    steps: int = 150  # optimizer steps (one prompt each)
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    train_clicks: int = 5  # simulated clicks per object whose prompts are trained on
+    random_clicks: int = 3  # extra first clicks at random points inside each object
+    rounds: int = 3  # the simulated runs are made again with the decoder being trained, this many times in all
+    judge_clicks: int = 20  # the held-out protocol's click limit
+    seed: int = 0
+
+
+@dataclass
+class Example:
+    """One accepted object: its image's embedding and its true `(H, W) bool` mask (`ignore`: pixels that count in
+    neither the loss nor the IoU)."""
+
+    embedding: Embedding
+    mask: np.ndarray
+    ignore: np.ndarray | None = None
+    key: str = ""
+
+    def __post_init__(self) -> None:
+        mask = np.asarray(self.mask)
+        if mask.ndim != 2 or mask.dtype != np.bool_:
+            raise AdaptError(f"mask: expected an (H, W) bool array, got {mask.shape} {mask.dtype}")
+        if mask.shape != self.embedding.image_size.shape:
+            raise AdaptError(f"mask: expected the image's size {self.embedding.image_size.shape} (H, W), got "
+                             f"{mask.shape}")
+        if not mask.any():
+            raise AdaptError("mask: the region is empty")
+
+
+@dataclass
+class TrainPrompt:
+    """One prompt of a simulated run: `prompt`, the previous low-res logits `(256, 256)` it was seeded with (or
+    None), and whether it asks for three candidates (a lone first click)."""
+
+    example: int
+    prompt: ObjectPrompt
+    prev_logits: np.ndarray | None
+    multimask: bool
+
+
+@dataclass(frozen=True)
+class Scores:
+    """The standard protocol's figures on a set of objects: mean NoC@90 (failures count `judge_clicks`), failures,
+    and mean IoU over the first five clicks."""
+
+    objects: int
+    noc90: float
+    failures: int
+    miou5: float
+
+    def better_than(self, other: Scores) -> bool:
+        """Fewer clicks, or as many and a higher mIoU; never more failures."""
+        if self.failures > other.failures:
+            return False
+        if self.noc90 < other.noc90 - 1e-9:
+            return True
+        return abs(self.noc90 - other.noc90) <= 1e-9 and self.miou5 > other.miou5 + 1e-4
+
+    def to_json(self) -> dict[str, Any]:
+        return {"objects": self.objects, "noc90": round(self.noc90, 3), "failures": self.failures,
+                "miou5": round(self.miou5, 4)}
+
+
+@dataclass
+class Outcome:
+    """What one adaptation gave: the trained state, its held-out scores against the base, and the cost."""
+
+    state: dict[str, torch.Tensor]
+    base: Scores | None
+    adapted: Scores | None
+    accepted: bool
+    trained_on: int
+    seconds: float
+    steps: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+HOLD_OUT_EVERY = 5  # every fifth accepted object (by arrival) is held out to judge a version
+
+
+def split_held_out(items: Sequence[T]) -> tuple[list[T], list[T]]:
+    """`(train, held out)`: every `HOLD_OUT_EVERY`-th item (5th, 10th, ...) is held out, the rest trained on; the
+    rule is by position, so an object held out once stays held out as more arrive."""
+    train = [x for i, x in enumerate(items) if i % HOLD_OUT_EVERY != HOLD_OUT_EVERY - 1]
+    held = [x for i, x in enumerate(items) if i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1]
+    return train, held
+
+
+# -- the simulator on the engine ------------------------------------------------------------------------------
+
+def _prompt(clicks: list[tuple[float, float, bool]], box: np.ndarray | None, size: Any) -> ObjectPrompt:
+    pts = np.array([(x, y) for x, y, _ in clicks], np.float32).reshape(-1, 2)
+    labels = np.array([int(p) for _, _, p in clicks], np.int32)
+    return ObjectPrompt(pts, labels, box, None, None, None, size)
+
+
+def mask_box(mask: np.ndarray) -> np.ndarray:
+    """`(4,) float32` pixel XYXY box of a non-empty `(H, W) bool` mask (edges at pixel borders)."""
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
+
+
+def simulate(engine: SamEngine, example: Example, protocol: str = "clicks", max_clicks: int = 20,
+             stop_iou: float | None = None) -> tuple[list[float], list[TrainPrompt]]:
+    """The standard simulator on `engine.predict` (the model's own best mask, seeded with its previous logits):
+    `(IoU after each interaction, the prompts it sent)`. `protocol` `box` sends the object's box first. Stops early
+    at a perfect mask, or once IoU ≥ `stop_iou`."""
+    mask, size = example.mask, example.embedding.image_size
+    ious: list[float] = []
+    prompts: list[TrainPrompt] = []
+    clicks: list[tuple[float, float, bool]] = []
+    box = mask_box(mask) if protocol == "box" else None
+    prediction = np.zeros(mask.shape, bool)
+    prev: np.ndarray | None = None
+    for k in range(max_clicks):
+        if not (k == 0 and box is not None):
+            click = first_click(mask) if k == 0 else next_click(prediction, mask, example.ignore)
+            if click is None:
+                break
+            clicks.append(click)
+        prompt = _prompt(clicks, box, size)
+        multimask = prev is None and box is None and len(clicks) == 1
+        prompts.append(TrainPrompt(0, prompt, prev, multimask))
+        pred = engine.predict(example.embedding, prompt, prev_logits=prev)
+        best = pred.best
+        prev = pred.low_res_logits[best] if pred.low_res_logits is not None else None
+        prediction = pred.best_mask
+        ious.append(iou(prediction, mask, example.ignore))
+        if stop_iou is not None and ious[-1] >= stop_iou:
+            break
+    return ious, prompts
+
+
+def score(engine: SamEngine, examples: Sequence[Example], max_clicks: int = 20) -> Scores:
+    """`Scores` of the clicks protocol on `examples` (each run stops once it reaches 0.90 after five clicks)."""
+    nocs, fails, mious = [], 0, []
+    for ex in examples:
+        ious, _ = simulate(engine, ex, "clicks", max_clicks)
+        k, ok = noc(ious, 0.90, max_clicks)
+        nocs.append(k)
+        fails += not ok
+        head = ious[:5] + [ious[-1]] * (5 - len(ious[:5])) if ious else [0.0] * 5
+        mious.append(float(np.mean(head)))
+    if not nocs:
+        return Scores(0, 0.0, 0, 0.0)
+    return Scores(len(nocs), float(np.mean(nocs)), fails, float(np.mean(mious)))
+
+
+def training_prompts(engine: SamEngine, examples: Sequence[Example], config: AdaptConfig, seed: int = 0,
+                     random_clicks: bool = True, pause: Callable[[], None] | None = None) -> list[TrainPrompt]:
+    """Prompts of the simulated runs on every example (clicks protocol, box protocol, random first clicks);
+    `pause()` runs before each example."""
+    rng = np.random.default_rng(config.seed + seed)
+    out: list[TrainPrompt] = []
+    for i, ex in enumerate(examples):
+        if pause is not None:
+            pause()
+        for protocol, clicks in (("clicks", config.train_clicks), ("box", max(1, config.train_clicks - 2))):
+            _, prompts = simulate(engine, ex, protocol, clicks)
+            out.extend(TrainPrompt(i, p.prompt, p.prev_logits, p.multimask) for p in prompts)
+        if not random_clicks:
+            continue
+        inner = cv2.erode(ex.mask.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+        ys, xs = np.nonzero(inner if inner.any() else ex.mask)
+        for j in rng.choice(len(xs), size=min(config.random_clicks, len(xs)), replace=False):
+            prompt = _prompt([(xs[j] + 0.5, ys[j] + 0.5, True)], None, ex.embedding.image_size)
+            out.append(TrainPrompt(i, prompt, None, True))
+    return out
+
+
+# -- training ---------------------------------------------------------------------------------------------------
+
+def low_res_target(engine: SamEngine, example: Example) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(target, weight)`, each `(256, 256) float32`: the true mask resized and padded as the image was, area-averaged
+    to the decoder's low-res frame; weight 0 on padding and on ignored pixels."""
+    low = 4 * engine.model.prompt_encoder.image_embedding_size[0]
+    side = engine.model.image_encoder.img_size
+    h_in, w_in = example.embedding.meta["input_size"]
+    frame = np.zeros((side, side), np.float32)
+    frame[:h_in, :w_in] = cv2.resize(example.mask.astype(np.float32), (w_in, h_in), interpolation=cv2.INTER_AREA)
+    valid = np.zeros((side, side), np.float32)
+    valid[:h_in, :w_in] = 1.0
+    if example.ignore is not None:
+        valid[:h_in, :w_in] *= 1.0 - cv2.resize(example.ignore.astype(np.float32), (w_in, h_in),
+                                                interpolation=cv2.INTER_AREA)
+    target = cv2.resize(frame, (low, low), interpolation=cv2.INTER_AREA)
+    weight = (cv2.resize(valid, (low, low), interpolation=cv2.INTER_AREA) > 0.5).astype(np.float32)
+    return torch.from_numpy(target), torch.from_numpy(weight)
+
+
+def trainable_names(decoder: torch.nn.Module) -> list[str]:
+    return [n for n, _ in decoder.named_parameters() if n.startswith(TRAINABLE)]
+
+
+def adapted_decoder(engine: SamEngine, state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """A copy of `engine`'s mask decoder with `state` (a version's tensors) loaded over it, in eval mode."""
+    decoder = copy.deepcopy(engine.base_mask_decoder)
+    if state:
+        own = dict(decoder.named_parameters())
+        for name, tensor in state.items():
+            if name not in own:
+                raise AdaptError(f"adapter tensor {name}: expected a parameter of the mask decoder")
+            if own[name].shape != tensor.shape:
+                raise AdaptError(f"adapter tensor {name}: expected shape {tuple(own[name].shape)}, got "
+                                 f"{tuple(tensor.shape)}")
+            with torch.no_grad():
+                own[name].copy_(tensor.to(own[name].device, own[name].dtype))
+    for p in decoder.parameters():
+        p.requires_grad_(False)
+    return decoder.eval()
+
+
+def _loss(logits: torch.Tensor, scores: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
+          ) -> torch.Tensor:
+    """Per candidate (`logits (T, 256, 256)`, `scores (T,)`): BCE + dice against the soft `target`, plus the squared
+    error of the score against the candidate's true IoU; the best candidate's mask loss counts (SAM's rule)."""
+    total = weight.sum().clamp(min=1.0)
+    bce = (F.binary_cross_entropy_with_logits(logits, target.expand_as(logits), reduction="none") * weight
+           ).flatten(1).sum(1) / total
+    prob = torch.sigmoid(logits) * weight
+    dice = 1 - (2 * (prob * target).flatten(1).sum(1) + 1) / (prob.flatten(1).sum(1) + (target * weight).sum() + 1)
+    with torch.no_grad():
+        hard = (logits > 0).float() * weight
+        true = (target > 0.5).float() * weight
+        inter, union = (hard * true).flatten(1).sum(1), ((hard + true) > 0).float().flatten(1).sum(1)
+        true_iou = torch.where(union > 0, inter / union.clamp(min=1.0), torch.ones_like(union))
+    mask_loss = bce + dice
+    return mask_loss.min() + F.mse_loss(scores, true_iou)
+
+
+def fine_tune(engine: SamEngine, examples: Sequence[Example], config: AdaptConfig = AdaptConfig(),
+              start: dict[str, torch.Tensor] | None = None, pause: Callable[[], None] | None = None,
+              progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
+    """Train `TRAINABLE` tensors of a copy of the decoder on `examples`; returns their state (CPU tensors).
+    `pause()` runs before each step (the backend waits there while clicks are served); `progress(step, steps)`."""
+    if not examples:
+        raise AdaptError("examples: expected at least one accepted mask, got none")
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    prompts = training_prompts(engine, examples, config, pause=pause)
+    targets = [low_res_target(engine, ex) for ex in examples]
+    decoder = adapted_decoder(engine, start)
+    params = []
+    for name, p in decoder.named_parameters():
+        if name.startswith(TRAINABLE):
+            p.requires_grad_(True)
+            params.append(p)
+    decoder.train()
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    prompt_encoder = engine.model.prompt_encoder
+    dense_pe = prompt_encoder.get_dense_pe().detach()
+    features = [ex.embedding.features["image_embed"] for ex in examples]
+    features = [(f if isinstance(f, torch.Tensor) else torch.as_tensor(f)).detach().clone().float()
+                for f in features]
+    # The corrective clicks an annotator makes depend on the masks the model gives: after each round, the runs are
+    # simulated again with the decoder as trained so far (what the base model got right, the adapted one must
+    # not break at the next click), and their prompts join the pool.
+    rounds = {int(config.steps * r / config.rounds) for r in range(1, max(1, config.rounds))}
+    with torch.enable_grad():
+        for step in range(config.steps):
+            if pause is not None:
+                pause()
+            if step in rounds:
+                current = engine.with_mask_decoder(decoder, None)
+                prompts.extend(training_prompts(current, examples, config, seed=step, random_clicks=False,
+                                                pause=pause))
+                decoder.train()
+            item = prompts[int(rng.integers(len(prompts)))]
+            inputs = engine.prompt_tensors(examples[item.example].embedding, item.prompt, item.prev_logits)
+            with torch.no_grad():
+                sparse, dense = prompt_encoder(points=inputs[0], boxes=inputs[1], masks=inputs[2])
+            low_res, scores = decoder(image_embeddings=features[item.example].to(engine.device), image_pe=dense_pe,
+                                      sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                      multimask_output=item.multimask)
+            target, weight = targets[item.example]
+            loss = _loss(low_res[0].float(), scores[0].float(), target.to(engine.device), weight.to(engine.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if progress is not None:
+                progress(step + 1, config.steps)
+    return {n: p.detach().cpu().clone() for n, p in decoder.named_parameters() if n.startswith(TRAINABLE)}
+
+
+def adapt(engine: SamEngine, train: Sequence[Example], held_out: Sequence[Example],
+          config: AdaptConfig = AdaptConfig(), start: dict[str, torch.Tensor] | None = None,
+          pause: Callable[[], None] | None = None, progress: Callable[[int, int], None] | None = None) -> Outcome:
+    """Fine-tune on `train`, then judge on `held_out` (base engine against adapted, `Scores.better_than`); with no
+    held-out object the version is accepted untested (`evaluate --adapt-on` measures it on the rest)."""
+    t0 = time.perf_counter()
+    state = fine_tune(engine, train, config, start, pause, progress)
+    base = adapted = None
+    accepted = True
+    if held_out:
+        candidate = engine.with_mask_decoder(adapted_decoder(engine, state), "candidate")
+        base = score(engine, held_out, config.judge_clicks)
+        adapted = score(candidate, held_out, config.judge_clicks)
+        accepted = adapted.better_than(base)
+    return Outcome(state, base, adapted, accepted, len(train), time.perf_counter() - t0, config.steps)
+
+
+# -- versions as bytes ------------------------------------------------------------------------------------------
+
+def pack_version(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
+    """A version's bytes: the trained tensors and JSON-ready `meta` (`torch.save`; read with `unpack_version`)."""
+    buf = io.BytesIO()
+    torch.save({"format": VERSION_FORMAT, "state": {k: v.cpu() for k, v in state.items()}, "meta": meta}, buf)
+    return buf.getvalue()
+
+
+def unpack_version(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """`(state, meta)` from `pack_version` bytes; `AdaptError` for anything else (never unpickles code)."""
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unpickling failure: not a version file
+        raise AdaptError(f"not an adapter version file ({type(exc).__name__})") from None
+    if not isinstance(obj, dict) or obj.get("format") != VERSION_FORMAT or not isinstance(obj.get("state"), dict):
+        raise AdaptError(f"not an adapter version file: expected format {VERSION_FORMAT}")
+    state = obj["state"]
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise AdaptError("adapter version file: expected named tensors")
+    return state, dict(obj.get("meta") or {})

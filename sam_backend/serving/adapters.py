@@ -1,0 +1,500 @@
+"""Per-project adapted decoders (`SAM_ADAPT=true`): accepted masks in, better decoder versions out, off the click
+path.
+
+- **In**: `Adapters.webhook(body)` takes Label Studio's annotation webhooks (`labelstudio.accepted`) and keeps each
+  project's accepted brush masks in `SAM_ADAPTER_DIR/<project>/masks.json` (COCO RLE, the image URL, the annotation;
+  an update replaces what its annotation gave, a cancelled or deleted one removes it). What cannot be learnt from is
+  skipped, logged and counted (`skipped` in `/health`, `sam_adapt_skipped_total`).
+- **Learning**: one background thread, at the lowest CPU priority (nice 19), trains a project once it has
+  `SAM_ADAPT_MIN_MASKS` accepted masks and again after every `SAM_ADAPT_EVERY` new ones (`segment.adapt`). Every
+  fifth accepted mask (by arrival) is held out and never trained on. Embeddings come from the cache, or from one
+  encode at the lowest priority of the encoder's gate (below clicks and prewarm). Before each step it waits while a
+  click is in flight or prewarm work is queued: it never delays a click by more than one step (≈ 0.1 s of CPU, at
+  nice 19).
+- **Versions**: a trained decoder replaces the current one only where it does better on the held-out masks
+  (`Scores.better_than`: NoC@90, then mIoU, never more failures); else the project keeps what it has (the base
+  model at first). A version is `v<N>.pt` plus `current.json` in the project's folder, each written atomically; a
+  restart loads it. With a shared store (`SAM_EMBEDDING_STORE`), a new version is published there and other replicas
+  take it (and keep it in their own folder) within `SYNC_S`.
+- **Out**: `engine_for(project, base)` is the engine a click of that project runs (same embeddings, the adapted
+  decoder); `model_version_for(project)` names its version; `status()` is what `/health` shows per project.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from sam_backend.config import Settings
+from sam_backend.errors import ClientError
+from sam_backend.fileio import write_atomic
+from sam_backend.labelstudio.accepted import AcceptedMask, Skip, read_webhook
+from sam_backend.segment.adapt import (
+    AdaptConfig,
+    AdaptError,
+    Example,
+    adapt,
+    adapted_decoder,
+    pack_version,
+    split_held_out,
+    unpack_version,
+)
+
+log = logging.getLogger(__name__)
+
+QUIET_S = 0.3  # a training step waits this long after the last click
+SYNC_S = 5.0  # how often a replica looks for a newer version in the shared store
+LEARN = 2  # the encoder gate's priority for learning's encodes: after clicks (0) and background prewarm (1)
+
+
+class Activity:
+    """Clicks in flight, for background learning to wait for (`wait_idle`)."""
+
+    def __init__(self, quiet_s: float = QUIET_S) -> None:
+        self.quiet_s = quiet_s
+        self._cond = threading.Condition()
+        self._clicks = 0
+        self._last = 0.0
+
+    @contextmanager
+    def click(self) -> Iterator[None]:
+        with self._cond:
+            self._clicks += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._clicks -= 1
+                self._last = time.monotonic()
+                self._cond.notify_all()
+
+    def wait_idle(self, busy: Callable[[], bool] = lambda: False, stop: threading.Event | None = None) -> bool:
+        """Block while a click runs, within `quiet_s` of the last one, or while `busy()`; True where it waited."""
+        waited = False
+        with self._cond:
+            while not (stop is not None and stop.is_set()):
+                quiet = time.monotonic() - self._last
+                if self._clicks == 0 and quiet >= self.quiet_s and not busy():
+                    break
+                waited = True
+                self._cond.wait(timeout=max(0.02, self.quiet_s - quiet) if self._clicks == 0 else 0.5)
+        return waited
+
+
+@dataclass
+class ProjectAdapter:
+    """One project's accepted masks and its current version."""
+
+    project: str
+    folder: Path
+    masks: list[dict[str, Any]] = field(default_factory=list)  # records, in arrival order
+    version: int | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # current.json
+    engine: Any = None  # the adapted engine of `version` (None: the base)
+    attempted_at: int = 0  # accepted masks when the last training started
+    state: str = "idle"  # idle | queued | training
+    last_attempt: dict[str, Any] | None = None
+
+
+def _mask_record(m: AcceptedMask) -> dict[str, Any]:
+    rle = mask_utils.encode(np.asfortranarray(m.mask.astype(np.uint8)))
+    return {"key": m.key, "task": m.task_id, "annotation": m.annotation_id, "image": m.image_url, "label": m.label,
+            "size": [int(m.mask.shape[0]), int(m.mask.shape[1])], "counts": rle["counts"].decode("ascii"),
+            "at": time.time()}
+
+
+def _record_mask(record: dict[str, Any]) -> np.ndarray:
+    """`(H, W) bool` of a stored record (COCO RLE, column-major)."""
+    return mask_utils.decode({"size": record["size"], "counts": record["counts"].encode("ascii")}).astype(bool)
+
+
+class Adapters:
+    """Every project's adapter, the webhook intake and the training thread (see the module docstring)."""
+
+    def __init__(self, settings: Settings, backend: Any) -> None:
+        self.settings = settings
+        self.backend = backend  # SamBackend: engine holder, embeddings, metrics, store, activity
+        self.root = Path(settings.adapter_dir)
+        self.enabled = settings.adapt
+        self.projects: dict[str, ProjectAdapter] = {}
+        self.skipped: dict[str, int] = {}
+        self.paused_steps = 0
+        self._lock = threading.RLock()
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._synced: dict[str, float] = {}
+        self._unsupported: str | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Read the kept projects and start the training thread (only with `SAM_ADAPT=true`)."""
+        if not self.enabled or self._thread is not None:
+            return
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            log.error("SAM_ADAPTER_DIR=%s cannot be created (%s): learning from accepted masks is off", self.root, exc)
+            self.enabled = False
+            return
+        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and p.name.isdigit()):
+            self._project(folder.name)
+        self._thread = threading.Thread(target=self._run, name="adapt", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._queue.put("")
+
+    # -- intake -----------------------------------------------------------------------------------------------
+    def webhook(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Keep the accepted masks of an annotation webhook; returns what was kept and skipped (never raises)."""
+        if not self.enabled:
+            return {"learning": "off (SAM_ADAPT=false)"}
+        found = read_webhook(body)
+        for skip in found.skipped:
+            self._skip(found.project, skip)
+        if found.project is None:
+            return {"learning": "skipped", "skipped": [s.message for s in found.skipped]}
+        with self._lock:
+            p = self._project(found.project)
+            before = len(p.masks)
+            gone = {str(a) for a in found.annotations}
+            p.masks = [r for r in p.masks if str(r.get("annotation")) not in gone]
+            removed = before - len(p.masks)
+            p.masks.extend(_mask_record(m) for m in found.masks)
+            if found.masks or removed:
+                self._write_masks(p)
+            due = self._due(p)
+        if due:
+            self._queue_training(p)
+        log.info("project %s: %s kept %d accepted masks, removed %d, skipped %d (%d kept in all)", found.project,
+                 found.action, len(found.masks), removed, len(found.skipped), len(p.masks))
+        return {"learning": "training queued" if due else "kept", "project": found.project,
+                "accepted_masks": len(p.masks), "kept": len(found.masks), "skipped": [s.message for s in found.skipped]}
+
+    def _skip(self, project: str | None, skip: Skip) -> None:
+        with self._lock:
+            self.skipped[skip.reason] = self.skipped.get(skip.reason, 0) + 1
+        self.backend.metrics.adapt_skipped.labels(skip.reason).inc()
+        log.warning("project %s: not learnt from: %s", project or "?", skip.message)
+
+    def _due(self, p: ProjectAdapter) -> bool:
+        n = len(p.masks)
+        if n < self.settings.adapt_min_masks or p.state != "idle":
+            return False
+        return p.attempted_at == 0 or n - p.attempted_at >= self.settings.adapt_every
+
+    def _queue_training(self, p: ProjectAdapter) -> None:
+        with self._lock:
+            if p.state != "idle":
+                return
+            p.state = "queued"
+        self._queue.put(p.project)
+
+    # -- the click path ---------------------------------------------------------------------------------------
+    def engine_for(self, project: str | None, base: Any) -> Any:
+        """The engine a click of `project` runs: its adapted version, else `base`."""
+        if not self.enabled or project is None or not hasattr(base, "with_mask_decoder"):
+            return base
+        p = self.projects.get(project)
+        if self.backend.store is not None:
+            self._sync_later(project)
+        if p is None or p.version is None:
+            return base
+        if p.engine is None or p.engine.engine_id != base.engine_id:  # not built yet, or the base changed
+            self._load_version(p, base)
+        return p.engine if p.engine is not None and p.engine.engine_id == base.engine_id else base
+
+    def model_version_for(self, project: str | None, base_version: str) -> str:
+        """`base_version` plus `-adapted-p<project>-v<N>` where a version of the project serves clicks."""
+        p = self.projects.get(project) if self.enabled and project is not None else None
+        if p is None or p.engine is None:
+            return base_version
+        return f"{base_version}-adapted-p{p.project}-v{p.version}"
+
+    def versions_of(self, project: str | None, base_version: str) -> list[str]:
+        """Every model version this project's adapted decoders have had (their predictions are this backend's own)."""
+        p = self.projects.get(project) if project is not None else None
+        return [f"{base_version}-adapted-p{project}-v{n}" for n in range(1, (p.version or 0) + 1)] if p else []
+
+    # -- status -----------------------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """What `/health` shows: per project the version, masks kept and learnt from, held-out scores, state."""
+        if not self.enabled:
+            return {"enabled": False}
+        with self._lock:
+            projects = {}
+            for name, p in sorted(self.projects.items()):
+                projects[name] = {
+                    "version": p.version, "accepted_masks": len(p.masks), "state": p.state,
+                    "learnt_from": p.info.get("trained_on", 0), "held_out": p.info.get("held_out"),
+                    "trained_s": p.info.get("seconds"), "last_attempt": p.last_attempt}
+            return {"enabled": True, "dir": str(self.root), "projects": projects, "skipped": dict(self.skipped),
+                    "paused_steps": self.paused_steps, "unsupported": self._unsupported}
+
+    # -- files ------------------------------------------------------------------------------------------------
+    def _project(self, project: str) -> ProjectAdapter:
+        with self._lock:
+            p = self.projects.get(project)
+            if p is not None:
+                return p
+            p = ProjectAdapter(project, self.root / project)
+            self.projects[project] = p
+            try:
+                data = json.loads((p.folder / "masks.json").read_text())
+                p.masks = [r for r in data.get("masks", []) if isinstance(r, dict) and "counts" in r]
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError) as exc:
+                log.error("project %s: %s cannot be read (%s); starting from no accepted masks", project,
+                          p.folder / "masks.json", exc)
+            try:
+                info = json.loads((p.folder / "current.json").read_text())
+                p.info, p.version = info, int(info["version"])
+                p.attempted_at = int(info.get("accepted_masks", 0))
+                p.last_attempt = info.get("last_attempt")
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.error("project %s: current.json cannot be read (%s); serving the base model", project, exc)
+            self._update_metrics(p)
+            return p
+
+    def _write_masks(self, p: ProjectAdapter) -> None:
+        try:
+            write_atomic(p.folder / "masks.json", json.dumps({"project": p.project, "masks": p.masks}).encode())
+        except OSError as exc:
+            log.error("project %s: accepted masks cannot be written to %s (%s)", p.project, p.folder, exc)
+
+    def _load_version(self, p: ProjectAdapter, base: Any) -> None:
+        """Build the adapted engine of `p.version` on `base` (once the engine is loaded)."""
+        if p.version is None or (p.engine is not None and p.engine.engine_id == base.engine_id):
+            return
+        path = p.folder / p.info.get("file", f"v{p.version}.pt")
+        try:
+            state, meta = unpack_version(path.read_bytes())
+            if meta.get("weights") != _weights(base):
+                log.warning("project %s: version %s was learnt on other weights (%s, serving %s); serving the base "
+                            "model", p.project, p.version, meta.get("weights"), _weights(base))
+                return
+            p.engine = base.with_mask_decoder(adapted_decoder(base, state), f"p{p.project}-v{p.version}")
+            log.info("project %s: clicks use adapted version %s (%s)", p.project, p.version, path)
+        except (OSError, AdaptError) as exc:
+            log.error("project %s: version file %s cannot be used (%s); serving the base model", p.project, path, exc)
+
+    def _update_metrics(self, p: ProjectAdapter) -> None:
+        m = self.backend.metrics
+        m.adapter_version.labels(p.project).set(p.version or 0)
+        m.adapter_masks.labels(p.project).set(len(p.masks))
+        m.adapter_learnt.labels(p.project).set(p.info.get("trained_on", 0))
+        held = p.info.get("held_out") or {}
+        for model in ("base", "adapted"):
+            if isinstance(held.get(model), dict):
+                m.adapter_noc90.labels(p.project, model).set(held[model]["noc90"])
+                m.adapter_miou.labels(p.project, model).set(held[model]["miou5"])
+
+    # -- shared store -----------------------------------------------------------------------------------------
+    def _sync_later(self, project: str) -> None:
+        now = time.monotonic()
+        if now - self._synced.get(project, -SYNC_S) < SYNC_S:
+            return
+        self._synced[project] = now
+        threading.Thread(target=self._sync, args=(project,), name="adapt-sync", daemon=True).start()
+
+    def _sync(self, project: str) -> None:
+        """Take a newer version of `project` from the shared store, if another replica published one."""
+        base = self.backend.engine.peek()
+        store = self.backend.store
+        if base is None or store is None:
+            return
+        pointer = store.get(_store_key(base, project))
+        try:
+            published = json.loads(pointer) if pointer else None
+        except ValueError:
+            published = None
+        p = self._project(project)
+        if not published or not isinstance(published.get("version"), int) or published["version"] <= (p.version or 0):
+            self._load_version(p, base)
+            return
+        data = store.get(_store_key(base, project, published["version"]))
+        if data is None:
+            return
+        try:
+            unpack_version(data)
+        except AdaptError as exc:
+            log.warning("project %s: the shared store's version %s is refused (%s)", project, published["version"],
+                        exc)
+            return
+        self._install(p, base, published["version"], data, published.get("info") or {}, publish=False)
+
+    # -- training ---------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):  # nice 19 for this thread only (Linux)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        base = self._base()
+        for p in list(self.projects.values()):
+            if base is not None and hasattr(base, "with_mask_decoder"):
+                self._load_version(p, base)
+            if self._due(p):
+                self._queue_training(p)
+        while not self._stop.is_set():
+            project = self._queue.get()
+            if not project or self._stop.is_set():
+                break
+            p = self.projects[project]
+            try:
+                self._train(p)
+            except Exception:  # a failed training never stops learning for other projects, nor serving
+                log.exception("project %s: training failed; clicks keep version %s", project, p.version or "base")
+                self.backend.metrics.adapt_trainings.labels("failed").inc()
+            finally:
+                with self._lock:
+                    p.state = "idle"
+                    due = self._due(p)
+                if due:
+                    self._queue_training(p)
+
+    def _busy(self) -> bool:
+        return self.backend.prewarm.pending > 0
+
+    def _pause(self) -> None:
+        if self.backend.activity.wait_idle(self._busy, self._stop):
+            self.paused_steps += 1
+            self.backend.metrics.adapt_paused.inc()
+        if self._stop.is_set():
+            raise AdaptError("stopped")
+
+    def _examples(self, p: ProjectAdapter, base: Any, records: list[dict[str, Any]]) -> list[Example]:
+        out = []
+        for record in records:
+            self._pause()
+            try:
+                _, embedding, _ = self.backend.embedding(record["image"], base, priority=LEARN)
+            except ClientError as exc:
+                self._skip(p.project, Skip("image_unreadable", f"{record['key']}: {exc.message}"))
+                continue
+            mask = _record_mask(record)
+            try:
+                out.append(Example(embedding, mask, key=record["key"]))
+            except AdaptError as exc:
+                self._skip(p.project, Skip("size_mismatch" if "size" in str(exc) else "empty",
+                                           f"{record['key']}: {exc} (image {record['image']})"))
+        return out
+
+    def _base(self) -> Any:
+        """The loaded engine (waiting for its load), or None where it cannot be loaded."""
+        try:
+            return self.backend.engine.wait(None)
+        except Exception as exc:  # EngineError: clicks say why; learning waits for the next webhook
+            log.warning("learning from accepted masks waits for the model (%s)", exc)
+            return None
+
+    def _train(self, p: ProjectAdapter) -> None:
+        base = self._base()
+        if base is None:
+            return
+        if not hasattr(base, "with_mask_decoder"):
+            self._unsupported = (f"{type(base).__name__} has no SAM mask decoder to adapt; learning needs "
+                                 "SAM_ENGINE=sam (vit_t, vit_b, vit_l, vit_h)")
+            log.warning("project %s: %s", p.project, self._unsupported)
+            return
+        with self._lock:
+            p.state = "training"
+            records = list(p.masks)
+            p.attempted_at = len(records)
+        train_records, held_records = split_held_out(records)
+        self.backend.metrics.adapt_training.set(1)
+        t0 = time.perf_counter()
+        try:
+            train = self._examples(p, base, train_records)
+            held = self._examples(p, base, held_records)
+            if len(train) < 2 or not held:
+                log.info("project %s: %d usable accepted masks to train on and %d to judge on; waiting for more",
+                         p.project, len(train), len(held))
+                return
+            steps = min(4 * self.settings.adapt_steps, self.settings.adapt_steps + 10 * max(0, len(train) - 5))
+            config = AdaptConfig(steps=steps)
+            outcome = adapt(base, train, held, config, pause=self._pause)
+        finally:
+            self.backend.metrics.adapt_training.set(0)
+        seconds = time.perf_counter() - t0
+        attempt = {"accepted": outcome.accepted, "trained_on": len(train), "held_out_objects": len(held),
+                   "base": outcome.base.to_json() if outcome.base else None,
+                   "adapted": outcome.adapted.to_json() if outcome.adapted else None,
+                   "seconds": round(seconds, 1), "steps": steps, "at": time.time()}
+        self.backend.metrics.adapt_trainings.labels("accepted" if outcome.accepted else "refused").inc()
+        self.backend.metrics.adapt_seconds.observe(seconds)
+        if not outcome.accepted:
+            log.info("project %s: the new decoder did not do better on %d held-out masks (NoC@90 %.2f against "
+                     "%.2f, mIoU %.3f against %.3f); clicks keep version %s", p.project, len(held),
+                     outcome.adapted.noc90, outcome.base.noc90, outcome.adapted.miou5, outcome.base.miou5,
+                     p.version or "base")
+            with self._lock:
+                p.last_attempt = attempt
+                info = dict(p.info, last_attempt=attempt, accepted_masks=len(records))
+                if p.version is not None:
+                    p.info = info
+                    self._write_current(p)
+            return
+        version = (p.version or 0) + 1
+        info = {"version": version, "file": f"v{version}.pt", "weights": _weights(base), "trained_on": len(train),
+                "accepted_masks": len(records), "held_out": {"objects": len(held), "base": attempt["base"],
+                                                              "adapted": attempt["adapted"]},
+                "seconds": attempt["seconds"], "steps": steps, "created": time.time(), "last_attempt": attempt}
+        data = pack_version(outcome.state, {"weights": _weights(base), "project": p.project, "version": version,
+                                            "trained_on": len(train)})
+        self._install(p, base, version, data, info, publish=True)
+        log.info("project %s: version %d serves clicks (learnt from %d masks in %.1f s; held-out NoC@90 %s → %s)",
+                 p.project, version, len(train), seconds, (attempt["base"] or {}).get("noc90"),
+                 (attempt["adapted"] or {}).get("noc90"))
+
+    def _install(self, p: ProjectAdapter, base: Any, version: int, data: bytes, info: dict[str, Any],
+                 publish: bool) -> None:
+        """Write version `version` (file, then `current.json`), serve it, and publish it to the shared store."""
+        info = dict(info, version=version, file=f"v{version}.pt")
+        try:
+            write_atomic(p.folder / info["file"], data)
+        except OSError as exc:
+            log.error("project %s: version %d cannot be written to %s (%s); clicks keep version %s", p.project,
+                      version, p.folder, exc, p.version or "base")
+            return
+        with self._lock:
+            p.version, p.info, p.engine = version, info, None
+            p.last_attempt = info.get("last_attempt")
+            self._write_current(p)
+            self._load_version(p, base)
+            self._update_metrics(p)
+        store = self.backend.store
+        if publish and store is not None:
+            store.put(_store_key(base, p.project, version), data)
+            store.put(_store_key(base, p.project), json.dumps({"version": version, "info": info}).encode())
+
+    def _write_current(self, p: ProjectAdapter) -> None:
+        try:
+            write_atomic(p.folder / "current.json", json.dumps(p.info, indent=1).encode())
+        except OSError as exc:
+            log.error("project %s: current.json cannot be written (%s)", p.project, exc)
+
+
+def _weights(engine: Any) -> str:
+    """The weights an engine's id names (`sam/<model>/<digest>`), without its precision."""
+    return engine.engine_id.rsplit("/", 1)[0]
+
+
+def _store_key(engine: Any, project: str, version: int | None = None) -> str:
+    tail = "current" if version is None else f"v{version}"
+    return f"adapter:{_weights(engine)}:{project}:{tail}"

@@ -1,0 +1,367 @@
+"""Learning from accepted masks (`SAM_ADAPT`): the webhook intake, the training and its held-out judgement, versions
+on disk and in the shared store, and `evaluate --adapt-on`. Real MobileSAM weights and real photographs (GrabCut),
+the backend's own HTTP app; nothing is mocked."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from conftest import evalset, load_request, real_photo
+
+from sam_backend.commands.evaluate import CONFIG, LABEL
+from sam_backend.config import Settings
+from sam_backend.labelstudio.accepted import read_webhook
+from sam_backend.labelstudio.brush import encode_brush
+from sam_backend.labelstudio.context import keypoint_result
+from sam_backend.segment import adapt as A
+from sam_backend.segment.simulator import first_click
+
+# GrabCut's second photo: MobileSAM's first click there takes a part (IoU 0.06); the whole object is one click away.
+PHOTO = 1
+
+
+# -- pieces ---------------------------------------------------------------------------------------------------------
+
+def test_every_fifth_accepted_mask_is_held_out_and_stays_held_out():
+    train, held = A.split_held_out(list(range(12)))
+    assert held == [4, 9] and train == [0, 1, 2, 3, 5, 6, 7, 8, 10, 11]
+    more_train, more_held = A.split_held_out(list(range(15)))
+    assert set(held) <= set(more_held) and not set(more_held) & set(more_train)
+
+
+@pytest.mark.parametrize("new, old, better", [
+    ((2.0, 0, 0.80), (3.0, 0, 0.80), True),  # fewer clicks
+    ((2.0, 1, 0.90), (3.0, 0, 0.80), False),  # fewer clicks but a failure more: refused
+    ((3.0, 0, 0.85), (3.0, 0, 0.80), True),  # as many clicks, better mIoU
+    ((3.0, 0, 0.80), (3.0, 0, 0.80), False),  # no better: the current version stays
+    ((3.5, 0, 0.95), (3.0, 0, 0.80), False),  # more clicks
+])
+def test_a_version_is_kept_only_where_it_does_better(new, old, better):
+    assert A.Scores(5, *new).better_than(A.Scores(5, *old)) is better
+
+
+def test_version_bytes_round_trip_and_foreign_bytes_are_refused(tmp_path):
+    state = {"iou_token.weight": torch.randn(1, 256)}
+    back, meta = A.unpack_version(A.pack_version(state, {"weights": "sam/vit_t/x", "version": 3}))
+    assert torch.equal(back["iou_token.weight"], state["iou_token.weight"]) and meta["version"] == 3
+    for data in (b"not a version", json.dumps({"format": 1}).encode()):
+        with pytest.raises(A.AdaptError):
+            A.unpack_version(data)
+
+    class Boom:  # a pickle that would run code: torch.load(weights_only=True) refuses it
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"format": 1, "state": {}, "meta": Boom()}, buf)
+    with pytest.raises(A.AdaptError):
+        A.unpack_version(buf.getvalue())
+
+
+def test_the_webhook_fixture_gives_its_brush_mask_and_bad_input_is_skipped_with_a_reason():
+    body = load_request("webhook.ANNOTATION_CREATED")
+    found = read_webhook(body)
+    assert found.project == "1" and found.annotations == [1] and not found.skipped
+    [mask] = found.masks  # the rectangle of the same annotation is not a mask
+    assert mask.mask.shape == (480, 640) and mask.mask.any() and mask.label == "Object"
+    assert mask.image_url == body["task"]["data"]["image"]
+
+    cancelled = json.loads(json.dumps(body))
+    cancelled["annotation"]["was_cancelled"] = True
+    assert [s.reason for s in read_webhook(cancelled).skipped] == ["cancelled"]
+    assert read_webhook(cancelled).masks == [] and read_webhook(cancelled).annotations == [1]
+    empty = json.loads(json.dumps(body))
+    empty["annotation"]["result"][0]["value"]["rle"] = encode_brush(np.zeros((480, 640), bool))
+    assert [s.reason for s in read_webhook(empty).skipped] == ["empty"]
+    torn = json.loads(json.dumps(body))
+    torn["annotation"]["result"][0]["original_width"] = 641  # the RLE does not fit the size it claims
+    assert [s.reason for s in read_webhook(torn).skipped] == ["bad_region"]
+    no_project = {"action": "ANNOTATION_CREATED", "annotation": {"id": 1, "result": []}}
+    assert [s.reason for s in read_webhook(no_project).skipped] == ["unknown_project"]
+    assert read_webhook({"action": "PROJECT_UPDATED", "project": {"id": 1}}).masks == []
+
+
+def test_fine_tuning_changes_only_the_decoder_heads_and_learns_the_object(mobile_sam_engine):
+    """Trained on one object whose first click takes a part, the adapted decoder takes the whole object at the first
+    click; the released decoder is untouched and only `TRAINABLE` tensors differ from it."""
+    image, mask = real_photo("GrabCut", PHOTO)
+    example = A.Example(mobile_sam_engine.embed(image), mask)
+    before = {k: v.clone() for k, v in mobile_sam_engine.model.mask_decoder.state_dict().items()}
+    base_runs, _ = A.simulate(mobile_sam_engine, example, "clicks", 3)
+    state = A.fine_tune(mobile_sam_engine, [example] * 3, A.AdaptConfig(steps=40))
+    assert state and all(k.startswith(A.TRAINABLE) for k in state)
+    adapted = mobile_sam_engine.with_mask_decoder(A.adapted_decoder(mobile_sam_engine, state), "t")
+    runs, _ = A.simulate(adapted, example, "clicks", 3)
+    assert base_runs[0] < 0.5 < 0.9 < runs[0], (base_runs, runs)
+    assert all(torch.equal(before[k], v) for k, v in mobile_sam_engine.model.mask_decoder.state_dict().items())
+    assert adapted.engine_id == mobile_sam_engine.engine_id  # embeddings are shared with the base
+    changed = {k for k, v in adapted.model.mask_decoder.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(k.startswith(A.TRAINABLE) for k in changed)
+
+
+# -- the backend --------------------------------------------------------------------------------------------------
+
+def _webhook(project: int, annotation: int, image: str, mask: np.ndarray, *, action: str = "ANNOTATION_CREATED",
+             cancelled: bool = False, size: tuple[int, int] | None = None) -> dict:
+    h, w = size or mask.shape
+    region = {"id": f"r{annotation}", "from_name": "tag", "to_name": "image", "type": "brushlabels",
+              "original_width": w, "original_height": h, "image_rotation": 0,
+              "value": {"format": "rle", "rle": encode_brush(mask), "brushlabels": [LABEL]}}
+    return {"action": action, "project": {"id": project},
+            "task": {"id": annotation, "data": {"image": image}, "project": project},
+            "annotation": {"id": annotation, "task": annotation, "project": project, "was_cancelled": cancelled,
+                           "result": [region]}}
+
+
+def _click(client, project: int, image: str, mask: np.ndarray) -> dict:
+    h, w = mask.shape
+    x, y, _ = first_click(mask)
+    body = {"tasks": [{"id": 99, "data": {"image": image}}], "label_config": CONFIG, "project": f"{project}.1",
+            "params": {"context": {"result": [keypoint_result(x, y, (w, h), True, LABEL)]}}}
+    resp = client.post("/predict", json=body)
+    assert resp.status_code == 200, resp.data
+    return resp.json
+
+
+def _settings(checkpoint: Path, root: Path, adapters: Path, **extra: str) -> Settings:
+    env = {"SAM_CHECKPOINT": str(checkpoint), "SAM_DECODER": "onnx", "SAM_ENCODER": "eager", "SAM_PRECISION": "fp32",
+           "LOCAL_FILES_DOCUMENT_ROOT": str(root), "SAM_METADATA_DB": str(root / "sidecar.db"), "SAM_ADAPT": "true",
+           "SAM_ADAPTER_DIR": str(adapters), "SAM_ADAPT_STEPS": "40", **extra}
+    return Settings.from_env(env)
+
+
+def _wait(client, project: int, until, timeout_s: float = 300.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = client.get("/health").json["adapt"]["projects"].get(str(project), {})
+        if until(status):
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"project {project} did not get there in {timeout_s} s: {status}")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    root = tmp_path_factory.mktemp("photos")
+    image, mask = real_photo("GrabCut", PHOTO)
+    cv2.imwrite(str(root / "photo.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    return root, mask
+
+
+def test_accepted_masks_make_a_version_that_clicks_use_and_that_survives_a_restart(mobile_sam_checkpoint, photos,
+                                                                                   tmp_path):
+    """Five accepted masks of an object whose first click takes a part → a version trained on four, judged on the
+    fifth, kept (it does better there) → the project's next click answers with it (whole object, model_version names
+    it), /health and /metrics show it, another project stays on the base model; clicks during the training are all
+    answered, and the training waits for them; a restart serves the same version."""
+    from sam_backend.segment.simulator import iou
+    from sam_backend.serving.app import create_app
+
+    root, mask = photos
+    adapters = tmp_path / "adapters"
+    app = create_app(_settings(mobile_sam_checkpoint, root, adapters, SAM_ADAPT_STEPS="80"))
+    client = app.test_client()
+    base = _click(client, 7, "photo.png", mask)
+    base_version = base["model_version"]
+    from sam_backend.labelstudio.brush import decode_brush
+
+    def answer_mask(answer: dict) -> np.ndarray:
+        region = answer["results"][0]["result"][0]
+        return decode_brush(region["value"]["rle"], region["original_width"], region["original_height"])
+
+    assert iou(answer_mask(base), mask) < 0.5
+    for n in range(1, 6):
+        resp = client.post("/webhook", json=_webhook(7, n, "photo.png", mask))
+        assert resp.status_code == 200 and resp.json["status"] == "ok", resp.json
+    assert resp.json["learning"] == "training queued" and resp.json["accepted_masks"] == 5
+    _wait(client, 7, lambda s: s.get("state") == "training")
+    answered = [client.post("/predict", json={
+        "tasks": [{"id": 99, "data": {"image": "photo.png"}}], "label_config": CONFIG, "project": "8",
+        "params": {"context": {"result": [keypoint_result(*first_click(mask)[:2], mask.shape[::-1], True, LABEL)]}}
+    }).status_code for _ in range(6)]
+    assert answered == [200] * 6  # every click during the training answered
+    status = _wait(client, 7, lambda s: s.get("version") == 1)
+    assert status["learnt_from"] == 4 and status["held_out"]["objects"] == 1
+    held = status["held_out"]
+    assert (held["adapted"]["noc90"], -held["adapted"]["miou5"]) < (held["base"]["noc90"], -held["base"]["miou5"])
+    health = client.get("/health").json["adapt"]
+    assert health["paused_steps"] > 0  # the training waited for the clicks above
+    adapted = _click(client, 7, "photo.png", mask)
+    assert adapted["model_version"] == f"{base_version}-adapted-p7-v1"
+    assert adapted["results"][0]["model_version"] == adapted["model_version"]
+    assert iou(answer_mask(adapted), mask) > 0.9
+    assert _click(client, 8, "photo.png", mask)["model_version"] == base_version  # another project: base
+    metrics = client.get("/metrics").data.decode()
+    assert 'sam_adapter_version{project="7"} 1.0' in metrics
+    assert 'sam_adapter_learnt_masks{project="7"} 4.0' in metrics
+    assert 'sam_adapt_trainings_total{result="accepted"} 1.0' in metrics
+    assert sorted(p.name for p in (adapters / "7").iterdir()) == ["current.json", "masks.json", "v1.pt"]
+    app.extensions["sam_backend"].adapters.stop()
+
+    again = create_app(_settings(mobile_sam_checkpoint, root, adapters)).test_client()
+    answer = _click(again, 7, "photo.png", mask)
+    assert answer["model_version"] == f"{base_version}-adapted-p7-v1"
+    assert iou(answer_mask(answer), mask) > 0.9
+    assert again.get("/health").json["adapt"]["projects"]["7"]["version"] == 1
+
+
+def test_a_version_that_does_no_better_is_not_taken(mobile_sam_checkpoint, photos, tmp_path):
+    """Four accepted masks that are the object's background and a fifth that is the object: the version learnt from
+    the four does worse on the fifth, so it is refused: no version file, clicks keep the base model."""
+    from sam_backend.serving.app import create_app
+
+    root, mask = photos
+    adapters = tmp_path / "adapters"
+    client = create_app(_settings(mobile_sam_checkpoint, root, adapters)).test_client()
+    base_version = _click(client, 3, "photo.png", mask)["model_version"]
+    for n in range(1, 5):
+        client.post("/webhook", json=_webhook(3, n, "photo.png", ~mask))
+    client.post("/webhook", json=_webhook(3, 5, "photo.png", mask))
+    status = _wait(client, 3, lambda s: s.get("last_attempt") is not None and s.get("state") == "idle")
+    assert status["version"] is None and status["last_attempt"]["accepted"] is False
+    assert not list((adapters / "3").glob("v*.pt"))
+    assert _click(client, 3, "photo.png", mask)["model_version"] == base_version
+    assert 'sam_adapt_trainings_total{result="refused"} 1.0' in client.get("/metrics").data.decode()
+
+
+def test_bad_input_is_skipped_logged_and_counted_never_raised(mobile_sam_checkpoint, photos, tmp_path, caplog):
+    """A mask of another image size, an empty region, a cancelled annotation, a webhook without a project, a body
+    that is not an annotation: each answered 200, skipped with its reason in /health and /metrics; a cancelled
+    update removes what the annotation gave before; nothing is trained from them."""
+    from sam_backend.serving.app import create_app
+
+    root, mask = photos
+    adapters = tmp_path / "adapters"
+    client = create_app(_settings(mobile_sam_checkpoint, root, adapters)).test_client()
+    small = cv2.resize(mask.astype(np.uint8), (100, 80)) > 0
+    bodies = [
+        _webhook(4, 1, "photo.png", small),  # kept at intake; its image is another size: skipped at training
+        _webhook(4, 2, "photo.png", np.zeros_like(mask)),
+        _webhook(4, 3, "photo.png", mask, cancelled=True),
+        {**_webhook(4, 4, "photo.png", mask), "project": None, "task": {"data": {"image": "photo.png"}},
+         "annotation": {"id": 4, "result": []}},
+        {"action": "ANNOTATION_UPDATED", "project": {"id": 4}, "annotation": "not an annotation"},
+        {"action": "ANNOTATION_CREATED", "project": {"id": 4}, "annotation": {"id": 5, "result": "x"}},
+    ]
+    for body in bodies:
+        resp = client.post("/webhook", json=body)
+        assert resp.status_code == 200, resp.data
+    client.post("/webhook", json=_webhook(4, 6, "photo.png", mask))
+    client.post("/webhook", json=_webhook(4, 6, "photo.png", mask, action="ANNOTATION_UPDATED", cancelled=True))
+    health = client.get("/health").json["adapt"]
+    assert health["skipped"] == {"empty": 1, "cancelled": 2, "unknown_project": 1, "bad_annotation": 1, "no_image": 1}
+    assert health["projects"]["4"]["accepted_masks"] == 1  # the small one; annotation 6's mask was removed
+    for n in range(7, 11):  # five kept masks: a training starts; the small one is skipped there
+        client.post("/webhook", json=_webhook(4, n, "photo.png", mask))
+    status = _wait(client, 4, lambda s: s.get("last_attempt") is not None and s.get("state") == "idle")
+    assert status["last_attempt"]["trained_on"] == 3 and status["last_attempt"]["held_out_objects"] == 1
+    metrics = client.get("/metrics").data.decode()
+    assert 'sam_adapt_skipped_total{reason="size_mismatch"} 1.0' in metrics
+    assert "(80, 100)" in caplog.text and "Traceback" not in caplog.text
+
+
+def test_with_adapt_off_a_webhook_changes_nothing(mobile_sam_checkpoint, photos, tmp_path):
+    from sam_backend.serving.app import create_app
+
+    root, mask = photos
+    adapters = tmp_path / "adapters"
+    client = create_app(_settings(mobile_sam_checkpoint, root, adapters, SAM_ADAPT="false")).test_client()
+    resp = client.post("/webhook", json=_webhook(2, 1, "photo.png", mask))
+    assert resp.status_code == 200 and resp.json["learning"].startswith("off")
+    assert not adapters.exists()
+    assert client.get("/health").json["adapt"] == {"enabled": False}
+    assert "-adapted-" not in _click(client, 2, "photo.png", mask)["model_version"]
+
+
+def test_replicas_share_a_version_through_the_shared_store(mobile_sam_checkpoint, photos, tmp_path):
+    """Two replicas with their own SAM_ADAPTER_DIR and one file:// store: the one that got the webhooks trains and
+    publishes; the other serves the same version after its next clicks, and keeps it in its own folder."""
+    from sam_backend.serving.app import create_app
+
+    root, mask = photos
+    store = f"file://{tmp_path / 'store'}"
+    one = create_app(_settings(mobile_sam_checkpoint, root, tmp_path / "a", SAM_EMBEDDING_STORE=store,
+                               SAM_ADAPT_STEPS="80")).test_client()
+    two = create_app(_settings(mobile_sam_checkpoint, root, tmp_path / "b", SAM_EMBEDDING_STORE=store)).test_client()
+    for n in range(1, 6):
+        one.post("/webhook", json=_webhook(9, n, "photo.png", mask))
+    _wait(one, 9, lambda s: s.get("version") == 1)
+    deadline = time.monotonic() + 60
+    while "-adapted-p9-v1" not in _click(two, 9, "photo.png", mask)["model_version"]:
+        assert time.monotonic() < deadline, two.get("/health").json["adapt"]
+        time.sleep(1.0)
+    assert (tmp_path / "b" / "9" / "v1.pt").is_file()
+
+
+# -- evaluate --adapt-on ----------------------------------------------------------------------------------------------
+
+def test_evaluate_adapt_on_measures_the_rest_base_and_adapted(mobile_sam_checkpoint, tmp_path):
+    """`evaluate --adapt-on 2` on a COCO file of two categories (GrabCut photos, three objects each): each category
+    learns from its first two, the third is measured twice; summary.json has both configurations, the adapted one
+    ending in /adapted, with what learning cost."""
+    from click.testing import CliRunner
+
+    from sam_backend.commands.cli import main
+    from sam_backend.segment.masks import mask_to_coco
+
+    folder = evalset("GrabCut")
+    from sam_backend.commands.evalsets import load_objects
+
+    objects = load_objects(folder, limit=6)
+    coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+    for i, obj in enumerate(objects):
+        h, w = obj.mask.shape
+        coco["images"].append({"id": i + 1, "file_name": obj.image, "width": w, "height": h})
+        coco["annotations"].append({"id": i + 1, "image_id": i + 1, "category_id": 1 + i // 3,
+                                    "segmentation": mask_to_coco(obj.mask)["segmentation"]})
+    data = tmp_path / "coco.json"
+    data.write_text(json.dumps(coco))
+    out = tmp_path / "out"
+    env = {"SAM_CHECKPOINT": str(mobile_sam_checkpoint), "SAM_PRECISION": "fp32", "SAM_ENCODER": "eager",
+           "SAM_ADAPT_STEPS": "10"}
+    result = CliRunner(env=env).invoke(main, ["evaluate", str(data), "--images", str(folder / "data_GT"),
+                                              "--adapt-on", "2", "--max-clicks", "5", "-o", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"sam/vit_t/fp32/clicks", "sam/vit_t/fp32/clicks/adapted"}
+    base, adapted = summary["sam/vit_t/fp32/clicks"], summary["sam/vit_t/fp32/clicks/adapted"]
+    assert base["objects"] == adapted["objects"] == 2
+    learning = adapted["adaptation"]
+    assert learning["groups"] == 2 and learning["kept"] + learning["refused"] == 2
+    assert learning["seconds_per_accepted_mask"] > 0 and learning["peak_rss_mb"] > 0
+    assert set(learning["per_group"]) == {"a", "b"}
+    assert all(g["trained_on"] == 2 and g["held_out"] == 0 for g in learning["per_group"].values())
+    rows = (out / "per_object.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4
+    result = CliRunner(env=env).invoke(main, ["evaluate", str(data), "--images", str(folder / "data_GT"),
+                                              "--adapt-on", "3", "-o", str(out), "--quiet"])
+    assert result.exit_code != 0 and "no category has more than 3 objects" in result.output
+
+
+def test_a_training_step_waits_while_a_click_is_in_flight():
+    """`Activity.wait_idle` blocks a training step while a click is in flight and lets it go once clicks stop."""
+    from sam_backend.serving.adapters import Activity
+
+    activity = Activity(quiet_s=0.05)
+    released = threading.Event()
+
+    def step() -> None:
+        activity.wait_idle()
+        released.set()
+
+    with activity.click():
+        worker = threading.Thread(target=step)
+        worker.start()
+        time.sleep(0.2)
+        assert not released.is_set()
+    worker.join(5)
+    assert released.is_set()
