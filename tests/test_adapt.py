@@ -365,3 +365,93 @@ def test_a_training_step_waits_while_a_click_is_in_flight():
         assert not released.is_set()
     worker.join(5)
     assert released.is_set()
+
+
+# -- through the real Label Studio ------------------------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_annotations_submitted_in_label_studio_teach_the_backend(mobile_sam_checkpoint, tmp_path):
+    """The real Label Studio 1.23.2: connecting the backend makes Label Studio create its project webhook; five
+    annotations submitted through Label Studio's API (brush masks of the object) reach `/webhook`, the backend learns
+    from them, and the next smart click through Label Studio gets the whole object with the adapted model's version,
+    where the base model took a part."""
+    import io
+
+    import requests
+    from PIL import Image
+    from test_integration_labelstudio import BackendThread, keypoint
+
+    from sam_backend.labelstudio.brush import decode_brush
+    from sam_backend.labelstudio.process import LabelStudio
+    from sam_backend.segment.simulator import iou
+
+    image, mask = real_photo("GrabCut", PHOTO)
+    h, w = mask.shape
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    ls = LabelStudio(tmp_path / "ls", "admin@example.com", "adapt-Passw0rd").start()
+    settings = Settings.from_env({
+        "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.pat, "SAM_CHECKPOINT": str(mobile_sam_checkpoint),
+        "SAM_DECODER": "onnx", "SAM_ENCODER": "eager", "SAM_PRECISION": "fp32", "SAM_ADAPT": "true",
+        "SAM_ADAPTER_DIR": str(tmp_path / "adapters"), "SAM_ADAPT_STEPS": "80",
+        "SAM_METADATA_DB": str(tmp_path / "sidecar.db")})
+    from sam_backend.segment.engines import make_engine
+
+    backend = BackendThread(settings, lambda: make_engine(settings)).start()
+    try:
+        config = (Path(__file__).parents[1] / "label_config" / "smart-tools-brush.xml").read_text()
+        project = ls.create_project("adapt", config)
+        tasks = ls.upload(project, {f"photo{i}.png": buf.getvalue() for i in range(6)})
+        ml = ls.add_ml_backend(project, backend.url)
+        x, y, _ = first_click(mask)
+        click = [keypoint(x, y, w=w, h=h)]
+
+        def answer_mask(answer: dict) -> np.ndarray:
+            [region] = answer["data"]["result"]
+            return decode_brush(region["value"]["rle"], region["original_width"], region["original_height"])
+
+        assert iou(answer_mask(ls.interactive(ml, tasks[5], click)), mask) < 0.5  # the base model takes a part
+        region = {"id": "m1", "from_name": "tag", "to_name": "image", "type": "brushlabels", "original_width": w,
+                  "original_height": h, "image_rotation": 0,
+                  "value": {"format": "rle", "rle": encode_brush(mask), "brushlabels": ["Object"]}}
+        for task in tasks[:5]:
+            ls.call("POST", f"/api/tasks/{task}/annotations/", json={"result": [region]})
+        deadline = time.monotonic() + 300
+        while True:
+            status = requests.get(backend.url + "/health", timeout=10).json()["adapt"]["projects"].get(str(project), {})
+            if status.get("version") == 1:
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(0.5)
+        assert status["accepted_masks"] == 5 and status["learnt_from"] == 4
+        answer = ls.interactive(ml, tasks[5], click)
+        assert iou(answer_mask(answer), mask) > 0.9
+        assert answer["data"]["model_version"].endswith(f"-adapted-p{project}-v1")
+    finally:
+        backend.stop()
+        backend.backend.adapters.stop()
+        ls.stop()
+
+
+
+def test_an_engine_without_a_sam_decoder_keeps_masks_and_says_why(tmp_path):
+    """SAM_ADAPT with GrabCut (no mask decoder to learn): webhooks are still answered and their masks kept; /health
+    says why nothing is learnt; clicks keep the engine's own version."""
+    from sam_backend.serving.app import create_app
+
+    image, mask = real_photo("GrabCut", PHOTO)
+    cv2.imwrite(str(tmp_path / "photo.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    settings = Settings.from_env({"SAM_ENGINE": "grabcut", "SAM_ADAPT": "true", "LOCAL_FILES_DOCUMENT_ROOT":
+                                  str(tmp_path), "SAM_ADAPTER_DIR": str(tmp_path / "adapters"),
+                                  "SAM_METADATA_DB": str(tmp_path / "sidecar.db")})
+    client = create_app(settings).test_client()
+    for n in range(1, 6):
+        assert client.post("/webhook", json=_webhook(5, n, "photo.png", mask)).status_code == 200
+    deadline = time.monotonic() + 60
+    while not client.get("/health").json["adapt"]["unsupported"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    adapt = client.get("/health").json["adapt"]
+    assert "SAM_ENGINE=sam" in adapt["unsupported"] and adapt["projects"]["5"]["accepted_masks"] == 5
+    assert adapt["projects"]["5"]["version"] is None
+    assert "-adapted-" not in _click(client, 5, "photo.png", mask)["model_version"]

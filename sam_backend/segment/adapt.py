@@ -50,7 +50,12 @@ VERSION_FORMAT = 1
 
 
 class AdaptError(ValueError):
-    """The input cannot be learnt from (the message says what was expected and what arrived)."""
+    """The input cannot be learnt from (the message says what was expected and what arrived); `reason` is a short
+    label for counting (`size_mismatch`, `empty`, `bad_version`, ...)."""
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -83,9 +88,9 @@ class Example:
             raise AdaptError(f"mask: expected an (H, W) bool array, got {mask.shape} {mask.dtype}")
         if mask.shape != self.embedding.image_size.shape:
             raise AdaptError(f"mask: expected the image's size {self.embedding.image_size.shape} (H, W), got "
-                             f"{mask.shape}")
+                             f"{mask.shape}", "size_mismatch")
         if not mask.any():
-            raise AdaptError("mask: the region is empty")
+            raise AdaptError("mask: the region is empty", "empty")
 
 
 @dataclass

@@ -90,7 +90,7 @@ class Activity:
                 if self._clicks == 0 and quiet >= self.quiet_s and not busy():
                     break
                 waited = True
-                self._cond.wait(timeout=max(0.02, self.quiet_s - quiet) if self._clicks == 0 else 0.5)
+                self._cond.wait(timeout=0.5 if self._clicks or quiet >= self.quiet_s else self.quiet_s - quiet)
         return waited
 
 
@@ -231,6 +231,10 @@ class Adapters:
         p = self.projects.get(project) if project is not None else None
         return [f"{base_version}-adapted-p{project}-v{n}" for n in range(1, (p.version or 0) + 1)] if p else []
 
+    def all_versions(self, base_version: str) -> list[str]:
+        """The model versions of every project's adapted decoders (for `/versions`)."""
+        return [v for project in sorted(self.projects) for v in self.versions_of(project, base_version)]
+
     # -- status -----------------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         """What `/health` shows: per project the version, masks kept and learnt from, held-out scores, state."""
@@ -346,6 +350,10 @@ class Adapters:
         with contextlib.suppress(OSError, AttributeError):  # nice 19 for this thread only (Linux)
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         base = self._base()
+        if base is not None and not hasattr(base, "with_mask_decoder"):
+            self._unsupported = (f"{type(base).__name__} has no SAM mask decoder to adapt; learning needs "
+                                 "SAM_ENGINE=sam (vit_t, vit_b, vit_l, vit_h)")
+            log.warning("SAM_ADAPT=true: %s; accepted masks are kept, not learnt from", self._unsupported)
         for p in list(self.projects.values()):
             if base is not None and hasattr(base, "with_mask_decoder"):
                 self._load_version(p, base)
@@ -359,6 +367,8 @@ class Adapters:
             try:
                 self._train(p)
             except Exception:  # a failed training never stops learning for other projects, nor serving
+                if self._stop.is_set():
+                    break
                 log.exception("project %s: training failed; clicks keep version %s", project, p.version or "base")
                 self.backend.metrics.adapt_trainings.labels("failed").inc()
             finally:
@@ -391,8 +401,7 @@ class Adapters:
             try:
                 out.append(Example(embedding, mask, key=record["key"]))
             except AdaptError as exc:
-                self._skip(p.project, Skip("size_mismatch" if "size" in str(exc) else "empty",
-                                           f"{record['key']}: {exc} (image {record['image']})"))
+                self._skip(p.project, Skip(exc.reason, f"{record['key']}: {exc} (image {record['image']})"))
         return out
 
     def _base(self) -> Any:

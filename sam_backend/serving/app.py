@@ -205,7 +205,8 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
 
     @app.get("/versions")
     def versions() -> Response:
-        return jsonify({"versions": [backend.model_version], "model_version": backend.model_version})
+        return jsonify({"versions": [backend.model_version, *backend.adapters.all_versions(backend.model_version)],
+                        "model_version": backend.model_version})
 
     @app.get("/metrics")
     def metrics() -> Response:

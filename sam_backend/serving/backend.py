@@ -152,7 +152,8 @@ class SamBackend:
         hostname = body.get("hostname")
         if isinstance(hostname, str) and hostname.startswith(("http://", "https://")):
             self.fetcher.setup_hostname = hostname.rstrip("/")
-        return {"model_version": self.model_version}
+        project = str(body.get("project") or "").split(".")[0] or None
+        return {"model_version": self.version_for(project)}
 
     def webhook(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """`/webhook`: annotation events feed learning (`SAM_ADAPT`); every other event is acknowledged."""
