@@ -14,8 +14,8 @@ path.
 - **Versions**: a trained decoder replaces the current one only where it does better on the held-out masks
   (`Scores.better_than`: NoC@90, then mIoU, never more failures); else the project keeps what it has (the base
   model at first). A version is `v<N>.pt` plus `current.json` in the project's folder, each written atomically; a
-  restart loads it. With a shared store (`SAM_EMBEDDING_STORE`), a new version is published there and other replicas
-  take it (and keep it in their own folder) within `SYNC_S`.
+  restart loads it (`serving.adapter_store`). With a shared store (`SAM_EMBEDDING_STORE`), a new version is
+  published there and other replicas take it (and keep it in their own folder) within `SYNC_S`.
 - **Out**: `engine_for(project, base)` is the engine a click of that project runs (same embeddings, the adapted
   decoder); `model_version_for(project)` names its version; `status()` is what `/health` shows per project.
 """
@@ -23,7 +23,6 @@ path.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import queue
@@ -35,13 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from pycocotools import mask as mask_utils
-
 from sam_backend.config import Settings
 from sam_backend.errors import ClientError
-from sam_backend.fileio import write_atomic
-from sam_backend.labelstudio.accepted import AcceptedMask, Skip, read_webhook
+from sam_backend.labelstudio.accepted import Skip, read_webhook
 from sam_backend.segment.adapt import (
     AdaptConfig,
     AdaptError,
@@ -52,6 +47,7 @@ from sam_backend.segment.adapt import (
     split_held_out,
     unpack_version,
 )
+from sam_backend.serving.adapter_store import ProjectFolder, SharedVersions, mask_record, record_mask, weights_of
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +95,7 @@ class ProjectAdapter:
     """One project's accepted masks and its current version."""
 
     project: str
-    folder: Path
+    folder: ProjectFolder
     masks: list[dict[str, Any]] = field(default_factory=list)  # records, in arrival order
     version: int | None = None
     info: dict[str, Any] = field(default_factory=dict)  # current.json
@@ -107,18 +103,6 @@ class ProjectAdapter:
     attempted_at: int = 0  # accepted masks when the last training started
     state: str = "idle"  # idle | queued | training
     last_attempt: dict[str, Any] | None = None
-
-
-def _mask_record(m: AcceptedMask) -> dict[str, Any]:
-    rle = mask_utils.encode(np.asfortranarray(m.mask.astype(np.uint8)))
-    return {"key": m.key, "task": m.task_id, "annotation": m.annotation_id, "image": m.image_url, "label": m.label,
-            "size": [int(m.mask.shape[0]), int(m.mask.shape[1])], "counts": rle["counts"].decode("ascii"),
-            "at": time.time()}
-
-
-def _record_mask(record: dict[str, Any]) -> np.ndarray:
-    """`(H, W) bool` of a stored record (COCO RLE, column-major)."""
-    return mask_utils.decode({"size": record["size"], "counts": record["counts"].encode("ascii")}).astype(bool)
 
 
 class Adapters:
@@ -175,9 +159,9 @@ class Adapters:
             gone = {str(a) for a in found.annotations}
             p.masks = [r for r in p.masks if str(r.get("annotation")) not in gone]
             removed = before - len(p.masks)
-            p.masks.extend(_mask_record(m) for m in found.masks)
+            p.masks.extend(mask_record(m) for m in found.masks)
             if found.masks or removed:
-                self._write_masks(p)
+                p.folder.write_masks(p.masks)
             due = self._due(p)
         if due:
             self._queue_training(p)
@@ -256,44 +240,27 @@ class Adapters:
             p = self.projects.get(project)
             if p is not None:
                 return p
-            p = ProjectAdapter(project, self.root / project)
+            p = ProjectAdapter(project, ProjectFolder(self.root, project))
             self.projects[project] = p
-            try:
-                data = json.loads((p.folder / "masks.json").read_text())
-                p.masks = [r for r in data.get("masks", []) if isinstance(r, dict) and "counts" in r]
-            except FileNotFoundError:
-                pass
-            except (OSError, ValueError) as exc:
-                log.error("project %s: %s cannot be read (%s); starting from no accepted masks", project,
-                          p.folder / "masks.json", exc)
-            try:
-                info = json.loads((p.folder / "current.json").read_text())
+            p.masks = p.folder.read_masks()
+            info = p.folder.read_current()
+            if info is not None:
                 p.info, p.version = info, int(info["version"])
-                p.attempted_at = int(info.get("accepted_masks", 0))
+                p.attempted_at = int(info.get("accepted_masks", 0) or 0)
                 p.last_attempt = info.get("last_attempt")
-            except FileNotFoundError:
-                pass
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.error("project %s: current.json cannot be read (%s); serving the base model", project, exc)
             self._update_metrics(p)
             return p
-
-    def _write_masks(self, p: ProjectAdapter) -> None:
-        try:
-            write_atomic(p.folder / "masks.json", json.dumps({"project": p.project, "masks": p.masks}).encode())
-        except OSError as exc:
-            log.error("project %s: accepted masks cannot be written to %s (%s)", p.project, p.folder, exc)
 
     def _load_version(self, p: ProjectAdapter, base: Any) -> None:
         """Build the adapted engine of `p.version` on `base` (once the engine is loaded)."""
         if p.version is None or (p.engine is not None and p.engine.engine_id == base.engine_id):
             return
-        path = p.folder / p.info.get("file", f"v{p.version}.pt")
+        path = p.info.get("file", f"v{p.version}.pt")
         try:
-            state, meta = unpack_version(path.read_bytes())
-            if meta.get("weights") != _weights(base):
+            state, meta = unpack_version(p.folder.read_version(path))
+            if meta.get("weights") != weights_of(base):
                 log.warning("project %s: version %s was learnt on other weights (%s, serving %s); serving the base "
-                            "model", p.project, p.version, meta.get("weights"), _weights(base))
+                            "model", p.project, p.version, meta.get("weights"), weights_of(base))
                 return
             p.engine = base.with_mask_decoder(adapted_decoder(base, state), f"p{p.project}-v{p.version}")
             log.info("project %s: clicks use adapted version %s (%s)", p.project, p.version, path)
@@ -322,28 +289,15 @@ class Adapters:
     def _sync(self, project: str) -> None:
         """Take a newer version of `project` from the shared store, if another replica published one."""
         base = self.backend.engine.peek()
-        store = self.backend.store
-        if base is None or store is None:
+        if base is None or self.backend.store is None or not hasattr(base, "with_mask_decoder"):
             return
-        pointer = store.get(_store_key(base, project))
-        try:
-            published = json.loads(pointer) if pointer else None
-        except ValueError:
-            published = None
         p = self._project(project)
-        if not published or not isinstance(published.get("version"), int) or published["version"] <= (p.version or 0):
+        found = SharedVersions(self.backend.store).newer(weights_of(base), project, p.version or 0)
+        if found is None:
             self._load_version(p, base)
             return
-        data = store.get(_store_key(base, project, published["version"]))
-        if data is None:
-            return
-        try:
-            unpack_version(data)
-        except AdaptError as exc:
-            log.warning("project %s: the shared store's version %s is refused (%s)", project, published["version"],
-                        exc)
-            return
-        self._install(p, base, published["version"], data, published.get("info") or {}, publish=False)
+        version, data, info = found
+        self._install(p, base, version, data, info, publish=False)
 
     # -- training ---------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -397,7 +351,7 @@ class Adapters:
             except ClientError as exc:
                 self._skip(p.project, Skip("image_unreadable", f"{record['key']}: {exc.message}"))
                 continue
-            mask = _record_mask(record)
+            mask = record_mask(record)
             try:
                 out.append(Example(embedding, mask, key=record["key"]))
             except AdaptError as exc:
@@ -457,14 +411,14 @@ class Adapters:
                 info = dict(p.info, last_attempt=attempt, accepted_masks=len(records))
                 if p.version is not None:
                     p.info = info
-                    self._write_current(p)
+                    p.folder.write_current(info)
             return
         version = (p.version or 0) + 1
-        info = {"version": version, "file": f"v{version}.pt", "weights": _weights(base), "trained_on": len(train),
+        info = {"version": version, "file": f"v{version}.pt", "weights": weights_of(base), "trained_on": len(train),
                 "accepted_masks": len(records), "held_out": {"objects": len(held), "base": attempt["base"],
                                                               "adapted": attempt["adapted"]},
                 "seconds": attempt["seconds"], "steps": steps, "created": time.time(), "last_attempt": attempt}
-        data = pack_version(outcome.state, {"weights": _weights(base), "project": p.project, "version": version,
+        data = pack_version(outcome.state, {"weights": weights_of(base), "project": p.project, "version": version,
                                             "trained_on": len(train)})
         self._install(p, base, version, data, info, publish=True)
         log.info("project %s: version %d serves clicks (learnt from %d masks in %.1f s; held-out NoC@90 %s → %s)",
@@ -475,35 +429,14 @@ class Adapters:
                  publish: bool) -> None:
         """Write version `version` (file, then `current.json`), serve it, and publish it to the shared store."""
         info = dict(info, version=version, file=f"v{version}.pt")
-        try:
-            write_atomic(p.folder / info["file"], data)
-        except OSError as exc:
-            log.error("project %s: version %d cannot be written to %s (%s); clicks keep version %s", p.project,
-                      version, p.folder, exc, p.version or "base")
+        if not p.folder.write_version(info["file"], data):
+            log.error("project %s: clicks keep version %s", p.project, p.version or "base")
             return
         with self._lock:
             p.version, p.info, p.engine = version, info, None
             p.last_attempt = info.get("last_attempt")
-            self._write_current(p)
+            p.folder.write_current(info)
             self._load_version(p, base)
             self._update_metrics(p)
-        store = self.backend.store
-        if publish and store is not None:
-            store.put(_store_key(base, p.project, version), data)
-            store.put(_store_key(base, p.project), json.dumps({"version": version, "info": info}).encode())
-
-    def _write_current(self, p: ProjectAdapter) -> None:
-        try:
-            write_atomic(p.folder / "current.json", json.dumps(p.info, indent=1).encode())
-        except OSError as exc:
-            log.error("project %s: current.json cannot be written (%s)", p.project, exc)
-
-
-def _weights(engine: Any) -> str:
-    """The weights an engine's id names (`sam/<model>/<digest>`), without its precision."""
-    return engine.engine_id.rsplit("/", 1)[0]
-
-
-def _store_key(engine: Any, project: str, version: int | None = None) -> str:
-    tail = "current" if version is None else f"v{version}"
-    return f"adapter:{_weights(engine)}:{project}:{tail}"
+        if publish and self.backend.store is not None:
+            SharedVersions(self.backend.store).publish(weights_of(base), p.project, version, data, info)
