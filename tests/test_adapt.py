@@ -242,6 +242,7 @@ def test_bad_input_is_skipped_logged_and_counted_never_raised(mobile_sam_checkpo
     root, mask = photos
     adapters = tmp_path / "adapters"
     client = create_app(_settings(mobile_sam_checkpoint, root, adapters)).test_client()
+    client.post("/setup", json={"project": "4.1700000000"})  # Label Studio connected the backend to project 4
     small = cv2.resize(mask.astype(np.uint8), (100, 80)) > 0
     bodies = [
         _webhook(4, 1, "photo.png", small),  # kept at intake; its image is another size: skipped at training
@@ -251,6 +252,7 @@ def test_bad_input_is_skipped_logged_and_counted_never_raised(mobile_sam_checkpo
          "annotation": {"id": 4, "result": []}},
         {"action": "ANNOTATION_UPDATED", "project": {"id": 4}, "annotation": "not an annotation"},
         {"action": "ANNOTATION_CREATED", "project": {"id": 4}, "annotation": {"id": 5, "result": "x"}},
+        _webhook(999, 11, "photo.png", mask),  # a project this backend was never set up for nor clicked in
     ]
     for body in bodies:
         resp = client.post("/webhook", json=body)
@@ -258,7 +260,8 @@ def test_bad_input_is_skipped_logged_and_counted_never_raised(mobile_sam_checkpo
     client.post("/webhook", json=_webhook(4, 6, "photo.png", mask))
     client.post("/webhook", json=_webhook(4, 6, "photo.png", mask, action="ANNOTATION_UPDATED", cancelled=True))
     health = client.get("/health").json["adapt"]
-    assert health["skipped"] == {"empty": 1, "cancelled": 2, "unknown_project": 1, "bad_annotation": 1, "no_image": 1}
+    assert health["skipped"] == {"empty": 1, "cancelled": 2, "unknown_project": 2, "bad_annotation": 1, "no_image": 1}
+    assert "999" not in health["projects"] and not (adapters / "999").exists()
     assert health["projects"]["4"]["accepted_masks"] == 1  # the small one; annotation 6's mask was removed
     for n in range(7, 11):  # five kept masks: a training starts; the small one is skipped there
         client.post("/webhook", json=_webhook(4, n, "photo.png", mask))
@@ -292,6 +295,7 @@ def test_replicas_share_a_version_through_the_shared_store(mobile_sam_checkpoint
     one = create_app(_settings(mobile_sam_checkpoint, root, tmp_path / "a", SAM_EMBEDDING_STORE=store,
                                SAM_ADAPT_STEPS="80")).test_client()
     two = create_app(_settings(mobile_sam_checkpoint, root, tmp_path / "b", SAM_EMBEDDING_STORE=store)).test_client()
+    one.post("/setup", json={"project": "9.1700000000"})
     for n in range(1, 6):
         one.post("/webhook", json=_webhook(9, n, "photo.png", mask))
     _wait(one, 9, lambda s: s.get("version") == 1)
@@ -445,6 +449,7 @@ def test_an_engine_without_a_sam_decoder_keeps_masks_and_says_why(tmp_path):
                                   str(tmp_path), "SAM_ADAPTER_DIR": str(tmp_path / "adapters"),
                                   "SAM_METADATA_DB": str(tmp_path / "sidecar.db")})
     client = create_app(settings).test_client()
+    client.post("/setup", json={"project": "5.1700000000"})
     for n in range(1, 6):
         assert client.post("/webhook", json=_webhook(5, n, "photo.png", mask)).status_code == 200
     deadline = time.monotonic() + 60

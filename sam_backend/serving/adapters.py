@@ -121,6 +121,7 @@ class Adapters:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._synced: dict[str, float] = {}
+        self._known: set[str] = set()  # projects set up or clicked in (see `note_project`)
         self._unsupported: str | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------------------
@@ -153,6 +154,11 @@ class Adapters:
             self._skip(found.project, skip)
         if found.project is None:
             return {"learning": "skipped", "skipped": [s.message for s in found.skipped]}
+        if (found.masks or found.annotations) and not self._is_known(found.project):
+            skip = Skip("unknown_project", f"{found.action}: project {found.project} is not one this backend serves "
+                        "(not set up, clicked in or kept here, and not in Label Studio)")
+            self._skip(found.project, skip)
+            return {"learning": "skipped", "project": found.project, "skipped": [skip.message]}
         with self._lock:
             p = self._project(found.project)
             before = len(p.masks)
@@ -169,6 +175,32 @@ class Adapters:
                  found.action, len(found.masks), removed, len(found.skipped), len(p.masks))
         return {"learning": "training queued" if due else "kept", "project": found.project,
                 "accepted_masks": len(p.masks), "kept": len(found.masks), "skipped": [s.message for s in found.skipped]}
+
+    def note_project(self, project: str | None) -> None:
+        """A project Label Studio set up with this backend or clicked in (its webhooks are learnt from)."""
+        if project is not None and project.isdigit():
+            self._known.add(project)
+
+    def _is_known(self, project: str) -> bool:
+        """Set up or clicked in here, kept in `SAM_ADAPTER_DIR`, or (with `LABEL_STUDIO_URL` and an API key) a
+        project Label Studio has; where Label Studio cannot be asked, a project of its webhook is taken as known."""
+        if project in self._known or project in self.projects or (self.root / project).is_dir():
+            return True
+        url, key = self.settings.label_studio_url, self.settings.label_studio_api_key
+        if not (url and key):
+            return False
+        from sam_backend.labelstudio.client import LabelStudioClient
+
+        try:
+            status = LabelStudioClient(url, key).call("GET", f"/api/projects/{project}/", check=False,
+                                                      timeout=5).status_code
+        except Exception as exc:  # Label Studio unreachable: its own webhook is believed
+            log.warning("project %s: Label Studio cannot be asked whether it exists (%s); taken as known", project,
+                        type(exc).__name__)
+            return True
+        if status == 200:
+            self._known.add(project)
+        return status == 200
 
     def _skip(self, project: str | None, skip: Skip) -> None:
         with self._lock:

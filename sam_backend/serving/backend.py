@@ -153,6 +153,7 @@ class SamBackend:
         if isinstance(hostname, str) and hostname.startswith(("http://", "https://")):
             self.fetcher.setup_hostname = hostname.rstrip("/")
         project = str(body.get("project") or "").split(".")[0] or None
+        self.adapters.note_project(project)
         return {"model_version": self.version_for(project)}
 
     def webhook(self, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -176,6 +177,7 @@ class SamBackend:
         if not isinstance(params, Mapping):
             raise RequestError(f"params: expected an object, got {type(params).__name__}")
         config = parse_label_config(body.get("label_config") or self.setup_config or "")
+        self.adapters.note_project(str(body.get("project") or "").split(".")[0] or None)
         context = params.get("context")
         if not context or not (isinstance(context, Mapping) and context.get("result")):
             target = config.targets[0]
