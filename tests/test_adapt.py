@@ -110,6 +110,24 @@ def test_fine_tuning_changes_only_the_decoder_heads_and_learns_the_object(mobile
 
 # -- the backend --------------------------------------------------------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def _stop_learning(monkeypatch):
+    """Every app a test builds has its learning thread stopped at the end (no training outlives its test)."""
+    from sam_backend.serving import adapters
+
+    started: list = []
+    original = adapters.Adapters.start
+
+    def start(self) -> None:
+        started.append(self)
+        original(self)
+
+    monkeypatch.setattr(adapters.Adapters, "start", start)
+    yield
+    for a in started:
+        a.stop()
+
+
 def _webhook(project: int, annotation: int, image: str, mask: np.ndarray, *, action: str = "ANNOTATION_CREATED",
              cancelled: bool = False, size: tuple[int, int] | None = None) -> dict:
     h, w = size or mask.shape
@@ -215,16 +233,19 @@ def test_accepted_masks_make_a_version_that_clicks_use_and_that_survives_a_resta
 
 
 def test_a_version_that_does_no_better_is_not_taken(mobile_sam_checkpoint, photos, tmp_path):
-    """Four accepted masks that are the object's background and a fifth that is the object: the version learnt from
-    the four does worse on the fifth, so it is refused: no version file, clicks keep the base model."""
+    """Four accepted masks that are a small disc around the object's deepest point (a team labelling a part) and a
+    fifth that is the whole object: the version learnt from the four does no better on the fifth, so it is refused:
+    no version file, clicks keep the base model."""
     from sam_backend.serving.app import create_app
 
     root, mask = photos
     adapters = tmp_path / "adapters"
     client = create_app(_settings(mobile_sam_checkpoint, root, adapters)).test_client()
     base_version = _click(client, 3, "photo.png", mask)["model_version"]
+    x, y, _ = first_click(mask)
+    disc = cv2.circle(np.zeros(mask.shape, np.uint8), (int(x), int(y)), 6, 1, -1) > 0
     for n in range(1, 5):
-        client.post("/webhook", json=_webhook(3, n, "photo.png", ~mask))
+        client.post("/webhook", json=_webhook(3, n, "photo.png", disc))
     client.post("/webhook", json=_webhook(3, 5, "photo.png", mask))
     status = _wait(client, 3, lambda s: s.get("last_attempt") is not None and s.get("state") == "idle")
     assert status["version"] is None and status["last_attempt"]["accepted"] is False
