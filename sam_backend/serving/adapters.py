@@ -336,12 +336,8 @@ class Adapters:
         with contextlib.suppress(OSError, AttributeError):  # nice 19 for this thread only (Linux)
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         base = self._base()
-        if base is not None and not hasattr(base, "with_mask_decoder"):
-            self._unsupported = (f"{type(base).__name__} has no SAM mask decoder to adapt; learning needs "
-                                 "SAM_ENGINE=sam (vit_t, vit_b, vit_l, vit_h)")
-            log.warning("SAM_ADAPT=true: %s; accepted masks are kept, not learnt from", self._unsupported)
         for p in list(self.projects.values()):
-            if base is not None and hasattr(base, "with_mask_decoder"):
+            if base is not None and self._supported(base):
                 self._load_version(p, base)
             if self._due(p):
                 self._queue_training(p)
@@ -390,6 +386,16 @@ class Adapters:
                 self._skip(p.project, Skip(exc.reason, f"{record['key']}: {exc} (image {record['image']})"))
         return out
 
+    def _supported(self, base: Any) -> bool:
+        """Whether `base` has a SAM mask decoder to adapt; where not, `/health` says so (logged once)."""
+        if hasattr(base, "with_mask_decoder"):
+            return True
+        if self._unsupported is None:
+            self._unsupported = (f"{type(base).__name__} has no SAM mask decoder to adapt; learning needs "
+                                 "SAM_ENGINE=sam (vit_t, vit_b, vit_l, vit_h)")
+            log.warning("SAM_ADAPT=true: %s; accepted masks are kept, not learnt from", self._unsupported)
+        return False
+
     def _base(self) -> Any:
         """The loaded engine (waiting for its load), or None where it cannot be loaded."""
         try:
@@ -402,10 +408,7 @@ class Adapters:
         base = self._base()
         if base is None:
             return
-        if not hasattr(base, "with_mask_decoder"):
-            self._unsupported = (f"{type(base).__name__} has no SAM mask decoder to adapt; learning needs "
-                                 "SAM_ENGINE=sam (vit_t, vit_b, vit_l, vit_h)")
-            log.warning("project %s: %s", p.project, self._unsupported)
+        if not self._supported(base):
             return
         with self._lock:
             p.state = "training"

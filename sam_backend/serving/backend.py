@@ -152,7 +152,7 @@ class SamBackend:
         hostname = body.get("hostname")
         if isinstance(hostname, str) and hostname.startswith(("http://", "https://")):
             self.fetcher.setup_hostname = hostname.rstrip("/")
-        project = str(body.get("project") or "").split(".")[0] or None
+        project = project_of(body)
         self.adapters.note_project(project)
         return {"model_version": self.version_for(project)}
 
@@ -177,22 +177,21 @@ class SamBackend:
         if not isinstance(params, Mapping):
             raise RequestError(f"params: expected an object, got {type(params).__name__}")
         config = parse_label_config(body.get("label_config") or self.setup_config or "")
-        self.adapters.note_project(str(body.get("project") or "").split(".")[0] or None)
+        project = project_of(body)
+        self.adapters.note_project(project)
         context = params.get("context")
         if not context or not (isinstance(context, Mapping) and context.get("result")):
             target = config.targets[0]
-            boxed = self._rectangles_to_answer(tasks, target, str(body.get("project") or "").split(".")[0] or None)
+            boxed = self._rectangles_to_answer(tasks, target, project)
             if boxed is not None:  # Retrieve Predictions (or a task opened) on tasks that have rectangles
-                project = str(body.get("project") or "").split(".")[0] or None
                 with self.activity.click():
                     results = [self._masks_for_rectangles(task, rects, config, body, stages) for task, rects in boxed]
                 return {"results": results, "model_version": self.version_for(project)}
             for task in tasks:
                 self.prewarm.schedule(required_image_url(task, target))
-                self.prefetch.opened(str(body.get("project") or "").split(".")[0] or None, task.get("id"),
+                self.prefetch.opened(project, task.get("id"),
                                      lambda t: task_image_url(t, target.value_key))
             return {"results": [], "model_version": self.model_version}
-        project = str(body.get("project") or "").split(".")[0] or None
         stages = stages if stages is not None else StageTimes()
         with self.activity.click():
             results = [self._predict_task(task, config, context, project, stages,
@@ -228,7 +227,7 @@ class SamBackend:
     def _masks_for_rectangles(self, task: Mapping[str, Any], rects: list, config: LabelConfig,
                               body: Mapping[str, Any], stages: StageTimes | None) -> dict[str, Any]:
         """One prediction for `task`: a mask from each rectangle as a box prompt (each as its own object)."""
-        project = str(body.get("project") or "").split(".")[0] or None
+        project = project_of(body)
         out, scores = [], []
         for n, rect in enumerate(rects):
             context = {"result": [rect.as_context(n)]}
@@ -387,6 +386,11 @@ class SamBackend:
         embedding = self.encoder.encode(engine, loaded.pixels, key, priority)
         log.info("encoded %s (%dx%d) in %.2f s", safe_url(loaded.url), *loaded.size, time.perf_counter() - t0)
         return embedding
+
+
+def project_of(body: Mapping[str, Any]) -> str | None:
+    """The project id of a Label Studio request (`"<id>.<timestamp>"` or `<id>`), or None."""
+    return str(body.get("project") or "").split(".")[0] or None
 
 
 class ModelLoading(StillEncoding):
