@@ -108,6 +108,40 @@ def test_fine_tuning_changes_only_the_decoder_heads_and_learns_the_object(mobile
     assert changed and all(k.startswith(A.TRAINABLE) for k in changed)
 
 
+def test_an_adapted_mask_that_misses_the_clicks_falls_back_to_the_released_decoder(mobile_sam_engine):
+    """A learnt decoder that stops following the clicks (here: its hypernetworks zeroed, so it answers an empty mask)
+    never leaves the annotator worse off: the click gets the released decoder's mask; without the fallback the
+    broken mask would be the answer."""
+    image, mask = real_photo("GrabCut", 0)
+    embedding = mobile_sam_engine.embed(image)
+    x, y, _ = first_click(mask)
+    size = embedding.image_size
+    prompt = A._prompt([(x, y, True)], None, size)
+    broken = A.adapted_decoder(mobile_sam_engine)
+    with torch.no_grad():
+        for p in broken.output_hypernetworks_mlps.parameters():
+            p.zero_()
+    released = mobile_sam_engine.predict(embedding, prompt).best_mask
+    raw = mobile_sam_engine.with_mask_decoder(broken, "broken", fallback=False).predict(embedding, prompt)
+    assert not raw.best_mask.any() and prompt.clicks_missed(raw.best_mask) == 1
+    guarded = mobile_sam_engine.with_mask_decoder(broken, "broken").predict(embedding, prompt)
+    assert np.array_equal(guarded.best_mask, released) and prompt.clicks_missed(guarded.best_mask) == 0
+    # where the adapted mask follows every click it is the answer, not the released one: a decoder whose score head
+    # prefers another of the three candidates (each holds the click) answers that candidate
+    candidates = mobile_sam_engine.predict(embedding, prompt)
+    other = next(i for i in range(3) if i != candidates.best and not np.array_equal(candidates.mask(i), released)
+                 and prompt.clicks_missed(candidates.mask(i)) == 0)
+    prefers = A.adapted_decoder(mobile_sam_engine)
+    with torch.no_grad():
+        last = prefers.iou_prediction_head.layers[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.nn.functional.one_hot(torch.tensor(other + 1), len(last.bias)).float())
+    answer = mobile_sam_engine.with_mask_decoder(prefers, "prefers").predict(embedding, prompt).best_mask
+    assert np.array_equal(answer, candidates.mask(other)) and not np.array_equal(answer, released)
+    negative = A._prompt([(x, y, True), (0.5, 0.5, False)], None, size)
+    assert negative.clicks_missed(np.ones(mask.shape, bool)) == 1 and negative.clicks_missed(mask) == 0
+
+
 # -- the backend --------------------------------------------------------------------------------------------------
 
 @pytest.fixture(autouse=True)

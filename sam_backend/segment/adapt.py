@@ -350,7 +350,7 @@ def fine_tune(engine: SamEngine, examples: Sequence[Example], config: AdaptConfi
             if pause is not None:
                 pause()
             if step in rounds:
-                current = engine.with_mask_decoder(decoder, None)
+                current = engine.with_mask_decoder(decoder, None, fallback=False)  # its own mistakes
                 prompts.extend(training_prompts(current, examples, config, seed=step, random_clicks=False,
                                                 pause=pause))
                 decoder.train()

@@ -67,6 +67,16 @@ class ObjectPrompt:
         """`(P, 2) float32` pixel (x, y) of the positive clicks."""
         return self.points[self.labels == 1]
 
+    def clicks_missed(self, mask: np.ndarray) -> int:
+        """How many points an `(H, W) bool` mask of this image disagrees with: a positive point outside it or a
+        negative point inside it (the pixel under each point)."""
+        if len(self.points) == 0:
+            return 0
+        h, w = mask.shape
+        xs = np.clip(self.points[:, 0].astype(np.int64), 0, w - 1)
+        ys = np.clip(self.points[:, 1].astype(np.int64), 0, h - 1)
+        return int(np.count_nonzero(mask[ys, xs] != (self.labels == 1)))
+
     def key(self) -> tuple:
         """A hashable identity of the prompt's geometry (rounded to 0.1 px), for logits memory."""
         box = None if self.box is None else tuple(np.round(self.box, 1).tolist())

@@ -338,18 +338,35 @@ class SamEngine(TorchEngine):
 
     # -- adapted decoders (`sam_backend.segment.adapt`) ------------------------------------------------------------
     adapter_version: str | None = None  # None: the decoder as released
+    released: SamEngine | None = None  # an adapted engine's engine as released, when its clicks fall back to it
 
     @property
     def base_mask_decoder(self) -> torch.nn.Module:
         """The mask decoder as released (an adapted engine keeps its base's)."""
         return self.__dict__.get("_base_mask_decoder", self.model.mask_decoder)
 
-    def with_mask_decoder(self, decoder: torch.nn.Module, version: str | None) -> SamEngine:
+    def predict(self, embedding: Embedding, prompt: ObjectPrompt, prev_logits: np.ndarray | None = None
+                ) -> MaskPrediction:
+        """As `TorchEngine.predict`; an adapted engine with `released` set answers with the released decoder's mask
+        where the adapted mask disagrees with more of the prompt's clicks than that one (a learnt decoder that stops
+        following corrective clicks near the boundary never leaves the annotator worse off than the released one)."""
+        prediction = super().predict(embedding, prompt, prev_logits)
+        if self.released is None or len(prompt.points) == 0:
+            return prediction
+        missed = prompt.clicks_missed(prediction.best_mask)
+        if missed == 0:
+            return prediction
+        fallback = self.released.predict(embedding, prompt, prev_logits)
+        return fallback if prompt.clicks_missed(fallback.best_mask) < missed else prediction
+
+    def with_mask_decoder(self, decoder: torch.nn.Module, version: str | None, fallback: bool = True) -> SamEngine:
         """The same engine (same `engine_id`: embeddings are shared) with another mask decoder, run eagerly;
-        `version` names it (`adapter_version`)."""
+        `version` names it (`adapter_version`). With `fallback`, a click whose mask misses more of its clicks than
+        the released decoder's gets the released decoder's (see `predict`)."""
         other = type(self).__new__(type(self))
         other.__dict__.update(self.__dict__)
         other._base_mask_decoder = self.base_mask_decoder
+        other.released = (self.released or self) if fallback else None
         model = copy.copy(self.model)
         model._modules = dict(self.model._modules)
         model._modules["mask_decoder"] = decoder.to(self.device).eval()
