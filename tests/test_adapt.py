@@ -256,6 +256,8 @@ def test_accepted_masks_make_a_version_that_clicks_use_and_that_survives_a_resta
     assert 'sam_adapter_version{project="7"} 1.0' in metrics
     assert 'sam_adapter_learnt_masks{project="7"} 4.0' in metrics
     assert 'sam_adapt_trainings_total{result="accepted"} 1.0' in metrics
+    assert 'sam_adapter_clicks_total{answer="adapted",project="7"} 1.0' in metrics  # its own decoder answered
+    assert client.get("/health").json["adapt"]["projects"]["7"]["clicks"] == {"adapted": 1, "released": 0}
     assert sorted(p.name for p in (adapters / "7").iterdir()) == ["current.json", "masks.json", "v1.pt"]
     app.extensions["sam_backend"].adapters.stop()
 
@@ -399,6 +401,9 @@ def test_evaluate_adapt_on_measures_the_rest_base_and_adapted(mobile_sam_checkpo
     assert learning["seconds_per_accepted_mask"] > 0 and learning["peak_rss_mb"] > 0
     assert set(learning["per_group"]) == {"a", "b"}
     assert all(g["trained_on"] == 2 and g["held_out"] == 0 for g in learning["per_group"].values())
+    # nothing held out with two objects, so both versions are kept; every click of the two measured objects is
+    # answered by one of them and counted by the decoder that answered it
+    assert learning["kept"] == 2 and sum(learning["clicks"].values()) >= 2
     rows = (out / "per_object.csv").read_text().splitlines()
     assert len(rows) == 1 + 4
     result = CliRunner(env=env).invoke(main, ["evaluate", str(data), "--images", str(folder / "data_GT"),

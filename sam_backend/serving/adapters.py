@@ -262,9 +262,23 @@ class Adapters:
                 projects[name] = {
                     "version": p.version, "accepted_masks": len(p.masks), "state": p.state,
                     "learnt_from": p.info.get("trained_on", 0), "held_out": p.info.get("held_out"),
-                    "trained_s": p.info.get("seconds"), "last_attempt": p.last_attempt}
+                    "trained_s": p.info.get("seconds"), "last_attempt": p.last_attempt,
+                    "clicks": self._answers(p)}
             return {"enabled": True, "dir": str(self.root), "projects": projects, "skipped": dict(self.skipped),
                     "paused_steps": self.paused_steps, "unsupported": self._unsupported}
+
+    @staticmethod
+    def _answers(p: ProjectAdapter) -> dict[str, int]:
+        """Clicks the serving version answered since it was loaded: by its own decoder (`adapted`), or by the
+        released one where the adapted mask missed more of the clicks (`released`)."""
+        answers = getattr(p.engine, "answers", None) if p.engine is not None else None
+        return {"adapted": int(answers["adapted"]), "released": int(answers["released"])} if answers is not None \
+            else {"adapted": 0, "released": 0}
+
+    def answers(self) -> dict[str, dict[str, int]]:
+        """`_answers` of every project with a version (for `/metrics`)."""
+        with self._lock:
+            return {name: self._answers(p) for name, p in self.projects.items() if p.version is not None}
 
     # -- files ------------------------------------------------------------------------------------------------
     def _project(self, project: str) -> ProjectAdapter:

@@ -103,6 +103,7 @@ class SamBackend:
         self.setup_config: str | None = None
         self.activity = Activity()  # clicks in flight: background learning waits for them
         self.adapters = Adapters(settings, self)
+        self.metrics.watch_adapters(self.adapters.answers)
         self._fetched: OrderedDict[str, LoadedImage] = OrderedDict()  # images a batch job fetched ahead (bounded)
         self._fetched_lock = threading.Lock()
 

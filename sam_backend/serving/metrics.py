@@ -85,6 +85,11 @@ class Metrics:
                                        buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1800), registry=self.registry)
         self.registry.register(_CacheCollector(cache_stats))
 
+    def watch_adapters(self, answers: Callable[[], dict[str, dict[str, int]]]) -> None:
+        """`sam_adapter_clicks{project, answer}`: clicks a project's adapted version answered (`adapted`) and those
+        that fell back to the released decoder (`released`), read from `answers()` at each scrape."""
+        self.registry.register(_AdapterAnswers(answers))
+
     def observe_stages(self, seconds: dict[str, float]) -> None:
         """One click's stage seconds (see `serving.stages`) into `sam_click_stage_seconds`."""
         for stage, value in seconds.items():
@@ -109,3 +114,17 @@ class _CacheCollector:
             yield CounterMetricFamily(f"sam_cache_{name}", doc, value=value)
         yield GaugeMetricFamily("sam_cache_bytes", "Bytes held by the embedding cache", value=s.bytes)
         yield GaugeMetricFamily("sam_cache_entries", "Embeddings held", value=s.entries)
+
+
+class _AdapterAnswers:
+    def __init__(self, answers: Callable[[], dict[str, dict[str, int]]]) -> None:
+        self._answers = answers
+
+    def collect(self) -> Iterator:
+        family = CounterMetricFamily("sam_adapter_clicks", "Clicks of a project's adapted version, by the decoder "
+                                     "that answered (adapted, or released where the adapted mask missed the clicks)",
+                                     labels=["project", "answer"])
+        for project, counts in sorted(self._answers().items()):
+            for answer, n in sorted(counts.items()):
+                family.add_metric([project, answer], n)
+        yield family

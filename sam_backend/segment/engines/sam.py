@@ -13,6 +13,7 @@ cached features, which costs tens of milliseconds. Both use segment-anything's p
 
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 import re
@@ -339,6 +340,7 @@ class SamEngine(TorchEngine):
     # -- adapted decoders (`sam_backend.segment.adapt`) ------------------------------------------------------------
     adapter_version: str | None = None  # None: the decoder as released
     released: SamEngine | None = None  # an adapted engine's engine as released, when its clicks fall back to it
+    answers: collections.Counter[str] | None = None
 
     @property
     def base_mask_decoder(self) -> torch.nn.Module:
@@ -351,13 +353,16 @@ class SamEngine(TorchEngine):
         where the adapted mask disagrees with more of the prompt's clicks than that one (a learnt decoder that stops
         following corrective clicks near the boundary never leaves the annotator worse off than the released one)."""
         prediction = super().predict(embedding, prompt, prev_logits)
-        if self.released is None or len(prompt.points) == 0:
+        if self.released is None:
             return prediction
-        missed = prompt.clicks_missed(prediction.best_mask)
-        if missed == 0:
-            return prediction
-        fallback = self.released.predict(embedding, prompt, prev_logits)
-        return fallback if prompt.clicks_missed(fallback.best_mask) < missed else prediction
+        missed = prompt.clicks_missed(prediction.best_mask) if len(prompt.points) else 0
+        if missed:
+            fallback = self.released.predict(embedding, prompt, prev_logits)
+            if prompt.clicks_missed(fallback.best_mask) < missed:
+                self.answers.update(["released"])
+                return fallback
+        self.answers.update(["adapted"])
+        return prediction
 
     def with_mask_decoder(self, decoder: torch.nn.Module, version: str | None, fallback: bool = True) -> SamEngine:
         """The same engine (same `engine_id`: embeddings are shared) with another mask decoder, run eagerly;
@@ -367,6 +372,7 @@ class SamEngine(TorchEngine):
         other.__dict__.update(self.__dict__)
         other._base_mask_decoder = self.base_mask_decoder
         other.released = (self.released or self) if fallback else None
+        other.answers = collections.Counter()  # clicks answered by the adapted decoder / by the released one
         model = copy.copy(self.model)
         model._modules = dict(self.model._modules)
         model._modules["mask_decoder"] = decoder.to(self.device).eval()
