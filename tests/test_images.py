@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,6 +78,8 @@ def test_exif_orientation_is_applied():
     (encode(Image.fromarray(RGB), "JPEG")[:200], "truncated or damaged"),
     (encode(Image.fromarray(RGB), "GIF"), "format GIF is not accepted"),
     (b"\x00\x01garbage" * 10, "not a recognised image"),
+    # a TIFF whose strip-offsets tag is damaged: PIL raised TypeError from load() (found by the decoder fuzz test)
+    ((Path(__file__).parent / "fixtures" / "damaged-tiff-tag.tif").read_bytes(), "truncated or damaged"),
 ])
 def test_bad_bytes_give_clear_errors(data, needle):
     with pytest.raises(ImageError, match=needle):

@@ -88,7 +88,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
                          f"{max_pixels})", status=413) from None
     except UnidentifiedImageError:
         raise ImageError(_describe_bad_bytes(data)) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError) as exc:  # TypeError: PIL on a damaged TIFF tag
         raise ImageError(f"image: cannot decode ({exc.__class__.__name__}: {str(exc)[:120]}); "
                          "the file is truncated or damaged") from None
 
