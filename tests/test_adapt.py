@@ -121,14 +121,14 @@ def test_an_adapted_mask_that_misses_the_clicks_falls_back_to_the_released_decod
     with torch.no_grad():
         for p in broken.output_hypernetworks_mlps.parameters():
             p.zero_()
-    released = mobile_sam_engine.predict(embedding, prompt).best_mask
+    candidates = mobile_sam_engine.predict(embedding, prompt)
+    released = candidates.best_mask
     raw = mobile_sam_engine.with_mask_decoder(broken, "broken", fallback=False).predict(embedding, prompt)
     assert not raw.best_mask.any() and prompt.clicks_missed(raw.best_mask) == 1
     guarded = mobile_sam_engine.with_mask_decoder(broken, "broken").predict(embedding, prompt)
     assert np.array_equal(guarded.best_mask, released) and prompt.clicks_missed(guarded.best_mask) == 0
     # where the adapted mask follows every click it is the answer, not the released one: a decoder whose score head
     # prefers another of the three candidates (each holds the click) answers that candidate
-    candidates = mobile_sam_engine.predict(embedding, prompt)
     other = next(i for i in range(3) if i != candidates.best and not np.array_equal(candidates.mask(i), released)
                  and prompt.clicks_missed(candidates.mask(i)) == 0)
     prefers = A.adapted_decoder(mobile_sam_engine)

@@ -28,6 +28,7 @@ import json
 import logging
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -345,17 +346,16 @@ def _run_adapted(config: Configuration, groups: list, settings: Settings, shared
         bar.set_postfix_str("")
     runs: list[ObjectRun] = []
     index = 0
-    answers = {"adapted": 0, "released": 0}  # which decoder answered this configuration's adapted clicks
+    answers = Counter(adapted=0, released=0)  # which decoder answered this configuration's adapted clicks
     for adaptation, (_, _, rest) in zip(adaptations[key], groups, strict=True):
         ask = in_process_asker(settings, replace(config, engine=adaptation.engine), engine_shared)
-        counts = getattr(adaptation.engine, "answers", None)
-        before = dict(counts) if counts is not None else {}
+        counts = getattr(adaptation.engine, "answers", None) or Counter()  # a refused group's base: none
+        answers.subtract(counts)  # an engine's counts span every configuration measured with it: this one's part
         for obj in rest:
             index += 1
             runs.append(run_object(ask, obj, index, config.protocol, max_clicks))
             bar.update(1)
-        for name in answers:
-            answers[name] += (counts or {}).get(name, 0) - before.get(name, 0)
+        answers.update(counts)
     summary = summarize(runs, max_clicks, config.protocol)
     records = {a.category: a.record for a in adaptations[key]}
     trained = sum(r["trained_on"] for r in records.values())
@@ -367,5 +367,5 @@ def _run_adapted(config: Configuration, groups: list, settings: Settings, shared
                                            2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "peak_rss_growth_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0),
-        "clicks": answers, "per_group": records}
+        "clicks": dict(answers), "per_group": records}
     return summary, runs

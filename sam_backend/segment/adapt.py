@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from sam_backend.segment.embedding import Embedding
 from sam_backend.segment.prompts import ObjectPrompt
-from sam_backend.segment.simulator import first_click, iou, next_click, noc
+from sam_backend.segment.simulator import Click, first_click, iou, mean_iou_curve, next_click, noc
 
 if TYPE_CHECKING:
     from sam_backend.segment.engines.sam import SamEngine
@@ -154,7 +154,7 @@ def split_held_out(items: Sequence[T]) -> tuple[list[T], list[T]]:
 
 # -- the simulator on the engine ------------------------------------------------------------------------------
 
-def _prompt(clicks: list[tuple[float, float, bool]], box: np.ndarray | None, size: Any) -> ObjectPrompt:
+def _prompt(clicks: list[Click], box: np.ndarray | None, size: Any) -> ObjectPrompt:
     pts = np.array([(x, y) for x, y, _ in clicks], np.float32).reshape(-1, 2)
     labels = np.array([int(p) for _, _, p in clicks], np.int32)
     return ObjectPrompt(pts, labels, box, None, None, None, size)
@@ -168,7 +168,7 @@ def mask_box(mask: np.ndarray) -> np.ndarray:
 
 def simulate(engine: SamEngine, example: Example, protocol: str = "clicks", max_clicks: int = 20,
              stop_iou: float | None = None, min_clicks: int = 0,
-             first: tuple[float, float, bool] | None = None) -> tuple[list[float], list[TrainPrompt]]:
+             first: Click | None = None) -> tuple[list[float], list[TrainPrompt]]:
     """The standard simulator on `engine.predict` (the model's own best mask, seeded with its previous logits):
     `(IoU after each interaction, the prompts it sent)`. `protocol` `box` sends the object's box first; `first`
     replaces the deepest-point first click. Stops early at a perfect mask, or once IoU ≥ `stop_iou` after at least
@@ -176,7 +176,7 @@ def simulate(engine: SamEngine, example: Example, protocol: str = "clicks", max_
     mask, size = example.mask, example.embedding.image_size
     ious: list[float] = []
     prompts: list[TrainPrompt] = []
-    clicks: list[tuple[float, float, bool]] = []
+    clicks: list[Click] = []
     box = mask_box(mask) if protocol == "box" else None
     prediction = np.zeros(mask.shape, bool)
     prev: np.ndarray | None = None
@@ -203,7 +203,7 @@ JUDGE_RANDOM_CLICKS = 6  # held-out runs from a random point inside the object, 
 #                            single held-out object decides by where its one or two random clicks fell)
 
 
-def random_inner_click(mask: np.ndarray, rng: np.random.Generator) -> tuple[float, float, bool]:
+def random_inner_click(mask: np.ndarray, rng: np.random.Generator) -> Click:
     """A positive click at a random pixel of `mask` at least 2 px inside it (anywhere in it if it is thinner)."""
     inner = cv2.erode(mask.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
     ys, xs = np.nonzero(inner if inner.any() else mask)
@@ -216,21 +216,18 @@ def score(engine: SamEngine, examples: Sequence[Example], max_clicks: int = 20, 
     first), the box protocol, and `JUDGE_RANDOM_CLICKS` runs from a random point inside the object (seeded: base and
     candidate see the same clicks). NoC@90 and failures over every run; mIoU over the first five interactions (a run
     stops once it reaches 0.90 after five)."""
-    nocs, fails, mious = [], 0, []
+    runs: list[list[float]] = []
     for i, ex in enumerate(examples):
         rng = np.random.default_rng(seed + i)
-        runs = [("clicks", None), ("box", None)]
-        runs += [("clicks", random_inner_click(ex.mask, rng)) for _ in range(JUDGE_RANDOM_CLICKS)]
-        for protocol, start in runs:
-            ious, _ = simulate(engine, ex, protocol, max_clicks, stop_iou=0.90, min_clicks=5, first=start)
-            k, ok = noc(ious, 0.90, max_clicks)
-            nocs.append(k)
-            fails += not ok
-            head = ious[:5] + [ious[-1]] * (5 - len(ious[:5])) if ious else [0.0] * 5
-            mious.append(float(np.mean(head)))
-    if not nocs:
+        starts = [("clicks", None), ("box", None)]
+        starts += [("clicks", random_inner_click(ex.mask, rng)) for _ in range(JUDGE_RANDOM_CLICKS)]
+        runs += [simulate(engine, ex, protocol, max_clicks, stop_iou=0.90, min_clicks=5, first=start)[0]
+                 for protocol, start in starts]
+    if not runs:
         return Scores(0, 0.0, 0, 0.0)
-    return Scores(len(examples), float(np.mean(nocs)), fails, float(np.mean(mious)))
+    nocs = [noc(ious, 0.90, max_clicks) for ious in runs]
+    return Scores(len(examples), float(np.mean([k for k, _ in nocs])), sum(not ok for _, ok in nocs),
+                  float(np.mean(mean_iou_curve(runs, 5))))
 
 
 def training_prompts(engine: SamEngine, examples: Sequence[Example], config: AdaptConfig, seed: int = 0,

@@ -271,9 +271,7 @@ class Adapters:
     def _answers(p: ProjectAdapter) -> dict[str, int]:
         """Clicks the serving version answered since it was loaded: by its own decoder (`adapted`), or by the
         released one where the adapted mask missed more of the clicks (`released`)."""
-        answers = getattr(p.engine, "answers", None) if p.engine is not None else None
-        return {"adapted": int(answers["adapted"]), "released": int(answers["released"])} if answers is not None \
-            else {"adapted": 0, "released": 0}
+        return dict(getattr(p.engine, "answers", None) or {"adapted": 0, "released": 0})
 
     def answers(self) -> dict[str, dict[str, int]]:
         """`_answers` of every project with a version (for `/metrics`)."""

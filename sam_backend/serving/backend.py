@@ -190,8 +190,7 @@ class SamBackend:
                 return {"results": results, "model_version": self.version_for(project)}
             for task in tasks:
                 self.prewarm.schedule(required_image_url(task, target))
-                self.prefetch.opened(project, task.get("id"),
-                                     lambda t: task_image_url(t, target.value_key))
+                self.prefetch.opened(project, task.get("id"), lambda t: task_image_url(t, target.value_key))
             return {"results": [], "model_version": self.model_version}
         stages = stages if stages is not None else StageTimes()
         with self.activity.click():

@@ -339,29 +339,30 @@ class SamEngine(TorchEngine):
 
     # -- adapted decoders (`sam_backend.segment.adapt`) ------------------------------------------------------------
     adapter_version: str | None = None  # None: the decoder as released
-    released: SamEngine | None = None  # an adapted engine's engine as released, when its clicks fall back to it
-    answers: collections.Counter[str] | None = None
+    released: SamEngine | None = None  # an adapted engine's engine as released (None: this one is)
+    fallback: bool = False  # an adapted click whose mask misses more clicks gets the released decoder's (`predict`)
+    answers: collections.Counter[str] | None = None  # an adapted engine's clicks by the decoder that answered
 
     @property
     def base_mask_decoder(self) -> torch.nn.Module:
         """The mask decoder as released (an adapted engine keeps its base's)."""
-        return self.__dict__.get("_base_mask_decoder", self.model.mask_decoder)
+        return (self.released or self).model.mask_decoder
 
     def predict(self, embedding: Embedding, prompt: ObjectPrompt, prev_logits: np.ndarray | None = None
                 ) -> MaskPrediction:
-        """As `TorchEngine.predict`; an adapted engine with `released` set answers with the released decoder's mask
-        where the adapted mask disagrees with more of the prompt's clicks than that one (a learnt decoder that stops
+        """As `TorchEngine.predict`; an adapted engine with `fallback` answers with the released decoder's mask where
+        the adapted mask disagrees with more of the prompt's clicks than that one (a learnt decoder that stops
         following corrective clicks near the boundary never leaves the annotator worse off than the released one)."""
         prediction = super().predict(embedding, prompt, prev_logits)
-        if self.released is None:
+        if not self.fallback:
             return prediction
-        missed = prompt.clicks_missed(prediction.best_mask) if len(prompt.points) else 0
+        missed = prompt.clicks_missed(prediction.best_mask)
         if missed:
             fallback = self.released.predict(embedding, prompt, prev_logits)
             if prompt.clicks_missed(fallback.best_mask) < missed:
-                self.answers.update(["released"])
+                self.answers["released"] += 1
                 return fallback
-        self.answers.update(["adapted"])
+        self.answers["adapted"] += 1
         return prediction
 
     def with_mask_decoder(self, decoder: torch.nn.Module, version: str | None, fallback: bool = True) -> SamEngine:
@@ -370,9 +371,9 @@ class SamEngine(TorchEngine):
         the released decoder's gets the released decoder's (see `predict`)."""
         other = type(self).__new__(type(self))
         other.__dict__.update(self.__dict__)
-        other._base_mask_decoder = self.base_mask_decoder
-        other.released = (self.released or self) if fallback else None
-        other.answers = collections.Counter()  # clicks answered by the adapted decoder / by the released one
+        other.released = self.released or self
+        other.fallback = fallback
+        other.answers = collections.Counter(adapted=0, released=0)
         model = copy.copy(self.model)
         model._modules = dict(self.model._modules)
         model._modules["mask_decoder"] = decoder.to(self.device).eval()
