@@ -7,7 +7,7 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle, mask2rle
 from lsexport import tricky_masks
 
-from sam_backend.labelstudio.brush import encode_brush
+from sam_backend.labelstudio.brush import BrushError, decode_brush, encode_brush
 
 rng = np.random.default_rng(7)
 CASES = [
@@ -62,3 +62,35 @@ def test_a_truncated_rle_is_a_clear_error():
     rle = encode_brush(np.ones((10, 10), bool))
     with pytest.raises(BrushError, match="values, expected 12x10x4"):
         decode_brush(rle, 12, 10)
+
+
+def _claiming(values: int, body: list[int]) -> list[int]:
+    """A brush RLE whose 32-bit header claims `values` values, followed by `body`'s tokens."""
+    return list(values.to_bytes(4, "big")) + body[4:]
+
+
+def test_a_header_that_claims_more_than_the_region_holds_is_refused_before_allocating():
+    """The count in the header is compared with width × height × 4 before anything is allocated: 2^31 values in a
+    few bytes would be 2 GB (tracemalloc sees numpy's allocations)."""
+    import tracemalloc
+
+    small = encode_brush(np.ones((48, 64), bool))
+    tracemalloc.start()
+    try:
+        with pytest.raises(BrushError, match="declares 2147483648 values, expected 64x48x4"):
+            decode_brush(_claiming(2**31, small), 64, 48)
+        with pytest.raises(BrushError, match="SAM_MAX_IMAGE_PIXELS"):
+            decode_brush(_claiming(4 * 20000 * 20000, small), 20000, 20000, max_pixels=50_000_000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * 2**20
+
+
+def test_a_truncated_body_is_refused_not_spun_on():
+    """A header that fits its region but tokens that end early: refused at once (the decoder would otherwise read
+    zero padding as tokens, one Python step per value)."""
+    full = encode_brush(np.random.default_rng(1).random((600, 800)) > 0.5)
+    with pytest.raises(BrushError, match="truncated|cannot be decoded"):
+        decode_brush(full[: len(full) // 3], 800, 600)
+    assert decode_brush(full, 800, 600).shape == (600, 800)

@@ -63,17 +63,34 @@ def encode_brush(mask: np.ndarray) -> list[int]:
     return np.packbits(out).tolist()
 
 
+DEFAULT_MAX_PIXELS = 50_000_000  # SAM_MAX_IMAGE_PIXELS' default: the largest region a brush RLE may describe
+
+
 class BrushError(ValueError):
     """A brush RLE that does not decode to a mask of the stated size."""
 
 
-def decode_values(rle: list[int] | bytes) -> np.ndarray:
+def declared_values(rle: list[int] | bytes) -> int:
+    """The value count a brush RLE's header declares (its first 32 bits), read without decoding anything."""
+    head = bytes(rle[:4]) if isinstance(rle, (bytes, bytearray)) else bytes(rle[:4])
+    if len(head) < 4:
+        raise BrushError(f"brush RLE: expected at least a 4-byte header, got {len(head)} bytes")
+    return int.from_bytes(head, "big")
+
+
+def decode_values(rle: list[int] | bytes, expected: int | None = None) -> np.ndarray:
     """Brush RLE → the flat `uint8` values (RGBA, row-major), as label-studio-sdk's `decode_rle` gives them.
+
+    `expected`: the value count the caller can hold (width × height × 4); a header that declares another count is
+    refused (`BrushError`) before anything is allocated, so a few bytes cannot claim gigabytes.
 
     The SDK turns every byte into a string of bits first (≈0.1–0.3 s for one 1024 × 768 mask, which made it the
     slowest step of `sam-backend evaluate`); this reads each field straight from the bytes. Tests compare the two.
     """
+    if expected is not None and declared_values(rle) != expected:
+        raise BrushError(f"brush RLE declares {declared_values(rle)} values, expected {expected} (width × height × 4)")
     data = bytes(rle) + bytes(8)
+    end_bits = 8 * (len(data) - 8)  # past this the RLE is exhausted: a truncated body is refused, not spun on
     pos = 0
 
     def read(n: int) -> int:
@@ -92,6 +109,8 @@ def decode_values(rle: list[int] | bytes) -> np.ndarray:
     from_bytes = int.from_bytes
     i = 0
     while i < num:
+        if pos >= end_bits:
+            raise BrushError(f"brush RLE ends after {i} of its {num} values (truncated)")
         # One 64-bit window holds a whole run token (3 + ≤ 16 + ≤ 32 bits after ≤ 7 bits of offset when
         # word ≤ 8): read its fields with shifts instead of a call per field.
         start, shift = pos >> 3, pos & 7
@@ -117,8 +136,27 @@ def decode_values(rle: list[int] | bytes) -> np.ndarray:
     return out
 
 
-def decode_brush(rle: list[int], width: int, height: int) -> np.ndarray:
-    """Label Studio brush RLE → `(H, W) bool` (alpha channel > 0); `BrushError` says what does not fit."""
+def decode_brush(rle: list[int], width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Label Studio brush RLE → `(H, W) bool` (alpha channel > 0); `BrushError` says what does not fit.
+
+    The region's size (`width × height` ≤ `max_pixels`, SAM_MAX_IMAGE_PIXELS) and the count the RLE's header
+    declares are both checked before any array is allocated."""
+    if not (isinstance(width, int) and isinstance(height, int)) or width <= 0 or height <= 0:
+        raise BrushError(f"brush region: expected a positive integer width and height, got {width!r}×{height!r}")
+    if width * height > max_pixels:
+        raise BrushError(f"brush region of {width}×{height} = {width * height} pixels is larger than {max_pixels} "
+                         "(SAM_MAX_IMAGE_PIXELS)")
+    if not isinstance(rle, (list, tuple, bytes, bytearray)):
+        raise BrushError(f"brush RLE: expected a list of integers, got {type(rle).__name__}")
+    try:
+        declared = declared_values(rle)
+    except BrushError:
+        raise
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise BrushError(f"brush RLE cannot be decoded ({exc.__class__.__name__})") from None
+    if declared != width * height * 4:
+        raise BrushError(f"brush RLE declares {declared} values, expected {width}x{height}x4 = {width * height * 4}; "
+                         "the region does not fit its original_width/height")
     try:
         flat = decode_values(rle)
     except (ValueError, TypeError, OverflowError) as exc:

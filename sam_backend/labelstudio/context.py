@@ -30,7 +30,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from sam_backend.labelstudio.brush import BrushError, decode_brush
+from sam_backend.labelstudio.brush import DEFAULT_MAX_PIXELS, BrushError, decode_brush
 from sam_backend.labelstudio.geometry import percent_to_pixels
 from sam_backend.labelstudio.objects import CurrentObject, owner
 from sam_backend.segment.geometry import ImageSize
@@ -48,12 +48,14 @@ _EPS_PCT = 1e-3  # tolerance for float noise at the image border, in percent
 def parse_context(
     context: Mapping[str, Any] | None, image_size: ImageSize | tuple[int, int] | None = None,
     remembered_box: RememberedBox | None = None, join_margin_px: float = 0.0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> list[ObjectPrompt]:
     """Turn `params.context` into object prompts.
 
     `image_size` is the decoded image's `ImageSize(width, height)` in pixels; when omitted, the results'
     `original_width/original_height` are used. An empty or missing context gives `[]`. `remembered_box` and
-    `join_margin_px`: see the module docstring.
+    `join_margin_px`: see the module docstring. `max_pixels` (SAM_MAX_IMAGE_PIXELS) bounds a brush stroke's
+    declared region before it is decoded.
     """
     if context is None:
         return []
@@ -81,7 +83,7 @@ def parse_context(
         elif kind in BOX_TYPES:
             boxes.append(_parse_box(item, where, image_size))
         elif kind in BRUSH_TYPES:
-            strokes.append(_parse_stroke(item, where, image_size))
+            strokes.append(_parse_stroke(item, where, image_size, max_pixels))
         else:
             skipped.append(repr(kind))
     if not points and not boxes and not strokes:
@@ -224,7 +226,8 @@ def _parse_box(item: Mapping[str, Any], where: str, image_size: ImageSize | None
                 _name(item, "to_name"), size)
 
 
-def _parse_stroke(item: Mapping[str, Any], where: str, image_size: ImageSize | None) -> _Stroke:
+def _parse_stroke(item: Mapping[str, Any], where: str, image_size: ImageSize | None,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> _Stroke:
     size = _image_size(item, where, image_size)
     value = _value(item, where)
     rle = value.get("rle")
@@ -233,7 +236,7 @@ def _parse_stroke(item: Mapping[str, Any], where: str, image_size: ImageSize | N
                           f"{type(rle).__name__}")
     width, height = int(item["original_width"]), int(item["original_height"])
     try:
-        mask = decode_brush(rle, width, height)
+        mask = decode_brush(rle, width, height, max_pixels)
     except BrushError as exc:
         raise PromptError(f"{where}.value.rle: {exc}") from None
     if (width, height) != tuple(size):
