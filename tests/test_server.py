@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import threading
 
 import cv2
@@ -464,7 +465,8 @@ def test_a_full_precompute_queue_drops_and_counts(tmp_path, caplog):
 
 def test_after_a_restart_a_setup_hostname_is_needed_again(tmp_path):
     """Without LABEL_STUDIO_URL (and without an API key), Label Studio's address comes only from /setup: a
-    restarted backend says so clearly until Label Studio calls /setup again."""
+    restarted backend says so clearly until Label Studio calls /setup again. A /setup never widens the address
+    policy: its loopback hostname is fetched from only where SAM_ALLOWED_HOSTS names it."""
     import io as _io
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -492,7 +494,13 @@ def test_after_a_restart_a_setup_hostname_is_needed_again(tmp_path):
     for r in body["params"]["context"]["result"]:
         r["original_width"], r["original_height"] = 64, 48
     try:
-        settings = Settings.from_env({"SAM_METADATA_DB": str(tmp_path / "s.db")})
+        closed = Settings.from_env({"SAM_METADATA_DB": str(tmp_path / "s.db")})
+        anyone = create_app(closed, backend=SamBackend(closed, engine_factory=GrabCutEngine,
+                                                       recorder=lambda item: None)).test_client()
+        anyone.post("/setup", json=dict(load_request("setup"), hostname=hostname))
+        refused = anyone.post("/predict", json=body)
+        assert refused.status_code == 403 and "loopback" in refused.json["errors"][0]
+        settings = Settings.from_env({"SAM_METADATA_DB": str(tmp_path / "s.db"), "SAM_ALLOWED_HOSTS": "127.0.0.1"})
         first = create_app(settings, backend=SamBackend(settings, engine_factory=GrabCutEngine,
                                                         recorder=lambda item: None)).test_client()
         first.post("/setup", json=dict(load_request("setup"), hostname=hostname))
@@ -528,3 +536,31 @@ def test_sam2_engine_through_predict_refine_and_the_sidecar(scene, tiny_sam2_che
     recorder.flush()
     rows = Store(scene[0] / "sidecar.db").history()
     assert len(rows) == len(regions) and all(r["engine"].startswith("sam2/sam2.1_hiera_tiny/") for r in rows)
+
+
+def test_a_brush_stroke_that_claims_gigabytes_is_refused_with_422_and_bounded_memory(scene):
+    """A smart brush stroke whose RLE header claims 2^31 values (a few bytes of body) and one whose region is larger
+    than SAM_MAX_IMAGE_PIXELS: both 422, saying what was expected, with the request's peak allocation small."""
+    import tracemalloc
+
+    from sam_backend.labelstudio.brush import encode_brush
+
+    client, _, _ = make(scene[0])
+    small = encode_brush(np.ones((48, 64), bool))
+    bomb = list((2**31).to_bytes(4, "big")) + small[4:]
+    body = body_for("predict.browser-1-click")
+    stroke = {"type": "brushlabels", "from_name": "tag", "to_name": "image", "original_width": 64,
+              "original_height": 48, "value": {"format": "rle", "rle": bomb, "brushlabels": ["Object"]}}
+    body["params"]["context"]["result"] = [stroke]
+    huge = json.loads(json.dumps(body))
+    huge["params"]["context"]["result"][0].update(original_width=20000, original_height=20000)
+    tracemalloc.start()
+    try:
+        first = client.post("/predict", json=body)
+        second = client.post("/predict", json=huge)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert first.status_code == 422 and "declares 2147483648 values" in first.json["errors"][0]
+    assert second.status_code == 422 and "SAM_MAX_IMAGE_PIXELS" in second.json["errors"][0]
+    assert peak < 200 * 2**20  # the image's embedding and the app, not 2 GB of RLE values

@@ -119,11 +119,24 @@ def test_hostile_setup_gets_no_key_and_no_token(servers, tmp_path):
 
 def test_setup_hostname_never_gets_credentials_even_if_settings_bypass_the_check(servers, tmp_path):
     """Settings built by hand (not `from_env`) with a key and no address: the `/setup` host may serve the
-    image, but no request to it carries the key, the access token or an Authorization header."""
+    image (where the operator's SAM_ALLOWED_HOSTS lets the backend reach it: /setup never widens the address
+    policy), but no request to it carries the key, the access token or an Authorization header."""
     (_, _), (attacker, attacker_url) = servers
-    settings = replace(Settings.from_env({"SAM_METADATA_DB": str(tmp_path / "s.db")}), label_studio_api_key=PAT)
+    settings = replace(Settings.from_env({"SAM_METADATA_DB": str(tmp_path / "s.db"), "SAM_ALLOWED_HOSTS": "127.0.0.1"}),
+                       label_studio_api_key=PAT)
     client = client_for(settings)
     client.post("/setup", json={"hostname": attacker_url, "schema": CONFIG})
     client.post("/predict", json=CLICK)
     assert attacker.seen, "the /setup host is still used for Label Studio paths without LABEL_STUDIO_URL"
     assert not any(carries_a_secret(r) for r in attacker.seen)
+
+
+def test_a_setup_hostname_never_widens_the_address_policy(servers, tmp_path):
+    """Anyone can call /setup: a loopback hostname it names is not fetched from unless SAM_ALLOWED_HOSTS names it
+    (it used to be exempted for the process's life)."""
+    (_, _), (attacker, attacker_url) = servers
+    client = client_for(Settings.from_env({"SAM_METADATA_DB": str(tmp_path / "s.db")}))
+    client.post("/setup", json={"hostname": attacker_url, "schema": CONFIG})
+    resp = client.post("/predict", json=CLICK)
+    assert resp.status_code == 403 and "loopback" in resp.json["errors"][0]
+    assert attacker.seen == []

@@ -151,10 +151,9 @@ class ImageFetcher:
 
     @setup_hostname.setter
     def setup_hostname(self, url: str | None) -> None:
-        """The `hostname` from `/setup`: used (and exempted from the address policy) only without LABEL_STUDIO_URL."""
+        """The `hostname` from `/setup`: used only without LABEL_STUDIO_URL, and only where the address policy allows
+        its address (public, or named in SAM_ALLOWED_HOSTS): anyone can call `/setup`, so it never widens the policy."""
         self._setup_hostname = url
-        if not self.settings.label_studio_url:
-            self._exempt(url)
 
     @property
     def label_studio_url(self) -> str | None:
