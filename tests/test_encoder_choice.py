@@ -13,10 +13,12 @@ import pytest
 from conftest import evalset, real_photo
 
 from sam_backend.config import Settings
+from sam_backend.segment.checkpoints import sha256_file
 from sam_backend.segment.engines import make_engine
 from sam_backend.segment.engines.encoder_choice import (
     MIN_MASK_IOU,
     Verdict,
+    apply_verdict,
     check_images,
     choose_encoder,
     measure_paths,
@@ -52,11 +54,11 @@ def test_the_onnx_encoder_gives_fp32_masks_and_is_chosen_where_fastest(weights):
     assert eager is not None and eager.seconds == verdict.fp32_eager_s
     fastest = min((r for r in verdict.paths if r.accepted), key=lambda r: r.seconds)
     assert verdict.chosen == fastest.kind
-    assert encoder_file(weights, "onnx", "fp32").is_file()
+    assert encoder_file(weights, "onnx", "fp32", engine.engine_id).is_file()
     # The graph's features give the eager encoder's masks on a real object, click by click.
     from sam_backend.segment.engines.fast_encoder import load_encoder
 
-    fast = engine.with_encoder(load_encoder("onnx", encoder_file(weights, "onnx", "fp32"), "fp32"))
+    fast = engine.with_encoder(load_encoder("onnx", encoder_file(weights, "onnx", "fp32", engine.engine_id), "fp32"))
     assert fast.encoder_kind == "onnx"
     image = images[0]
     a, b = engine.embed(image), fast.embed(image)
@@ -68,7 +70,8 @@ def test_a_graph_with_other_weights_is_refused(weights):
     masks do not match, so the path is refused and eager stays."""
     engine = SamEngine.from_checkpoint(weights, device="cpu", precision="fp32")
     other = SamEngine.random("vit_t", device="cpu", precision="fp32", seed=3)
-    export_encoder("onnx", other.model.image_encoder, 1024, "fp32", encoder_file(weights, "onnx", "fp32"))
+    export_encoder("onnx", other.model.image_encoder, 1024, "fp32",
+                   encoder_file(weights, "onnx", "fp32", engine.engine_id))
     verdict = measure_paths(engine, weights, ("onnx",), photos()[:1])
     onnx = verdict.result("onnx")
     assert onnx is not None and not onnx.accepted and onnx.iou < MIN_MASK_IOU and "IoU" in onnx.reason
@@ -84,7 +87,7 @@ def test_a_named_path_is_measured_once_and_its_verdict_read_at_the_next_start(we
     vfile = verdict_file(weights, "fp32")
     kept = json.loads(vfile.read_text())
     assert kept["engine_id"] == engine.engine_id and kept["images"] == 3
-    graph = encoder_file(weights, "onnx", "fp32")
+    graph = encoder_file(weights, "onnx", "fp32", engine.engine_id)
     stamp = graph.stat().st_mtime_ns
     with caplog.at_level(logging.INFO):
         again = make_engine(settings)
@@ -105,7 +108,38 @@ def test_a_named_path_is_measured_once_and_its_verdict_read_at_the_next_start(we
     graph.unlink()
     with caplog.at_level(logging.WARNING):
         fourth = make_engine(settings)
-    assert fourth.encoder_kind == "eager" and "cannot be loaded" in caplog.text
+    # a verdict whose graph is missing (and that kept no SHA-256 of it) is measured again, never trusted
+    assert "cannot be loaded" in caplog.text and fourth.encoder_kind == "onnx" and graph.is_file()
+    measured = Verdict.read(vfile, engine.engine_id).result("onnx")
+    assert measured.sha256 == sha256_file(graph)
+
+
+def test_a_graph_swapped_after_its_verdict_is_never_loaded(weights, caplog):
+    """The verdict keeps the SHA-256 of the graph it measured: a graph file replaced afterwards (here: the export of
+    another model's encoder, which loads and runs) is refused before loading, and measured again."""
+    settings = Settings.from_env({"SAM_CHECKPOINT": str(weights), "SAM_DEVICE": "cpu", "SAM_PRECISION": "fp32",
+                                  "SAM_DECODER": "eager", "SAM_ENCODER": "onnx",
+                                  "SAM_CHECK_IMAGES": str(evalset("GrabCut") / "data_GT")})
+    engine = make_engine(settings)
+    assert engine.encoder_kind == "onnx"
+    graph = encoder_file(weights, "onnx", "fp32", engine.engine_id)
+    assert engine.engine_id.split("/")[2] in graph.name  # named by the weights' digest
+    vfile = verdict_file(weights, "fp32")
+    verdict = Verdict.read(vfile, engine.engine_id)
+    other = SamEngine.random("vit_t", device="cpu", precision="fp32", seed=5)
+    export_encoder("onnx", other.model.image_encoder, 1024, "fp32", graph)  # swapped in place
+    swapped = sha256_file(graph)
+    assert swapped != verdict.result("onnx").sha256
+    fresh = SamEngine.from_checkpoint(weights, device="cpu", precision="fp32")
+    with caplog.at_level(logging.WARNING):
+        assert apply_verdict(fresh, verdict, weights) == "eager"
+    assert fresh.fast_encoder is None and "not the file that was measured" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        again = make_engine(settings)  # a named path: measured again, the graph exported anew from these weights
+    assert "not the file that was measured" in caplog.text and again.encoder_kind == "onnx"
+    assert sha256_file(graph) != swapped
+    assert Verdict.read(vfile, engine.engine_id).result("onnx").sha256 == sha256_file(graph)
 
 
 def test_auto_measures_in_the_background_then_switches_and_a_restart_reuses_the_verdict(weights, caplog):

