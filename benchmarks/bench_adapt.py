@@ -9,7 +9,8 @@ served from a dataset folder of the standard layouts (COCO-MVal's categories). I
 3. the training's seconds (embeddings, simulated prompts, steps, held-out check) per accepted mask, the version's
    held-out scores, and the process's peak RSS before and after (`peak_rss_mb_*`).
 
-Prints one JSON object with the CPU.
+Label Studio's annotation API is stood in by the tests' loopback server (`tests/ls_standin.py`): the backend reads each
+webhook's annotation back from it, as it does from Label Studio. Prints one JSON object with the CPU.
 
     SAM_CHECKPOINT=checkpoints/mobile_sam.pt .venv/bin/python benchmarks/bench_adapt.py \\
         ../shared/evaldata/COCO_MVal_A --category kite --masks 10
@@ -23,6 +24,7 @@ import logging
 import os
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -50,6 +52,11 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     from sam_backend.serving.app import create_app
 
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    from ls_standin import LabelStudioStandIn
+
+    ls = LabelStudioStandIn()
+
     objects = load_objects(args.data)
     accepted = [o for o in objects if o.category == args.category][:args.masks]
     other = next(o for o in objects if o.category != args.category)
@@ -57,7 +64,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "SAM_ADAPT": "true", "SAM_ADAPTER_DIR": str(Path(tmp) / "adapters"),
                "LOCAL_FILES_DOCUMENT_ROOT": str(root), "SAM_METADATA_DB": str(Path(tmp) / "sidecar.db"),
-               "SAM_ADAPT_MIN_MASKS": str(args.masks)}
+               "SAM_ADAPT_MIN_MASKS": str(args.masks), **ls.env()}
         client = create_app(Settings.from_env(env)).test_client()
         h, w = other.mask.shape
         x, y, _ = first_click(other.mask)
@@ -83,9 +90,7 @@ def main() -> None:
             region = {"id": f"m{n}", "from_name": "tag", "to_name": "image", "type": "brushlabels",
                       "original_width": mw, "original_height": mh,
                       "value": {"format": "rle", "rle": encode_brush(obj.mask), "brushlabels": [LABEL]}}
-            client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1},
-                                          "task": {"id": n, "data": {"image": obj.image}},
-                                          "annotation": {"id": n, "result": [region]}})
+            client.post("/webhook", json=ls.annotate(1, n, obj.image, regions=[region]))
         while client.get("/health").json["adapt"]["projects"]["1"]["state"] != "training":
             time.sleep(0.05)
         during, during_ok = timed_clicks()
@@ -97,6 +102,7 @@ def main() -> None:
         wall = time.perf_counter() - t0
         attempt = status["last_attempt"] or {}
         health = client.get("/health").json["adapt"]
+    ls.stop()
     print(json.dumps({
         "cpu": cpu_info(), "category": args.category, "accepted_masks": len(accepted),
         "trained_on": attempt.get("trained_on"), "held_out": attempt.get("held_out_objects"),

@@ -105,10 +105,25 @@ class Settings:
     click_deadline_s: float = 80.0  # answer a click still waiting for its encode before Label Studio's 100 s
     # SAM_ADAPT: learn each project's mask decoder from its accepted masks (serving.adapters, segment.adapt)
     adapt: bool = False
-    adapter_dir: Path = Path("adapters")  # SAM_ADAPTER_DIR: one folder per project, versions written atomically
+    adapter_dir: Path = Path("adapters")  # SAM_ADAPTER_DIR: trainers' lock files (one host); older masks.json imported
     adapt_min_masks: int = 5  # SAM_ADAPT_MIN_MASKS: accepted masks before the first training (≥ 5: one held out)
     adapt_every: int = 5  # SAM_ADAPT_EVERY: new accepted masks before training again
     adapt_steps: int = 150  # SAM_ADAPT_STEPS: optimizer steps of one training (one prompt each)
+    adapt_max_masks: int = 200  # SAM_ADAPT_MAX_MASKS: a training's set at most (the newest plus a sample of the older)
+    adapt_keep_versions: int = 3  # SAM_ADAPT_KEEP_VERSIONS: a project's newest versions kept (the served one is newest)
+    adapt_cache_mb: int = 128  # SAM_ADAPT_CACHE_MB: learning's own embeddings (never the annotators' cache)
+    webhook_secret: str | None = field(default=None, repr=False)  # SAM_WEBHOOK_SECRET: sent as X-SAM-Webhook-Secret
+
+    def learning_problem(self) -> str | None:
+        """Why `SAM_ADAPT=true` cannot run safely with these settings (what to set), or None."""
+        if not self.adapt:
+            return None
+        missing = [n for n, v in (("LABEL_STUDIO_URL", self.label_studio_url),
+                                  ("LABEL_STUDIO_API_KEY", self.label_studio_api_key)) if not v]
+        if missing:
+            return (f"SAM_ADAPT=true learns only from annotations it reads back from Label Studio with its own key; "
+                    f"set {' and '.join(missing)} (or SAM_ADAPT=false)")
+        return None
 
     @property
     def checkpoint_path(self) -> Path:
@@ -187,6 +202,10 @@ class Settings:
             adapt_min_masks=r.integer("SAM_ADAPT_MIN_MASKS", 5, minimum=5),
             adapt_every=r.integer("SAM_ADAPT_EVERY", 5, minimum=1),
             adapt_steps=r.integer("SAM_ADAPT_STEPS", 150, minimum=1),
+            adapt_max_masks=r.integer("SAM_ADAPT_MAX_MASKS", 200, minimum=5),
+            adapt_keep_versions=r.integer("SAM_ADAPT_KEEP_VERSIONS", 3, minimum=1),
+            adapt_cache_mb=r.integer("SAM_ADAPT_CACHE_MB", 128, minimum=1),
+            webhook_secret=r.text("SAM_WEBHOOK_SECRET"),
         )
 
 

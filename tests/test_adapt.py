@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import evalset, load_request, real_photo
+from ls_standin import LabelStudioStandIn
 
 from sam_backend.commands.evaluate import CONFIG, LABEL
 from sam_backend.config import Settings
-from sam_backend.labelstudio.accepted import read_webhook
+from sam_backend.labelstudio.accepted import MaskRecord, annotation_masks, read_notice
 from sam_backend.labelstudio.brush import encode_brush
 from sam_backend.labelstudio.context import keypoint_result
 from sam_backend.segment import adapt as A
@@ -67,27 +68,32 @@ def test_version_bytes_round_trip_and_foreign_bytes_are_refused(tmp_path):
         A.unpack_version(buf.getvalue())
 
 
-def test_the_webhook_fixture_gives_its_brush_mask_and_bad_input_is_skipped_with_a_reason():
+def test_the_webhook_fixture_names_its_annotation_and_its_regions_are_read_one_by_one():
+    """A webhook is read only for the ids it names; the regions that are learnt from are read from the annotation as
+    Label Studio holds it (here: the captured one), each bounded before it is decoded."""
     body = load_request("webhook.ANNOTATION_CREATED")
-    found = read_webhook(body)
-    assert found.project == "1" and found.annotations == [1] and not found.skipped
-    [mask] = found.masks  # the rectangle of the same annotation is not a mask
-    assert mask.mask.shape == (480, 640) and mask.mask.any() and mask.label == "Object"
-    assert mask.image_url == body["task"]["data"]["image"]
+    notice = read_notice(body)
+    assert notice.annotations == [1] and not notice.skipped
+    found = list(annotation_masks(body["annotation"], body["task"], "1"))
+    [mask] = found  # the rectangle of the same annotation is not a mask
+    assert isinstance(mask, MaskRecord) and mask.mask().shape == (480, 640) and mask.mask().any()
+    assert mask.label == "Object" and mask.image_url == body["task"]["data"]["image"] and mask.project == "1"
 
-    cancelled = json.loads(json.dumps(body))
-    cancelled["annotation"]["was_cancelled"] = True
-    assert [s.reason for s in read_webhook(cancelled).skipped] == ["cancelled"]
-    assert read_webhook(cancelled).masks == [] and read_webhook(cancelled).annotations == [1]
     empty = json.loads(json.dumps(body))
     empty["annotation"]["result"][0]["value"]["rle"] = encode_brush(np.zeros((480, 640), bool))
-    assert [s.reason for s in read_webhook(empty).skipped] == ["empty"]
+    assert [s.reason for s in annotation_masks(empty["annotation"], body["task"], "1")] == ["empty"]
     torn = json.loads(json.dumps(body))
     torn["annotation"]["result"][0]["original_width"] = 641  # the RLE does not fit the size it claims
-    assert [s.reason for s in read_webhook(torn).skipped] == ["bad_region"]
-    no_project = {"action": "ANNOTATION_CREATED", "annotation": {"id": 1, "result": []}}
-    assert [s.reason for s in read_webhook(no_project).skipped] == ["unknown_project"]
-    assert read_webhook({"action": "PROJECT_UPDATED", "project": {"id": 1}}).masks == []
+    assert [s.reason for s in annotation_masks(torn["annotation"], body["task"], "1")] == ["bad_region"]
+    huge = json.loads(json.dumps(body))
+    huge["annotation"]["result"][0].update(original_width=20000, original_height=20000)
+    [skip] = annotation_masks(huge["annotation"], body["task"], "1", max_pixels=50_000_000)
+    assert skip.reason == "bad_region" and "SAM_MAX_IMAGE_PIXELS" in skip.message
+    assert read_notice({"action": "ANNOTATION_CREATED", "annotation": {"id": "../x"}}).skipped[0].reason == \
+        "bad_annotation"
+    assert read_notice({"action": "PROJECT_UPDATED", "project": {"id": 1}}).annotations == []
+    deleted = read_notice({"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 3}, {"id": "x"}]})
+    assert deleted.annotations == [3] and deleted.skipped[0].reason == "bad_annotation"
 
 
 def test_fine_tuning_changes_only_the_decoder_heads_and_learns_the_object(mobile_sam_engine):
@@ -162,16 +168,12 @@ def _stop_learning(monkeypatch):
         a.stop()
 
 
-def _webhook(project: int, annotation: int, image: str, mask: np.ndarray, *, action: str = "ANNOTATION_CREATED",
-             cancelled: bool = False, size: tuple[int, int] | None = None) -> dict:
-    h, w = size or mask.shape
-    region = {"id": f"r{annotation}", "from_name": "tag", "to_name": "image", "type": "brushlabels",
-              "original_width": w, "original_height": h, "image_rotation": 0,
-              "value": {"format": "rle", "rle": encode_brush(mask), "brushlabels": [LABEL]}}
-    return {"action": action, "project": {"id": project},
-            "task": {"id": annotation, "data": {"image": image}, "project": project},
-            "annotation": {"id": annotation, "task": annotation, "project": project, "was_cancelled": cancelled,
-                           "result": [region]}}
+@pytest.fixture()
+def ls():
+    """Label Studio's annotation API, stood in by a loopback server (see `ls_standin`)."""
+    standin = LabelStudioStandIn()
+    yield standin
+    standin.stop()
 
 
 def _click(client, project: int, image: str, mask: np.ndarray) -> dict:
@@ -184,10 +186,10 @@ def _click(client, project: int, image: str, mask: np.ndarray) -> dict:
     return resp.json
 
 
-def _settings(checkpoint: Path, root: Path, adapters: Path, **extra: str) -> Settings:
+def _settings(checkpoint: Path, root: Path, ls: LabelStudioStandIn, db: Path, **extra: str) -> Settings:
     env = {"SAM_CHECKPOINT": str(checkpoint), "SAM_DECODER": "onnx", "SAM_ENCODER": "eager", "SAM_PRECISION": "fp32",
-           "LOCAL_FILES_DOCUMENT_ROOT": str(root), "SAM_METADATA_DB": str(root / "sidecar.db"), "SAM_ADAPT": "true",
-           "SAM_ADAPTER_DIR": str(adapters), "SAM_ADAPT_STEPS": "40", **extra}
+           "LOCAL_FILES_DOCUMENT_ROOT": str(root), "SAM_METADATA_DB": str(db), "SAM_ADAPT": "true",
+           "SAM_ADAPTER_DIR": str(db.parent / "locks"), "SAM_ADAPT_STEPS": "40", **ls.env(), **extra}
     return Settings.from_env(env)
 
 
@@ -201,6 +203,12 @@ def _wait(client, project: int, until, timeout_s: float = 300.0) -> dict:
     raise AssertionError(f"project {project} did not get there in {timeout_s} s: {status}")
 
 
+def _settle(client) -> dict:
+    """Drive learning to completion (a call, not a wait against a clock) and return /health's adapt."""
+    assert client.application.extensions["sam_backend"].adapters.settle(600)
+    return client.get("/health").json["adapt"]
+
+
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> tuple[Path, np.ndarray]:
     root = tmp_path_factory.mktemp("photos")
@@ -210,17 +218,17 @@ def photos(tmp_path_factory) -> tuple[Path, np.ndarray]:
 
 
 def test_accepted_masks_make_a_version_that_clicks_use_and_that_survives_a_restart(mobile_sam_checkpoint, photos,
-                                                                                   tmp_path):
-    """Five accepted masks of an object whose first click takes a part → a version trained on four, judged on the
-    fifth, kept (it does better there) → the project's next click answers with it (whole object, model_version names
-    it), /health and /metrics show it, another project stays on the base model; clicks during the training are all
-    answered, and the training waits for them; a restart serves the same version."""
+                                                                                   tmp_path, ls):
+    """Five annotations Label Studio holds (a mask of an object whose first click takes a part) → a version trained
+    on four, judged on the fifth, kept (it does better there) → the project's next click answers with it (whole
+    object, model_version names it), /health and /metrics show it, another project stays on the base model; clicks
+    during the training are all answered, and the training waits for them; a restart serves the same version."""
     from sam_backend.segment.simulator import iou
     from sam_backend.serving.app import create_app
 
     root, mask = photos
-    adapters = tmp_path / "adapters"
-    app = create_app(_settings(mobile_sam_checkpoint, root, adapters, SAM_ADAPT_STEPS="80"))
+    settings = _settings(mobile_sam_checkpoint, root, ls, tmp_path / "sidecar.db", SAM_ADAPT_STEPS="80")
+    app = create_app(settings)
     client = app.test_client()
     base = _click(client, 7, "photo.png", mask)
     base_version = base["model_version"]
@@ -232,20 +240,22 @@ def test_accepted_masks_make_a_version_that_clicks_use_and_that_survives_a_resta
 
     assert iou(answer_mask(base), mask) < 0.5
     for n in range(1, 6):
-        resp = client.post("/webhook", json=_webhook(7, n, "photo.png", mask))
+        resp = client.post("/webhook", json=ls.annotate(7, n, "photo.png", mask))
         assert resp.status_code == 200 and resp.json["status"] == "ok", resp.json
-    assert resp.json["learning"] == "training queued" and resp.json["accepted_masks"] == 5
+        assert resp.json["learning"] == "kept" and resp.json["kept"] == 1 and resp.json["projects"] == ["7"]
+    assert "/api/annotations/5/" in ls.asked and "/api/tasks/5/" in ls.asked  # confirmed with Label Studio
     _wait(client, 7, lambda s: s.get("state") == "training")
     answered = [client.post("/predict", json={
         "tasks": [{"id": 99, "data": {"image": "photo.png"}}], "label_config": CONFIG, "project": "8",
         "params": {"context": {"result": [keypoint_result(*first_click(mask)[:2], mask.shape[::-1], True, LABEL)]}}
     }).status_code for _ in range(6)]
     assert answered == [200] * 6  # every click during the training answered
-    status = _wait(client, 7, lambda s: s.get("version") == 1)
+    health = _settle(client)
+    status = health["projects"]["7"]
+    assert status["version"] == 1 and status["accepted_masks"] == 5
     assert status["learnt_from"] == 4 and status["held_out"]["objects"] == 1
     held = status["held_out"]
     assert (held["adapted"]["noc90"], -held["adapted"]["miou5"]) < (held["base"]["noc90"], -held["base"]["miou5"])
-    health = client.get("/health").json["adapt"]
     assert health["paused_steps"] > 0  # the training waited for the clicks above
     adapted = _click(client, 7, "photo.png", mask)
     assert adapted["model_version"] == f"{base_version}-adapted-p7-v1"
@@ -258,109 +268,160 @@ def test_accepted_masks_make_a_version_that_clicks_use_and_that_survives_a_resta
     assert 'sam_adapt_trainings_total{result="accepted"} 1.0' in metrics
     assert 'sam_adapter_clicks_total{answer="adapted",project="7"} 1.0' in metrics  # its own decoder answered
     assert client.get("/health").json["adapt"]["projects"]["7"]["clicks"] == {"adapted": 1, "released": 0}
-    assert sorted(p.name for p in (adapters / "7").iterdir()) == ["current.json", "masks.json", "v1.pt"]
+    assert client.get("/versions").json["versions"] == [base_version, f"{base_version}-adapted-p7-v1"]
     app.extensions["sam_backend"].adapters.stop()
 
-    again = create_app(_settings(mobile_sam_checkpoint, root, adapters)).test_client()
+    again = create_app(settings).test_client()
     answer = _click(again, 7, "photo.png", mask)
     assert answer["model_version"] == f"{base_version}-adapted-p7-v1"
     assert iou(answer_mask(answer), mask) > 0.9
     assert again.get("/health").json["adapt"]["projects"]["7"]["version"] == 1
 
 
-def test_a_version_that_does_no_better_is_not_taken(mobile_sam_checkpoint, photos, tmp_path):
+def test_a_version_that_does_no_better_is_not_taken(mobile_sam_checkpoint, photos, tmp_path, ls):
     """Four accepted masks that are a small disc around the object's deepest point (a team labelling a part) and a
     fifth that is the whole object: the version learnt from the four does no better on the fifth, so it is refused:
-    no version file, clicks keep the base model."""
+    no version stored, clicks keep the base model."""
     from sam_backend.serving.app import create_app
 
     root, mask = photos
-    adapters = tmp_path / "adapters"
-    client = create_app(_settings(mobile_sam_checkpoint, root, adapters)).test_client()
+    client = create_app(_settings(mobile_sam_checkpoint, root, ls, tmp_path / "sidecar.db")).test_client()
     base_version = _click(client, 3, "photo.png", mask)["model_version"]
     x, y, _ = first_click(mask)
     disc = cv2.circle(np.zeros(mask.shape, np.uint8), (int(x), int(y)), 6, 1, -1) > 0
     for n in range(1, 5):
-        client.post("/webhook", json=_webhook(3, n, "photo.png", disc))
-    client.post("/webhook", json=_webhook(3, 5, "photo.png", mask))
-    status = _wait(client, 3, lambda s: s.get("last_attempt") is not None and s.get("state") == "idle")
-    assert status["version"] is None and status["last_attempt"]["accepted"] is False
-    assert not list((adapters / "3").glob("v*.pt"))
+        client.post("/webhook", json=ls.annotate(3, n, "photo.png", disc))
+    client.post("/webhook", json=ls.annotate(3, 5, "photo.png", mask))
+    status = _settle(client)["projects"]["3"]
+    assert status["version"] is None and status["newest_version"] is None
+    assert status["last_attempt"]["accepted"] is False
+    assert client.get("/versions").json["versions"] == [base_version]
     assert _click(client, 3, "photo.png", mask)["model_version"] == base_version
     assert 'sam_adapt_trainings_total{result="refused"} 1.0' in client.get("/metrics").data.decode()
 
 
-def test_bad_input_is_skipped_logged_and_counted_never_raised(mobile_sam_checkpoint, photos, tmp_path, caplog):
-    """A mask of another image size, an empty region, a cancelled annotation, a webhook without a project, a body
-    that is not an annotation: each answered 200, skipped with its reason in /health and /metrics; a cancelled
-    update removes what the annotation gave before; nothing is trained from them."""
+def test_forged_and_bad_webhooks_are_not_learnt_from(mobile_sam_checkpoint, photos, tmp_path, ls, caplog):
+    """Only what Label Studio holds is learnt: a body naming an annotation it does not hold, a body whose regions are
+    not the ones it holds, a body while it is down, a project id like `../x`: none of their claims are kept. Bad
+    regions (another size, empty, cancelled) are skipped with their reason in /health and /metrics; a cancelled
+    update and a deletion remove what the annotation gave before; nothing raises."""
     from sam_backend.serving.app import create_app
+    from sam_backend.sidecar.learning import LearningStore
+    from sam_backend.sidecar.store import Store
 
     root, mask = photos
-    adapters = tmp_path / "adapters"
-    client = create_app(_settings(mobile_sam_checkpoint, root, adapters)).test_client()
-    client.post("/setup", json={"project": "4.1700000000"})  # Label Studio connected the backend to project 4
+    db = tmp_path / "sidecar.db"
+    client = create_app(_settings(mobile_sam_checkpoint, root, ls, db)).test_client()
+    store = LearningStore(Store(db), tmp_path / "locks")
     small = cv2.resize(mask.astype(np.uint8), (100, 80)) > 0
-    bodies = [
-        _webhook(4, 1, "photo.png", small),  # kept at intake; its image is another size: skipped at training
-        _webhook(4, 2, "photo.png", np.zeros_like(mask)),
-        _webhook(4, 3, "photo.png", mask, cancelled=True),
-        {**_webhook(4, 4, "photo.png", mask), "project": None, "task": {"data": {"image": "photo.png"}},
-         "annotation": {"id": 4, "result": []}},
-        {"action": "ANNOTATION_UPDATED", "project": {"id": 4}, "annotation": "not an annotation"},
-        {"action": "ANNOTATION_CREATED", "project": {"id": 4}, "annotation": {"id": 5, "result": "x"}},
-        _webhook(999, 11, "photo.png", mask),  # a project this backend was never set up for nor clicked in
-    ]
+    x, y, _ = first_click(mask)
+    disc = cv2.circle(np.zeros(mask.shape, np.uint8), (int(x), int(y)), 6, 1, -1) > 0
+
+    forged = ls.annotate(4, 1, "photo.png", mask)
+    del ls.annotations[1]  # a body for an annotation Label Studio does not hold
+    claims_more = ls.annotate(4, 2, "photo.png", mask)  # the body says: the whole object ...
+    ls.annotate(4, 2, "photo.png", disc)  # ... Label Studio holds a disc
+    path_like = {**ls.annotate(4, 3, "photo.png", small), "project": {"id": "../x"}}
+    bodies = [forged, claims_more, path_like,
+              ls.annotate(4, 4, "photo.png", np.zeros_like(mask)),
+              ls.annotate(4, 5, "photo.png", mask, cancelled=True),
+              {"action": "ANNOTATION_UPDATED", "project": {"id": 4}, "annotation": "not an annotation"},
+              {"action": "ANNOTATION_CREATED", "project": {"id": 4}, "annotation": {"id": "../../etc", "result": []}}]
     for body in bodies:
         resp = client.post("/webhook", json=body)
         assert resp.status_code == 200, resp.data
-    client.post("/webhook", json=_webhook(4, 6, "photo.png", mask))
-    client.post("/webhook", json=_webhook(4, 6, "photo.png", mask, action="ANNOTATION_UPDATED", cancelled=True))
+    ls.down = True
+    assert client.post("/webhook", json=ls.annotate(4, 6, "photo.png", mask)).json["learning"] == "skipped"
+    ls.down = False
+    assert client.post("/webhook", json=ls.annotate(4, 6, "photo.png", mask)).json["kept"] == 1
+    kept = {r.annotation_id: r for r in store.masks("4")}
+    assert sorted(kept) == [2, 3, 6]
+    assert np.array_equal(kept[2].mask(), disc)  # what Label Studio holds, not what the body claimed
+    assert kept[3].project == "4" and store.projects() == ["4"]  # Label Studio's project; no path from `../x`
+    assert not (tmp_path / "x").exists() and not (db.parent / "locks" / "..").resolve().joinpath("x").exists()
+    client.post("/webhook", json=ls.annotate(4, 6, "photo.png", mask, cancelled=True, action="ANNOTATION_UPDATED"))
+    client.post("/webhook", json=ls.delete(2))
     health = client.get("/health").json["adapt"]
-    assert health["skipped"] == {"empty": 1, "cancelled": 2, "unknown_project": 2, "bad_annotation": 1, "no_image": 1}
-    assert "999" not in health["projects"] and not (adapters / "999").exists()
-    assert health["projects"]["4"]["accepted_masks"] == 1  # the small one; annotation 6's mask was removed
+    assert health["skipped"] == {"unverified": 2, "empty": 1, "cancelled": 2, "bad_annotation": 2}
+    assert health["projects"]["4"]["accepted_masks"] == 1  # the small one; 2 deleted, 6 cancelled
     for n in range(7, 11):  # five kept masks: a training starts; the small one is skipped there
-        client.post("/webhook", json=_webhook(4, n, "photo.png", mask))
-    status = _wait(client, 4, lambda s: s.get("last_attempt") is not None and s.get("state") == "idle")
+        client.post("/webhook", json=ls.annotate(4, n, "photo.png", mask))
+    status = _settle(client)["projects"]["4"]
     assert status["last_attempt"]["trained_on"] == 3 and status["last_attempt"]["held_out_objects"] == 1
     metrics = client.get("/metrics").data.decode()
     assert 'sam_adapt_skipped_total{reason="size_mismatch"} 1.0' in metrics
+    assert 'sam_adapt_skipped_total{reason="unverified"} 2.0' in metrics
     assert "(80, 100)" in caplog.text and "Traceback" not in caplog.text
 
 
-def test_with_adapt_off_a_webhook_changes_nothing(mobile_sam_checkpoint, photos, tmp_path):
+def test_a_webhook_secret_is_required_where_it_is_set(mobile_sam_checkpoint, photos, tmp_path, ls):
+    """With SAM_WEBHOOK_SECRET, a webhook without the header (or with another value) is refused (401, counted
+    unverified, Label Studio not even asked); with it, the annotation is learnt from."""
     from sam_backend.serving.app import create_app
 
     root, mask = photos
-    adapters = tmp_path / "adapters"
-    client = create_app(_settings(mobile_sam_checkpoint, root, adapters, SAM_ADAPT="false")).test_client()
-    resp = client.post("/webhook", json=_webhook(2, 1, "photo.png", mask))
+    client = create_app(_settings(mobile_sam_checkpoint, root, ls, tmp_path / "sidecar.db",
+                                  SAM_WEBHOOK_SECRET="s3cret-hook")).test_client()
+    body = ls.annotate(5, 1, "photo.png", mask)
+    for headers in ({}, {"X-SAM-Webhook-Secret": "guess"}):
+        resp = client.post("/webhook", json=body, headers=headers)
+        assert resp.status_code == 401 and "X-SAM-Webhook-Secret" in resp.json["errors"][0]
+        assert "s3cret" not in resp.get_data(as_text=True)
+    assert ls.asked == []
+    resp = client.post("/webhook", json=body, headers={"X-SAM-Webhook-Secret": "s3cret-hook"})
+    assert resp.status_code == 200 and resp.json["kept"] == 1
+    assert client.get("/health").json["adapt"]["skipped"] == {"unverified": 2}
+
+
+def test_learning_without_a_way_to_verify_refuses_to_start(tmp_path):
+    """SAM_ADAPT=true without LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY: the app is not built and `serve` exits
+    saying what to set."""
+    from click.testing import CliRunner
+
+    from sam_backend.commands.cli import main
+    from sam_backend.config import ConfigError
+    from sam_backend.serving.app import create_app
+
+    env = {"SAM_ENGINE": "grabcut", "SAM_ADAPT": "true", "SAM_METADATA_DB": str(tmp_path / "s.db")}
+    with pytest.raises(ConfigError, match="LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"):
+        create_app(Settings.from_env(env), start=False)
+    result = CliRunner(env=env).invoke(main, ["serve", "--port", "1"])
+    assert result.exit_code != 0 and "LABEL_STUDIO_API_KEY" in result.output
+    ok = Settings.from_env({**env, "LABEL_STUDIO_URL": "http://127.0.0.1:9", "LABEL_STUDIO_API_KEY": "k" * 40})
+    assert ok.learning_problem() is None
+
+
+def test_with_adapt_off_a_webhook_changes_nothing(mobile_sam_checkpoint, photos, tmp_path, ls):
+    from sam_backend.serving.app import create_app
+
+    root, mask = photos
+    client = create_app(_settings(mobile_sam_checkpoint, root, ls, tmp_path / "sidecar.db",
+                                  SAM_ADAPT="false")).test_client()
+    resp = client.post("/webhook", json=ls.annotate(2, 1, "photo.png", mask))
     assert resp.status_code == 200 and resp.json["learning"].startswith("off")
-    assert not adapters.exists()
+    assert ls.asked == [] and not (tmp_path / "locks").exists()
     assert client.get("/health").json["adapt"] == {"enabled": False}
     assert "-adapted-" not in _click(client, 2, "photo.png", mask)["model_version"]
 
 
-def test_replicas_share_a_version_through_the_shared_store(mobile_sam_checkpoint, photos, tmp_path):
-    """Two replicas with their own SAM_ADAPTER_DIR and one file:// store: the one that got the webhooks trains and
-    publishes; the other serves the same version after its next clicks, and keeps it in its own folder."""
+def test_replicas_share_accepted_masks_and_versions_through_the_database(mobile_sam_checkpoint, photos, tmp_path, ls):
+    """Two replicas on one sidecar database: webhooks alternate between them and every mask is kept; the replica
+    that trains publishes version 1, and the other serves the same version at its next clicks."""
     from sam_backend.serving.app import create_app
 
     root, mask = photos
-    store = f"file://{tmp_path / 'store'}"
-    one = create_app(_settings(mobile_sam_checkpoint, root, tmp_path / "a", SAM_EMBEDDING_STORE=store,
-                               SAM_ADAPT_STEPS="80")).test_client()
-    two = create_app(_settings(mobile_sam_checkpoint, root, tmp_path / "b", SAM_EMBEDDING_STORE=store)).test_client()
-    one.post("/setup", json={"project": "9.1700000000"})
+    db = tmp_path / "sidecar.db"
+    one = create_app(_settings(mobile_sam_checkpoint, root, ls, db, SAM_ADAPT_STEPS="80")).test_client()
+    two = create_app(_settings(mobile_sam_checkpoint, root, ls, db, SAM_ADAPT_STEPS="80")).test_client()
     for n in range(1, 6):
-        one.post("/webhook", json=_webhook(9, n, "photo.png", mask))
-    _wait(one, 9, lambda s: s.get("version") == 1)
+        (one if n % 2 else two).post("/webhook", json=ls.annotate(9, n, "photo.png", mask))
+    assert one.get("/health").json["adapt"]["projects"]["9"]["accepted_masks"] == 5
+    _settle(one), _settle(two)
     deadline = time.monotonic() + 60
-    while "-adapted-p9-v1" not in _click(two, 9, "photo.png", mask)["model_version"]:
+    while not all("-adapted-p9-v1" in _click(c, 9, "photo.png", mask)["model_version"] for c in (one, two)):
         assert time.monotonic() < deadline, two.get("/health").json["adapt"]
-        time.sleep(1.0)
-    assert (tmp_path / "b" / "9" / "v1.pt").is_file()
+        time.sleep(0.5)
+    assert one.get("/health").json["adapt"]["projects"]["9"]["newest_version"] == 1
 
 
 # -- evaluate --adapt-on ----------------------------------------------------------------------------------------------
@@ -435,10 +496,11 @@ def test_a_training_step_waits_while_a_click_is_in_flight():
 
 @pytest.mark.integration
 def test_annotations_submitted_in_label_studio_teach_the_backend(mobile_sam_checkpoint, tmp_path):
-    """The real Label Studio 1.23.2: connecting the backend makes Label Studio create its project webhook; five
-    annotations submitted through Label Studio's API (brush masks of the object) reach `/webhook`, the backend learns
-    from them, and the next smart click through Label Studio gets the whole object with the adapted model's version,
-    where the base model took a part."""
+    """The real Label Studio 1.23.2: connecting the backend makes Label Studio create its project webhook, which is
+    registered with the backend's `SAM_WEBHOOK_SECRET`; five annotations submitted through Label Studio's API (brush
+    masks of the object) reach `/webhook`, the backend reads each back from Label Studio and learns from them, and the
+    next smart click through Label Studio gets the whole object with the adapted model's version, where the base
+    model took a part. A forged body (an annotation Label Studio does not hold) is not learnt from."""
     import io
 
     import requests
@@ -457,7 +519,7 @@ def test_annotations_submitted_in_label_studio_teach_the_backend(mobile_sam_chec
     settings = Settings.from_env({
         "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.pat, "SAM_CHECKPOINT": str(mobile_sam_checkpoint),
         "SAM_DECODER": "onnx", "SAM_ENCODER": "eager", "SAM_PRECISION": "fp32", "SAM_ADAPT": "true",
-        "SAM_ADAPTER_DIR": str(tmp_path / "adapters"), "SAM_ADAPT_STEPS": "80",
+        "SAM_ADAPTER_DIR": str(tmp_path / "adapters"), "SAM_ADAPT_STEPS": "80", "SAM_WEBHOOK_SECRET": "hook-s3cret",
         "SAM_METADATA_DB": str(tmp_path / "sidecar.db")})
     from sam_backend.segment.engines import make_engine
 
@@ -467,6 +529,7 @@ def test_annotations_submitted_in_label_studio_teach_the_backend(mobile_sam_chec
         project = ls.create_project("adapt", config)
         tasks = ls.upload(project, {f"photo{i}.png": buf.getvalue() for i in range(6)})
         ml = ls.add_ml_backend(project, backend.url)
+        ls.register_webhook(project, backend.url, "hook-s3cret")
         x, y, _ = first_click(mask)
         click = [keypoint(x, y, w=w, h=h)]
 
@@ -488,6 +551,13 @@ def test_annotations_submitted_in_label_studio_teach_the_backend(mobile_sam_chec
             assert time.monotonic() < deadline, status
             time.sleep(0.5)
         assert status["accepted_masks"] == 5 and status["learnt_from"] == 4
+        forged = {"action": "ANNOTATION_CREATED", "project": {"id": project}, "task": {"id": tasks[5]},
+                  "annotation": {"id": 999_999, "task": tasks[5], "result": [region]}}
+        resp = requests.post(backend.url + "/webhook", json=forged, headers={"X-SAM-Webhook-Secret": "hook-s3cret"},
+                             timeout=30)
+        assert resp.status_code == 200 and resp.json()["kept"] == 0
+        adapt = requests.get(backend.url + "/health", timeout=10).json()["adapt"]
+        assert adapt["skipped"].get("unverified") == 1 and adapt["projects"][str(project)]["accepted_masks"] == 5
         answer = ls.interactive(ml, tasks[5], click)
         assert iou(answer_mask(answer), mask) > 0.9
         assert answer["data"]["model_version"].endswith(f"-adapted-p{project}-v1")
@@ -498,25 +568,56 @@ def test_annotations_submitted_in_label_studio_teach_the_backend(mobile_sam_chec
 
 
 
-def test_an_engine_without_a_sam_decoder_keeps_masks_and_says_why(tmp_path):
+def test_an_engine_without_a_sam_decoder_keeps_masks_says_why_and_stays_idle(tmp_path, ls):
     """SAM_ADAPT with GrabCut (no mask decoder to learn): webhooks are still answered and their masks kept; /health
-    says why nothing is learnt; clicks keep the engine's own version."""
+    says why nothing is learnt; clicks keep the engine's own version; and the idle backend does not spin (it re-queued
+    its training without end: a whole core busy)."""
     from sam_backend.serving.app import create_app
 
     image, mask = real_photo("GrabCut", PHOTO)
     cv2.imwrite(str(tmp_path / "photo.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     settings = Settings.from_env({"SAM_ENGINE": "grabcut", "SAM_ADAPT": "true", "LOCAL_FILES_DOCUMENT_ROOT":
-                                  str(tmp_path), "SAM_ADAPTER_DIR": str(tmp_path / "adapters"),
-                                  "SAM_METADATA_DB": str(tmp_path / "sidecar.db")})
+                                  str(tmp_path), "SAM_ADAPTER_DIR": str(tmp_path / "locks"),
+                                  "SAM_METADATA_DB": str(tmp_path / "sidecar.db"), **ls.env()})
     client = create_app(settings).test_client()
-    client.post("/setup", json={"project": "5.1700000000"})
-    for n in range(1, 6):
-        assert client.post("/webhook", json=_webhook(5, n, "photo.png", mask)).status_code == 200
-    deadline = time.monotonic() + 60
-    while not client.get("/health").json["adapt"]["unsupported"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    adapt = client.get("/health").json["adapt"]
-    assert "SAM_ENGINE=sam" in adapt["unsupported"] and adapt["projects"]["5"]["accepted_masks"] == 5
-    assert adapt["projects"]["5"]["version"] is None
+    for n in range(1, 8):
+        assert client.post("/webhook", json=ls.annotate(5, n, "photo.png", mask)).status_code == 200
+    adapt = _settle(client)
+    assert "SAM_ENGINE=sam" in adapt["unsupported"] and adapt["projects"]["5"]["accepted_masks"] == 7
+    assert adapt["projects"]["5"]["version"] is None and adapt["projects"]["5"]["state"] == "idle"
+    thread = client.application.extensions["sam_backend"].adapters.trainer._thread
+    clock = time.pthread_getcpuclockid(thread.ident)
+    cpu = time.clock_gettime(clock)
+    time.sleep(1.0)
+    assert thread.is_alive() and time.clock_gettime(clock) - cpu < 0.2  # the training thread idles, not spins
     assert "-adapted-" not in _click(client, 5, "photo.png", mask)["model_version"]
+
+
+def test_an_accepted_region_that_claims_gigabytes_is_skipped_with_bounded_memory(tmp_path, ls):
+    """Label Studio holds an annotation whose brush RLE header claims 2^31 values for a 64 × 48 region, and one of
+    20000 × 20000 pixels: both skipped (`bad_region`) before anything is allocated; the webhook answers 200."""
+    import tracemalloc
+
+    from ls_standin import brush_region
+
+    from sam_backend.serving.app import create_app
+
+    settings = Settings.from_env({"SAM_ENGINE": "grabcut", "SAM_ADAPT": "true", "LOCAL_FILES_DOCUMENT_ROOT":
+                                  str(tmp_path), "SAM_ADAPTER_DIR": str(tmp_path / "locks"),
+                                  "SAM_METADATA_DB": str(tmp_path / "sidecar.db"), **ls.env()})
+    client = create_app(settings, start=False).test_client()
+    bomb = brush_region("a", np.ones((48, 64), bool))
+    bomb["value"]["rle"] = list((2**31).to_bytes(4, "big")) + bomb["value"]["rle"][4:]
+    huge = brush_region("b", np.ones((48, 64), bool))
+    huge.update(original_width=20000, original_height=20000)
+    body = ls.annotate(6, 1, "photo.png", regions=[bomb, huge])
+    tracemalloc.start()
+    try:
+        resp = client.post("/webhook", json=body)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert resp.status_code == 200 and resp.json["kept"] == 0
+    assert any("declares 2147483648 values" in s for s in resp.json["skipped"])
+    assert any("SAM_MAX_IMAGE_PIXELS" in s for s in resp.json["skipped"])
+    assert peak < 50 * 2**20

@@ -157,6 +157,9 @@ def serve(host: str, port: int, workers: int, threads: int) -> None:
     from sam_backend.serving.app import create_app, install_redaction
 
     settings = _settings()
+    problem = settings.learning_problem()
+    if problem is not None:
+        raise click.ClickException(problem)
     logging.getLogger().setLevel(logging.INFO)
     install_redaction(settings)
     if workers > 1 and settings.embedding_store is None:

@@ -265,7 +265,9 @@ def adapt_group(settings: Settings, config: Configuration, shared: dict[str, Any
                 accepted: list[EvalObject], adapt_config: Any) -> Adaptation:
     """Learn from `accepted` as the backend does (`segment.adapt.split_held_out`, `adapt`): embeddings through the
     shared cache, the version kept only where it does better on its held-out objects."""
-    from sam_backend.segment.adapt import Example, adapt, adapted_decoder, split_held_out
+    from dataclasses import replace
+
+    from sam_backend.segment.adapt import Example, adapt, adapted_decoder, split_held_out, training_steps
 
     engine = config.engine
     backend = in_process_backend(settings, config, shared)
@@ -274,7 +276,7 @@ def adapt_group(settings: Settings, config: Configuration, shared: dict[str, Any
         _, embedding, _ = backend.embedding(obj.image, engine)
         examples.append(Example(embedding, obj.mask, obj.ignore, obj.name))
     train, held = split_held_out(examples)
-    outcome = adapt(engine, train, held, adapt_config)
+    outcome = adapt(engine, train, held, replace(adapt_config, steps=training_steps(len(train), adapt_config.steps)))
     record = {"accepted": outcome.accepted, "trained_on": len(train), "held_out": len(held),
               "held_out_base": outcome.base.to_json() if outcome.base else None,
               "held_out_adapted": outcome.adapted.to_json() if outcome.adapted else None,

@@ -165,7 +165,14 @@ def run_up(state: Path = Path(".sam-up"), ls_port: int = 8080, backend_port: int
             ls.upload(project, sample_images())
             log.info("created project %d with sample images", project)
         backend_url = f"http://127.0.0.1:{backend_port}"
+        secret = None
+        if settings.adapt:  # learning: Label Studio's webhooks carry a secret of this installation's own
+            secret = settings.webhook_secret or creds.get("webhook_secret") or secrets.token_urlsafe(24)
+            if creds.get("webhook_secret") != secret and not settings.webhook_secret:
+                creds["webhook_secret"] = secret
+                _save(state / "credentials.json", creds)
         env = dict(os.environ, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=ls.pat, SAM_ENGINE=engine,
+                   **({"SAM_WEBHOOK_SECRET": secret} if secret else {}),
                    SAM_MODEL_TYPE=model_type if engine != "grabcut" else DEFAULT_MODEL["grabcut"],
                    SAM_METADATA_DB=os.environ.get("SAM_METADATA_DB", str(state / "annotations.db")))
         backend = subprocess.Popen([sys.executable, "-m", "sam_backend", "serve", "--port", str(backend_port)],
@@ -173,6 +180,8 @@ def run_up(state: Path = Path(".sam-up"), ls_port: int = 8080, backend_port: int
         wait_for_health(backend_url + "/health", backend, 120)
         if not any(m.get("url") == backend_url for m in ls.ml_backends(project)):
             ls.add_ml_backend(project, backend_url, interactive=True)
+        if secret is not None:
+            ls.register_webhook(project, backend_url, secret)
         print(f"\nReady: open {ls.url}/projects/{project}/data", flush=True)
         if created:
             print(f"Log in as {creds['email']} with password {creds['password']} "

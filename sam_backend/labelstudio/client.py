@@ -98,6 +98,22 @@ class LabelStudioClient:
         body = {"url": url, "project": project, "is_interactive": interactive, "title": "sam-backend", **extra}
         return self.call("POST", "/api/ml/", json=body).json()["id"]
 
+    def register_webhook(self, project: int, backend_url: str, secret: str | None) -> int:
+        """Make the project's webhook to `<backend_url>/webhook` (the one Label Studio creates when the backend is
+        connected, else a new one) carry `X-SAM-Webhook-Secret: <secret>`; returns its id."""
+        url = backend_url.rstrip("/") + "/webhook"
+        found = self.call("GET", "/api/webhooks/", params={"project": project}).json()
+        hooks = found["results"] if isinstance(found, dict) else found
+        headers = {"X-SAM-Webhook-Secret": secret} if secret else {}
+        for hook in hooks:
+            if hook.get("url") == url and hook.get("project") == project:
+                self.call("PATCH", f"/api/webhooks/{hook['id']}/", json={"headers": headers})
+                return int(hook["id"])
+        created = self.call("POST", "/api/webhooks/", json={
+            "project": project, "url": url, "send_payload": True, "send_for_all_actions": True, "headers": headers,
+            "is_active": True})
+        return int(created.json()["id"])
+
     def interactive(self, ml_id: int, task_id: int, result: list[dict]) -> dict:
         return self.call("POST", f"/api/ml/{ml_id}/interactive-annotating",
                          json={"task": task_id, "context": {"result": result}}).json()

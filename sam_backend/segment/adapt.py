@@ -152,6 +152,23 @@ def split_held_out(items: Sequence[T]) -> tuple[list[T], list[T]]:
     return train, held
 
 
+def training_steps(trained_on: int, base_steps: int) -> int:
+    """Optimizer steps of one training on `trained_on` objects: `base_steps` up to five objects, ten more per object
+    after that, at most four times `base_steps` (the backend and `evaluate --adapt-on` both train by this)."""
+    return min(4 * base_steps, base_steps + 10 * max(0, trained_on - 5))
+
+
+def training_set(items: Sequence[T], cap: int, seed: int = 0) -> list[T]:
+    """At most `cap` of `items` (oldest first) in their order: the newest half of the cap, and an even sample of
+    the older ones for the rest (seeded), so a training's cost stays bounded over a project's life."""
+    if cap <= 0 or len(items) <= cap:
+        return list(items)
+    newest = max(1, cap // 2)
+    older = len(items) - newest
+    chosen = np.sort(np.random.default_rng(seed).choice(older, cap - newest, replace=False))
+    return [items[int(i)] for i in chosen] + list(items[older:])
+
+
 # -- the simulator on the engine ------------------------------------------------------------------------------
 
 def _prompt(clicks: list[Click], box: np.ndarray | None, size: Any) -> ObjectPrompt:
@@ -211,18 +228,21 @@ def random_inner_click(mask: np.ndarray, rng: np.random.Generator) -> Click:
     return xs[j] + 0.5, ys[j] + 0.5, True
 
 
-def score(engine: SamEngine, examples: Sequence[Example], max_clicks: int = 20, seed: int = 0) -> Scores:
+def score(engine: SamEngine, examples: Sequence[Example], max_clicks: int = 20, seed: int = 0,
+          pause: Callable[[], None] | None = None) -> Scores:
     """`Scores` over held-out `examples`, each run the ways annotators start: the clicks protocol (deepest point
     first), the box protocol, and `JUDGE_RANDOM_CLICKS` runs from a random point inside the object (seeded: base and
     candidate see the same clicks). NoC@90 and failures over every run; mIoU over the first five interactions (a run
-    stops once it reaches 0.90 after five)."""
+    stops once it reaches 0.90 after five). `pause()` runs before each run (the backend yields to clicks there)."""
     runs: list[list[float]] = []
     for i, ex in enumerate(examples):
         rng = np.random.default_rng(seed + i)
         starts = [("clicks", None), ("box", None)]
         starts += [("clicks", random_inner_click(ex.mask, rng)) for _ in range(JUDGE_RANDOM_CLICKS)]
-        runs += [simulate(engine, ex, protocol, max_clicks, stop_iou=0.90, min_clicks=5, first=start)[0]
-                 for protocol, start in starts]
+        for protocol, start in starts:
+            if pause is not None:
+                pause()
+            runs.append(simulate(engine, ex, protocol, max_clicks, stop_iou=0.90, min_clicks=5, first=start)[0])
     if not runs:
         return Scores(0, 0.0, 0, 0.0)
     nocs = [noc(ious, 0.90, max_clicks) for ious in runs]
@@ -380,8 +400,8 @@ def adapt(engine: SamEngine, train: Sequence[Example], held_out: Sequence[Exampl
     accepted = True
     if held_out:
         candidate = engine.with_mask_decoder(adapted_decoder(engine, state), "candidate")
-        base = score(engine, held_out, config.judge_clicks)
-        adapted = score(candidate, held_out, config.judge_clicks)
+        base = score(engine, held_out, config.judge_clicks, pause=pause)
+        adapted = score(candidate, held_out, config.judge_clicks, pause=pause)
         accepted = adapted.better_than(base)
     return Outcome(state, base, adapted, accepted, len(train), time.perf_counter() - t0, config.steps)
 

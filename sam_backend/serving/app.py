@@ -201,6 +201,14 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
                        if backend.adapters.enabled else "this backend does not train; SAM is used as released "
                        "(SAM_ADAPT=true learns from accepted masks)")
             return jsonify({"status": "ignored", "action": action, "message": message})
+        secret = settings.webhook_secret
+        if secret is not None and backend.adapters.enabled:
+            given = request.headers.get("X-SAM-Webhook-Secret", "")
+            if not hmac.compare_digest(given.encode(), secret.encode()):
+                message = (f"webhook {str(action)[:40]!r}: expected the X-SAM-Webhook-Secret header that "
+                           f"SAM_WEBHOOK_SECRET sets, got {'a wrong one' if given else 'none'}; not learnt from")
+                backend.adapters.refuse(message)
+                return _error(message, 401)
         return jsonify({"status": "ok", "action": action, **backend.webhook(body)})
 
     @app.get("/versions")

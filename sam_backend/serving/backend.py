@@ -23,6 +23,7 @@ import numpy as np
 from sam_backend import __version__
 from sam_backend.config import Settings
 from sam_backend.errors import ClientError
+from sam_backend.labelstudio.accepted import positive_id
 from sam_backend.labelstudio.boxes import has_masks, newest_live_annotation, rectangles_of, task_rectangles
 from sam_backend.labelstudio.client import LabelStudioClient
 from sam_backend.labelstudio.context import parse_context
@@ -35,6 +36,7 @@ from sam_backend.segment.embedding import Embedding
 from sam_backend.segment.engines import Engine, make_engine
 from sam_backend.segment.prompts import ObjectPrompt
 from sam_backend.segment.refine import clamp_to_box, refine
+from sam_backend.serving.adapt_trainer import LearningEmbeddings
 from sam_backend.serving.adapters import Activity, Adapters
 from sam_backend.serving.cache import EmbeddingCache
 from sam_backend.serving.encoder import BACKGROUND, CLICK, Encoder, StillEncoding
@@ -102,7 +104,11 @@ class SamBackend:
             recorder.on_lost = lambda reason: self.metrics.sidecar_lost.labels(reason).inc()
         self.setup_config: str | None = None
         self.activity = Activity()  # clicks in flight: background learning waits for them
-        self.adapters = Adapters(settings, self)
+        self.adapters = Adapters(
+            settings, engine=self.engine, metrics=self.metrics, activity=self.activity,
+            busy=lambda: self.prewarm.pending > 0,
+            embeddings=LearningEmbeddings(self.cache, self.memory.images, self.fetcher, self.encoder,
+                                          settings.adapt_cache_mb * 1024 * 1024))
         self.metrics.watch_adapters(self.adapters.answers)
         self._fetched: OrderedDict[str, LoadedImage] = OrderedDict()  # images a batch job fetched ahead (bounded)
         self._fetched_lock = threading.Lock()
@@ -154,11 +160,11 @@ class SamBackend:
         if isinstance(hostname, str) and hostname.startswith(("http://", "https://")):
             self.fetcher.setup_hostname = hostname.rstrip("/")
         project = project_of(body)
-        self.adapters.note_project(project)
         return {"model_version": self.version_for(project)}
 
     def webhook(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        """`/webhook`: annotation events feed learning (`SAM_ADAPT`); every other event is acknowledged."""
+        """`/webhook`: annotation events feed learning (`SAM_ADAPT`, what Label Studio confirms of them); every other
+        event is acknowledged."""
         return self.adapters.webhook(dict(body))
 
     def version_for(self, project: str | None) -> str:
@@ -179,7 +185,6 @@ class SamBackend:
             raise RequestError(f"params: expected an object, got {type(params).__name__}")
         config = parse_label_config(body.get("label_config") or self.setup_config or "")
         project = project_of(body)
-        self.adapters.note_project(project)
         context = params.get("context")
         if not context or not (isinstance(context, Mapping) and context.get("result")):
             target = config.targets[0]
@@ -259,7 +264,7 @@ class SamBackend:
                             self.settings.object_memory, margin)
         out, scores, empty = [], [], 0
         prompts = parse_context(context, image_size=embedding.image_size, remembered_box=memory.box_for,
-                                join_margin_px=margin)
+                                join_margin_px=margin, max_pixels=self.settings.max_image_pixels)
         for prompt in memory.unanswered(prompts):
             mask, score = self.segment_prompt(engine, embedding, image_id, prompt, stages)
             memory.answered(prompt, mask)
@@ -389,8 +394,10 @@ class SamBackend:
 
 
 def project_of(body: Mapping[str, Any]) -> str | None:
-    """The project id of a Label Studio request (`"<id>.<timestamp>"` or `<id>`), or None."""
-    return str(body.get("project") or "").split(".")[0] or None
+    """The project id of a Label Studio request (`"<id>.<timestamp>"` or `<id>`) as a string of digits, or None
+    where it is not a positive integer (it keys stores and names model versions)."""
+    found = positive_id(str(body.get("project") or "").split(".")[0])
+    return None if found is None else str(found)
 
 
 class ModelLoading(StillEncoding):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sam_backend.sidecar.records import Interaction
@@ -20,7 +22,8 @@ log = logging.getLogger(__name__)
 
 # SQLite's migrations in PostgreSQL's types: one schema, written once (sidecar/schema.py).
 _TYPES = (("id INTEGER PRIMARY KEY", "id BIGSERIAL PRIMARY KEY"), ("task_id INTEGER", "task_id BIGINT"),
-          ("mask_area INTEGER", "mask_area BIGINT"), (" REAL", " DOUBLE PRECISION"))
+          ("mask_area INTEGER", "mask_area BIGINT"), (" REAL", " DOUBLE PRECISION"), (" BLOB", " BYTEA"),
+          ("annotation_id INTEGER", "annotation_id BIGINT"))
 
 
 def postgres_ddl(sqlite_ddl: str) -> str:
@@ -85,6 +88,35 @@ class PostgresStore:
             raise StoreError(f"cannot open the sidecar database (PostgreSQL): {str(exc).strip()[:300]}") from None
         self._migrated = True
         return SCHEMA_VERSION
+
+    mark = "%s"  # the parameter placeholder of this database's SQL
+
+    @contextmanager
+    def transaction(self) -> Iterator[Callable[[str, Any], list[tuple]]]:
+        """One transaction; yields `run(sql, args) -> rows`."""
+        if not self._migrated:
+            self.migrate()
+        conn = self._conn()
+        with conn.transaction(), conn.cursor() as cur:
+            def run(sql: str, args: Any = ()) -> list[tuple]:
+                cur.execute(sql, args)
+                return [tuple(r) for r in cur.fetchall()] if cur.description else []
+
+            yield run
+
+    def query(self, sql: str, args: Any = ()) -> list[tuple]:
+        """Rows of one read."""
+        if not self._migrated:
+            self.migrate()
+        with self._conn().cursor() as cur:
+            cur.execute(sql, args)
+            return [tuple(r) for r in cur.fetchall()]
+
+    def connect(self) -> Any:
+        """A connection of its own (autocommit), for a session-level advisory lock held across calls."""
+        import psycopg
+
+        return psycopg.connect(self.url, autocommit=True, connect_timeout=self.connect_timeout_s)
 
     def record(self, item: Interaction) -> int | None:
         """Insert one interaction; returns its row id, or None where its request key is already kept."""

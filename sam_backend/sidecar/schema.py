@@ -45,6 +45,43 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE interactions ADD COLUMN request_key TEXT;
     CREATE UNIQUE INDEX ux_interactions_request ON interactions (request_key);
     """,
+    # 3: learning from the team (sidecar.learning): accepted masks as Label Studio confirmed them (COCO RLE, one row
+    # per annotation region, in arrival order), adapter versions (numbered per project and weights), the trainings
+    """
+    CREATE TABLE accepted_masks (
+        id INTEGER PRIMARY KEY,
+        project TEXT NOT NULL,
+        annotation_id INTEGER NOT NULL,
+        region TEXT NOT NULL,
+        task_id INTEGER,
+        image_url TEXT NOT NULL,
+        label TEXT,
+        height INTEGER NOT NULL,
+        width INTEGER NOT NULL,
+        counts TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE UNIQUE INDEX ux_accepted_region ON accepted_masks (project, annotation_id, region);
+    CREATE INDEX ix_accepted_annotation ON accepted_masks (annotation_id);
+    CREATE TABLE adapter_versions (
+        project TEXT NOT NULL,
+        weights TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        info TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (project, weights, version)
+    );
+    CREATE TABLE adapter_trainings (
+        project TEXT NOT NULL,
+        weights TEXT NOT NULL,
+        attempted_at INTEGER NOT NULL,
+        last_attempt TEXT,
+        failures INTEGER NOT NULL,
+        retry_at REAL NOT NULL,
+        PRIMARY KEY (project, weights)
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 COLUMNS = ("id", "created_at", "project", "task_id", "image_id", "image_url", "prompt", "click_x", "click_y", "bbox",

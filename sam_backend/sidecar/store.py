@@ -77,6 +77,18 @@ class Store:
             raise
         conn.execute("COMMIT")
 
+    mark = "?"  # the parameter placeholder of this database's SQL
+
+    @contextmanager
+    def transaction(self) -> Iterator[Callable[[str, Any], list[tuple]]]:
+        """One write transaction (`BEGIN IMMEDIATE`: writers queue); yields `run(sql, args) -> rows`."""
+        with self._write() as conn:
+            yield lambda sql, args=(): [tuple(r) for r in conn.execute(sql, args).fetchall()]
+
+    def query(self, sql: str, args: Any = ()) -> list[tuple]:
+        """Rows of one read."""
+        return [tuple(r) for r in self._conn().execute(sql, args).fetchall()]
+
     def migrate(self) -> int:
         """Apply the migrations this file lacks; return the schema version."""
         with self._write() as conn:
