@@ -219,3 +219,54 @@ def test_masks_survive_in_order_and_an_update_replaces_its_annotation(database, 
     assert [r.key for r in store.masks("8")] == ["1/r", "3/r", "2/x", "2/y"]
     assert np.array_equal(store.masks("8")[0].mask(), np.eye(4, dtype=bool))
     assert store.replace_annotation(3, []) == 1 and store.mask_count("8") == 3
+
+
+def test_clicks_and_health_go_on_while_the_database_is_down(tmp_path, mobile_sam_checkpoint):
+    """A project's version is served from PostgreSQL; PostgreSQL is stopped: the project's clicks are still answered
+    with the version already built, /health answers at once and says the database cannot be read, webhooks are
+    answered 200 without learning; PostgreSQL back: learning goes on."""
+    import psycopg
+
+    from sam_backend.config import Settings
+    from sam_backend.segment.adapt import TRAINABLE, adapted_decoder, pack_version
+    from sam_backend.segment.engines import make_engine
+    from sam_backend.serving.adapt_versions import weights_of
+    from sam_backend.serving.app import create_app
+
+    pg = Postgres(tmp_path / "pg").start()
+    ls = LabelStudioStandIn()
+    try:
+        image, mask = real_photo("GrabCut", 1)
+        cv2.imwrite(str(tmp_path / "photo.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        settings = Settings.from_env({**ls.env(), "SAM_CHECKPOINT": str(mobile_sam_checkpoint), "SAM_ENCODER": "eager",
+                                      "SAM_DECODER": "eager", "SAM_PRECISION": "fp32", "SAM_ADAPT": "true",
+                                      "LOCAL_FILES_DOCUMENT_ROOT": str(tmp_path), "SAM_METADATA_DB": pg.url,
+                                      "SAM_ADAPTER_DIR": str(tmp_path / "locks")})
+        engine = make_engine(settings)  # as the app loads it: the version names these weights
+        state = {n: p.detach() for n, p in adapted_decoder(engine).named_parameters() if n.startswith(TRAINABLE)}
+        store = LearningStore(open_sidecar(pg.url), tmp_path / "locks")
+        store.publish("12", weights_of(engine), pack_version(state, {"weights": weights_of(engine)}),
+                      {"trained_on": 4}, keep=3)
+        client = create_app(settings).test_client()
+        x, y, _ = first_click(mask)
+        body = {"tasks": [{"id": 99, "data": {"image": "photo.png"}}], "label_config": CONFIG, "project": "12.1",
+                "params": {"context": {"result": [keypoint_result(x, y, mask.shape[::-1], True, LABEL)]}}}
+        assert client.post("/predict", json=body).json["model_version"].endswith("-adapted-p12-v1")
+        pg.stop()
+        time.sleep(2.5)  # past the version poll's interval: the next click asks the database, which is down
+        for _ in range(3):
+            answer = client.post("/predict", json=body)
+            assert answer.status_code == 200 and answer.json["model_version"].endswith("-adapted-p12-v1")
+        health = client.get("/health")
+        assert health.status_code == 200 and "cannot be read" in health.json["adapt"]["error"]
+        resp = client.post("/webhook", json=ls.annotate(12, 1, "photo.png", mask))
+        assert resp.status_code == 200 and resp.json["kept"] == 0
+        assert any("sidecar database refused" in s for s in resp.json["skipped"])
+        pg.start()
+        client.application.extensions["sam_backend"].adapters.versions._down_until = 0.0  # as after DOWN_S
+        assert client.post("/webhook", json=ls.annotate(12, 2, "photo.png", mask)).json["kept"] == 1
+        with psycopg.connect(pg.url) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM accepted_masks").fetchone()[0] == 1
+    finally:
+        pg.stop()
+        ls.stop()
