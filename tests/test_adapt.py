@@ -621,3 +621,31 @@ def test_an_accepted_region_that_claims_gigabytes_is_skipped_with_bounded_memory
     assert any("declares 2147483648 values" in s for s in resp.json["skipped"])
     assert any("SAM_MAX_IMAGE_PIXELS" in s for s in resp.json["skipped"])
     assert peak < 50 * 2**20
+
+
+def test_learning_encodes_never_push_an_annotators_embedding_out(tmp_path):
+    """Learning reads the click cache where it has an image (without filling it) and encodes the rest into a cache of
+    its own: with a click cache that holds one embedding, an annotator's stays there while learning encodes two more
+    images at its own priority."""
+    from sam_backend.labelstudio.images import ImageFetcher
+    from sam_backend.segment.engines.grabcut import GrabCutEngine
+    from sam_backend.serving.adapt_trainer import LearningEmbeddings
+    from sam_backend.serving.cache import EmbeddingCache
+    from sam_backend.serving.encoder import Encoder
+    from sam_backend.serving.memory import ImageMemory
+
+    for i in range(3):
+        cv2.imwrite(str(tmp_path / f"p{i}.png"), np.full((40, 60, 3), 40 * i, np.uint8))
+    settings = Settings.from_env({"LOCAL_FILES_DOCUMENT_ROOT": str(tmp_path),
+                                  "SAM_METADATA_DB": str(tmp_path / "s.db")})
+    engine, fetcher, encoder, images = GrabCutEngine(), ImageFetcher(settings), Encoder(), ImageMemory()
+    annotator = fetcher.load("p0.png")
+    size = engine.embed(annotator.pixels).nbytes
+    clicks = EmbeddingCache(size)  # room for one embedding: the annotator's
+    clicks.put((engine.engine_id, annotator.sha256), engine.embed(annotator.pixels))
+    images.remember(engine.engine_id, "p0.png", annotator.sha256)
+    learn = LearningEmbeddings(clicks, images, fetcher, encoder, budget_bytes=4 * size)
+    assert learn("p0.png", engine) is clicks.get((engine.engine_id, annotator.sha256))  # read from the click cache
+    learn("p1.png", engine), learn("p2.png", engine)
+    assert (engine.engine_id, annotator.sha256) in clicks and clicks.stats().entries == 1
+    assert learn.own.stats().entries == 2
