@@ -193,3 +193,62 @@ def test_bench_prints_every_encoder_path_with_its_iou_against_fp32(weights):
     assert rows["onnx"]["accepted"] and rows["onnx"]["iou"] >= 0.999 and rows["onnx"]["speedup"] > 0
     assert result["encoder_check_images"] == 3 and result["encoder_prompts"] >= 6
     assert result["encoder"] == ("onnx" if rows["onnx"]["seconds"] < rows["eager"]["seconds"] else "eager")
+
+
+def _children_measuring() -> list[int]:
+    """PIDs of encoder measurements running now (the `encoder_choice` child), read from /proc."""
+    from pathlib import Path
+
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if proc.name.isdigit() and b"sam_backend.segment.engines.encoder_choice" in cmd:
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.integration
+def test_the_measuring_child_runs_at_the_lowest_priority_and_dies_with_its_backend(weights, tmp_path):
+    """`sam-backend serve` with SAM_ENCODER=auto and no verdict measures in a child process; that child runs at nice
+    19, and a backend stopped with SIGTERM mid-measurement leaves no child behind (six were seen compiling for up to
+    30 minutes after their backends had ended)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    from sam_backend.labelstudio.client import free_port
+
+    checkpoint = weights  # in this test's folder: graphs and verdict go beside it, none yet
+    port = free_port()
+    env = {**os.environ, "SAM_CHECKPOINT": str(checkpoint), "SAM_ENCODER": "auto", "SAM_DECODER": "eager",
+           "SAM_METADATA_DB": str(tmp_path / "s.db")}
+    before = set(_children_measuring())
+    backend = subprocess.Popen([sys.executable, "-m", "sam_backend", "serve", "--host", "127.0.0.1", "--port",
+                                str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        children: list[int] = []
+        while not children:
+            assert time.monotonic() < deadline and backend.poll() is None, "no measurement started"
+            children = [p for p in _children_measuring() if p not in before]
+            time.sleep(0.2)
+        assert requests.get(f"http://127.0.0.1:{port}/health", timeout=10).json()["encoder"] in ("measuring", "eager")
+        assert os.getpriority(os.PRIO_PROCESS, children[0]) == 19
+        backend.send_signal(signal.SIGTERM)
+        backend.wait(60)
+        deadline = time.monotonic() + 30
+        while set(children) & set(_children_measuring()):
+            assert time.monotonic() < deadline, "the measuring child outlived its backend"
+            time.sleep(0.2)
+    finally:
+        if backend.poll() is None:
+            backend.kill()
+        for p in [p for p in _children_measuring() if p not in before]:
+            os.kill(p, signal.SIGKILL)

@@ -17,9 +17,11 @@ ready. Check images: up to 3 photos of `SAM_CHECK_IMAGES` (a folder), else the s
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -28,7 +30,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -318,9 +320,9 @@ def measure_in_background(engine: SamEngine, checkpoint: Path, vfile: Path, imag
         t0 = time.monotonic()
         log.info("measuring the image encoder's paths in the background (one-off, about a minute)")
         try:
-            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True, preexec_fn=_lower_priority, check=False,
-                                  timeout=1800)
+            setup = functools.partial(_lower_priority, os.getpid(), _prctl())
+            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True, preexec_fn=setup, check=False, timeout=1800)
         except (OSError, subprocess.TimeoutExpired) as exc:
             log.warning("the encoder measurement did not finish (%s); images use the eager encoder", exc)
             return
@@ -338,8 +340,25 @@ def measure_in_background(engine: SamEngine, checkpoint: Path, vfile: Path, imag
     return thread
 
 
-def _lower_priority() -> None:
-    os.nice(10)  # the measurement (and the compiler it starts) yields the CPU to clicks and encodes
+def _prctl() -> Any:
+    """libc's `prctl`, loaded in the parent (loading a library after fork in a threaded process can deadlock)."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+def _lower_priority(parent: int, prctl: Any) -> None:
+    """In the measuring child, before it runs: the lowest CPU priority (it and the compiler it starts yield to clicks
+    and encodes), and death with the process that started it (Linux `PR_SET_PDEATHSIG`): a backend stopped or
+    replaced mid-measurement leaves no child compiling for minutes on the next one's cores."""
+    os.nice(19 - os.nice(0))
+    if prctl is not None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before that: nobody waits for this measurement
+            os._exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:
