@@ -19,7 +19,6 @@ from sam_backend.segment.engines.encoder_choice import (
     MIN_MASK_IOU,
     Verdict,
     apply_verdict,
-    check_images,
     choose_encoder,
     measure_paths,
     verdict_file,
@@ -27,6 +26,7 @@ from sam_backend.segment.engines.encoder_choice import (
 from sam_backend.segment.engines.fast_encoder import encoder_file, export_encoder
 from sam_backend.segment.engines.sam import SamEngine
 from sam_backend.segment.prompts import ObjectPrompt
+from sam_backend.segment.samples import check_images
 from sam_backend.segment.simulator import first_click, iou
 
 pytestmark = pytest.mark.slow

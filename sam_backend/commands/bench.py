@@ -95,8 +95,9 @@ def compare_encoders(engine: Engine, kinds: tuple[str, ...], graphs: Path | None
     `{}` for an engine without a SAM image encoder. Graph files go beside `graphs` (None: a temporary folder)."""
     if not kinds or not hasattr(getattr(engine, "model", None), "image_encoder") or not hasattr(engine, "with_encoder"):
         return {}
-    from sam_backend.segment.engines.encoder_choice import check_images, measure_paths
+    from sam_backend.segment.engines.encoder_choice import measure_paths
     from sam_backend.segment.engines.fast_encoder import encoder_file, load_encoder
+    from sam_backend.segment.samples import check_images
 
     verdict = measure_paths(engine, graphs, kinds, check_images(check_dir), progress=True)
     rows = [{"kind": "eager", "precision": "fp32", "seconds": verdict.fp32_eager_s, "speedup": 1.0, "iou": 1.0,

@@ -1,7 +1,10 @@
 """A synthetic image and a table of prompts on it: for timings (`sam-backend bench`, `doctor`) and for the
-check that a fast decoder gives the eager decoder's masks. The masks they give mean nothing; their cost does."""
+check that a fast decoder gives the eager decoder's masks. The masks they give mean nothing; their cost does.
+`check_images`: the photos a fast encoder or decoder is checked on (`SAM_CHECK_IMAGES`), else the synthetic image."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 
@@ -18,6 +21,22 @@ def bench_image(width: int, height: int, seed: int = 0) -> np.ndarray:
     cv2.circle(image, (width // 3, height // 2), height // 6, (230, 120, 30), -1)
     cv2.rectangle(image, (width // 2, height // 4), (width * 4 // 5, height * 3 // 4), (40, 70, 220), -1)
     return image
+
+
+CHECK_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def check_images(folder: Path | None, limit: int = 3) -> list[np.ndarray]:
+    """`(H, W, 3) uint8 RGB` images the fast paths are checked on: up to `limit` photos of `folder` (sorted by
+    name), else the synthetic sample image (`bench_image`, 1024 × 768)."""
+    images: list[np.ndarray] = []
+    if folder is not None and folder.is_dir():
+        from PIL import Image
+
+        for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in CHECK_IMAGE_SUFFIXES)[:limit]:
+            with Image.open(path) as im:
+                images.append(np.asarray(im.convert("RGB")))
+    return images or [bench_image(1024, 768)]
 
 
 def bench_prompts(width: int, height: int) -> list[ObjectPrompt]:

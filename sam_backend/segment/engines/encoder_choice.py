@@ -45,6 +45,7 @@ from sam_backend.segment.engines.fast_encoder import (
     load_encoder,
     machine_key,
 )
+from sam_backend.segment.samples import check_images
 
 if TYPE_CHECKING:
     from sam_backend.segment.embedding import Embedding
@@ -55,7 +56,6 @@ log = logging.getLogger(__name__)
 
 MIN_MASK_IOU = 0.99
 MIN_MEASURED_SIDE = 512  # `auto` measures encoders of this input side and up (every published SAM is 1024)
-CHECK_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 @dataclass
@@ -108,21 +108,6 @@ class Verdict:
 
 def verdict_file(base: Path, precision: str) -> Path:
     return base.with_name(f"{base.name}.encoder-{ENCODER_GRAPH_VERSION}-{precision}-{machine_key()}.json")
-
-
-def check_images(folder: Path | None, limit: int = 3) -> list[np.ndarray]:
-    """`(H, W, 3) uint8 RGB` images the paths are checked on: up to `limit` photos of `folder` (sorted by name),
-    else the synthetic sample image."""
-    from sam_backend.segment.samples import bench_image
-
-    images: list[np.ndarray] = []
-    if folder is not None and folder.is_dir():
-        from PIL import Image
-
-        for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in CHECK_IMAGE_SUFFIXES)[:limit]:
-            with Image.open(path) as im:
-                images.append(np.asarray(im.convert("RGB")))
-    return images or [bench_image(1024, 768)]
 
 
 def annotator_prompts(reference: SamEngine, embedding: Embedding, size: tuple[int, int]) -> list[ObjectPrompt]:

@@ -223,7 +223,7 @@ class TorchEngine:
         worst = self.compare_decoder(candidate, embedding)
         if worst >= MIN_IOU:
             return worst
-        from sam_backend.segment.engines.encoder_choice import check_images as load_check_images
+        from sam_backend.segment.samples import check_images as load_check_images
 
         samples = self.__dict__.setdefault("_encoded_samples", {})  # a re-export is checked on the same encodes
         key = (self.engine_id, check_images)
