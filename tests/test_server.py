@@ -241,12 +241,19 @@ def test_engine_error_class_maps_to_503(scene):
 
 
 def test_basic_auth(scene):
+    """With BASIC_AUTH set every endpoint needs the credentials, except that a health check without any (a load
+    balancer's, Docker's) learns whether the backend is up and whether learning is on, and nothing more."""
     client, _, _ = make(scene[0], env={"BASIC_AUTH_USER": "ann", "BASIC_AUTH_PASS": "s3cret"})
-    assert client.get("/health").status_code == 401
+    short = client.get("/health")
+    assert short.status_code == 200 and set(short.json) == {"status", "model_class", "model", "engine_ready", "adapt"}
+    assert short.json["adapt"] == {"enabled": False}
+    assert client.post("/predict", json=body_for("predict.browser-1-click")).status_code == 401
+    assert client.get("/metrics").status_code == 401 and client.get("/versions").status_code == 401
     bad = base64.b64encode(b"ann:wrong").decode()
     assert client.get("/health", headers={"Authorization": f"Basic {bad}"}).status_code == 401
     good = base64.b64encode(b"ann:s3cret").decode()
-    assert client.get("/health", headers={"Authorization": f"Basic {good}"}).status_code == 200
+    full = client.get("/health", headers={"Authorization": f"Basic {good}"})
+    assert full.status_code == 200 and "engine_error" in full.json and "cache_entries" in full.json
 
 
 def test_webhook_versions_metrics(scene):

@@ -1,6 +1,7 @@
 """Flask app speaking Label Studio's ML backend protocol.
 
-Endpoints: `GET /` and `/health` (never wait for the model), `POST /setup` (parses the config,
+Endpoints: `GET /` and `/health` (never wait for the model; with BASIC_AUTH set and no credentials, only whether it
+is up: per-project learning, paths and errors need the credentials), `POST /setup` (parses the config,
 never loads the model), `POST /predict`, `POST /webhook`, `GET /versions`, `GET /metrics`.
 Errors answer `{"errors": [message]}` with a fitting status and never carry a traceback; an
 unexpected exception is logged with an id that the response repeats.
@@ -123,9 +124,13 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
     @app.before_request
     def _auth() -> Any:
         g.t0 = time.perf_counter()
+        g.authenticated = True
         if settings.basic_auth_user is None:
             return None
         header = request.headers.get("Authorization", "")
+        if not header and request.method == "GET" and request.path in ("/", "/health"):
+            g.authenticated = False  # a health check without credentials: up or not, no detail (see `health`)
+            return None
         ok = False
         if header.startswith("Basic "):
             try:
@@ -157,6 +162,9 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
     @app.get("/")
     @app.get("/health")
     def health() -> Response:
+        if not g.get("authenticated", True):  # BASIC_AUTH set, no credentials: whether it is up, nothing more
+            return jsonify({"status": "UP", "model_class": "SamBackend", "model": backend.engine.state,
+                            "engine_ready": backend.engine.ready, "adapt": {"enabled": backend.adapters.enabled}})
         return jsonify({"status": "UP", "model_class": "SamBackend", "model_version": backend.model_version,
                         "model": backend.engine.state, "model_load_s_left": _rounded(backend.engine.seconds_left()),
                         "model_load_s": _rounded(backend.engine.load_s),
