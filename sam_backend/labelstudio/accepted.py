@@ -89,14 +89,18 @@ class Unconfirmed(Exception):
     """Label Studio could not be asked (down, refused our key, answered nonsense): nothing is learnt or removed."""
 
 
+MAX_ID = 2**31 - 1  # Label Studio's ids are PostgreSQL integers
+
+
 def positive_id(value: Any) -> int | None:
-    """`value` as a positive integer id (an int, or a string of digits), else None: ids become store keys."""
+    """`value` as a positive integer id up to `MAX_ID` (an int, or a string of digits), else None: ids become store
+    keys and lock keys."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int) and value > 0:
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 10:
+        value = int(value)
+    if isinstance(value, int) and 0 < value <= MAX_ID:
         return value
-    if isinstance(value, str) and value.isascii() and value.isdigit() and 0 < len(value) <= 18 and int(value) > 0:
-        return int(value)
     return None
 
 
