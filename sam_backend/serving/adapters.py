@@ -73,7 +73,7 @@ class Adapters:
     the metrics — passed in, never the backend itself."""
 
     def __init__(self, settings: Settings, *, engine: Any, metrics: Any, activity: Activity,
-                 busy: Callable[[], bool], embeddings: LearningEmbeddings | None = None,
+                 busy: Callable[[], bool], embeddings: LearningEmbeddings,
                  source: AnnotationSource | None = None, store: LearningStore | None = None) -> None:
         self.settings = settings
         self.enabled = settings.adapt
@@ -104,7 +104,7 @@ class Adapters:
                                       settings.max_image_pixels)
         self.versions = Versions(self.store, on_built=self._update_metrics)
         self.intake = Intake(source, self.store, self._skip, self._changed)
-        self.trainer = Trainer(settings, self.store, self._base, embeddings or (lambda url, e: None),
+        self.trainer = Trainer(settings, self.store, self._base, embeddings,
                                lambda stop: self.activity.wait_idle(self.busy, stop), metrics,
                                on_version=self._published, on_skip=self._skip)
 
