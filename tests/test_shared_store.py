@@ -19,7 +19,7 @@ from sam_backend.segment.samples import bench_prompts
 from sam_backend.serving.backend import SamBackend
 from sam_backend.serving.stores import DirectoryStore, RedisStore, open_store
 from sam_backend.sidecar.records import Interaction
-from sam_backend.sidecar.store import AsyncRecorder, Store
+from sam_backend.sidecar.store import SCHEMA_VERSION, AsyncRecorder, Store
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -250,7 +250,8 @@ def test_postgres_sidecar_keeps_what_sqlite_keeps(tmp_path, postgres):
     from sam_backend.sidecar.store import open_sidecar
 
     with psycopg.connect(postgres.url, autocommit=True) as conn:
-        conn.execute("DROP TABLE IF EXISTS interactions, sam_schema_version")
+        conn.execute("DROP TABLE IF EXISTS interactions, sam_schema_version, accepted_masks, adapter_versions, "
+                     "adapter_trainings")
     pg = open_sidecar(postgres.url)
     lite = Store(tmp_path / "s.db")
     for i in range(12):
@@ -261,7 +262,7 @@ def test_postgres_sidecar_keeps_what_sqlite_keeps(tmp_path, postgres):
     for query in ({}, {"task": 101}, {"project": "7", "since": "2026-11-27T10:00:05"}, {"limit": 3}):
         strip = [{k: v for k, v in r.items() if k != "id"} for r in pg.history(**query)]
         assert strip == [{k: v for k, v in r.items() if k != "id"} for r in lite.history(**query)], query
-    assert open_sidecar(postgres.url).migrate() == 2  # a second replica starting: nothing to do
+    assert open_sidecar(postgres.url).migrate() == SCHEMA_VERSION  # a second replica starting: nothing to do
 
 
 def test_rows_wait_while_postgres_is_down_and_none_is_lost(tmp_path_factory, caplog):
