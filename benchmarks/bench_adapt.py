@@ -33,7 +33,6 @@ from sam_backend.commands.bench import cpu_info
 from sam_backend.commands.evalsets import detect_layout, load_objects
 from sam_backend.commands.evaluate import CONFIG, LABEL
 from sam_backend.config import Settings
-from sam_backend.labelstudio.brush import encode_brush
 from sam_backend.labelstudio.context import keypoint_result
 from sam_backend.segment.simulator import first_click
 
@@ -53,7 +52,7 @@ def main() -> None:
     from sam_backend.serving.app import create_app
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-    from ls_standin import LabelStudioStandIn
+    from ls_standin import LabelStudioStandIn, brush_region
 
     ls = LabelStudioStandIn()
 
@@ -86,11 +85,8 @@ def main() -> None:
         rss_before = rss_mb()
         t0 = time.perf_counter()
         for n, obj in enumerate(accepted, start=1):
-            mh, mw = obj.mask.shape
-            region = {"id": f"m{n}", "from_name": "tag", "to_name": "image", "type": "brushlabels",
-                      "original_width": mw, "original_height": mh,
-                      "value": {"format": "rle", "rle": encode_brush(obj.mask), "brushlabels": [LABEL]}}
-            client.post("/webhook", json=ls.annotate(1, n, obj.image, regions=[region]))
+            client.post("/webhook", json=ls.annotate(1, n, obj.image, regions=[brush_region(f"m{n}", obj.mask,
+                                                                                           label=LABEL)]))
         while client.get("/health").json["adapt"]["projects"]["1"]["state"] != "training":
             time.sleep(0.05)
         during, during_ok = timed_clicks()

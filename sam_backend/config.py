@@ -105,7 +105,7 @@ class Settings:
     click_deadline_s: float = 80.0  # answer a click still waiting for its encode before Label Studio's 100 s
     # SAM_ADAPT: learn each project's mask decoder from its accepted masks (serving.adapters, segment.adapt)
     adapt: bool = False
-    adapter_dir: Path = Path("adapters")  # SAM_ADAPTER_DIR: trainers' lock files (one host); older masks.json imported
+    adapter_dir: Path = Path("adapters")  # SAM_ADAPTER_DIR: the SQLite trainers' lock files (one host)
     adapt_min_masks: int = 5  # SAM_ADAPT_MIN_MASKS: accepted masks before the first training (≥ 5: one held out)
     adapt_every: int = 5  # SAM_ADAPT_EVERY: new accepted masks before training again
     adapt_steps: int = 150  # SAM_ADAPT_STEPS: optimizer steps of one training (one prompt each)

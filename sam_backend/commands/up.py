@@ -165,12 +165,12 @@ def run_up(state: Path = Path(".sam-up"), ls_port: int = 8080, backend_port: int
             ls.upload(project, sample_images())
             log.info("created project %d with sample images", project)
         backend_url = f"http://127.0.0.1:{backend_port}"
-        secret = None
-        if settings.adapt:  # learning: Label Studio's webhooks carry a secret of this installation's own
-            secret = settings.webhook_secret or creds.get("webhook_secret") or secrets.token_urlsafe(24)
-            if creds.get("webhook_secret") != secret and not settings.webhook_secret:
-                creds["webhook_secret"] = secret
+        secret = settings.webhook_secret if settings.adapt else None  # learning: webhooks carry a secret
+        if settings.adapt and secret is None:  # none set: this installation's own, kept with its credentials
+            if "webhook_secret" not in creds:
+                creds["webhook_secret"] = secrets.token_urlsafe(24)
                 _save(state / "credentials.json", creds)
+            secret = creds["webhook_secret"]
         env = dict(os.environ, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=ls.pat, SAM_ENGINE=engine,
                    **({"SAM_WEBHOOK_SECRET": secret} if secret else {}),
                    SAM_MODEL_TYPE=model_type if engine != "grabcut" else DEFAULT_MODEL["grabcut"],

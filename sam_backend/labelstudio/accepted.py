@@ -104,22 +104,6 @@ def positive_id(value: Any) -> int | None:
     return None
 
 
-def project_id(body: Mapping[str, Any]) -> str | None:
-    """The project's id as a string of digits (`project` an object with `id`, or an id; else the annotation's or
-    task's), or None; anything but a positive integer (`../x`, `-1`, `1e3`) is None."""
-    candidates = [body.get("project")]
-    for key in ("annotation", "task"):
-        if isinstance(body.get(key), Mapping):
-            candidates.append(body[key].get("project"))
-    for value in candidates:
-        if isinstance(value, Mapping):
-            value = value.get("id")
-        found = positive_id(value)
-        if found is not None:
-            return str(found)
-    return None
-
-
 def read_notice(body: Mapping[str, Any]) -> Notice:
     """The annotation ids an annotation webhook names (see the module docstring); any other action names none."""
     action = str(body.get("action") or "")
@@ -161,10 +145,7 @@ def annotation_masks(annotation: Mapping[str, Any], task: Mapping[str, Any], pro
         where = f"annotation {ann_id} region {region_id}"
         value = region.get("value") if isinstance(region.get("value"), Mapping) else {}
         width, height = region.get("original_width"), region.get("original_height")
-        if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
-            yield Skip("bad_region", f"{where}: expected original_width/height in pixels, got {width!r}×{height!r}")
-            continue
-        try:
+        try:  # the region's size and its RLE's declared count are checked before anything is decoded
             mask = decode_brush(value.get("rle"), width, height, max_pixels)
         except BrushError as exc:
             yield Skip("bad_region", f"{where}: {exc}")

@@ -71,24 +71,24 @@ class BrushError(ValueError):
 
 
 def declared_values(rle: list[int] | bytes) -> int:
-    """The value count a brush RLE's header declares (its first 32 bits), read without decoding anything."""
-    head = bytes(rle[:4]) if isinstance(rle, (bytes, bytearray)) else bytes(rle[:4])
+    """The value count a brush RLE's header declares (its first 32 bits), read without decoding anything;
+    `BrushError` where there is no 4-byte header."""
+    try:
+        head = bytes(rle[:4])
+    except (ValueError, TypeError, OverflowError) as exc:  # not bytes, or values outside 0-255
+        raise BrushError(f"brush RLE cannot be decoded ({exc.__class__.__name__})") from None
     if len(head) < 4:
         raise BrushError(f"brush RLE: expected at least a 4-byte header, got {len(head)} bytes")
     return int.from_bytes(head, "big")
 
 
-def decode_values(rle: list[int] | bytes, expected: int | None = None) -> np.ndarray:
-    """Brush RLE → the flat `uint8` values (RGBA, row-major), as label-studio-sdk's `decode_rle` gives them.
-
-    `expected`: the value count the caller can hold (width × height × 4); a header that declares another count is
-    refused (`BrushError`) before anything is allocated, so a few bytes cannot claim gigabytes.
+def decode_values(rle: list[int] | bytes) -> np.ndarray:
+    """Brush RLE → the flat `uint8` values (RGBA, row-major), as label-studio-sdk's `decode_rle` gives them. It
+    allocates what the header declares: `decode_brush` checks that against the region first.
 
     The SDK turns every byte into a string of bits first (≈0.1–0.3 s for one 1024 × 768 mask, which made it the
     slowest step of `sam-backend evaluate`); this reads each field straight from the bytes. Tests compare the two.
     """
-    if expected is not None and declared_values(rle) != expected:
-        raise BrushError(f"brush RLE declares {declared_values(rle)} values, expected {expected} (width × height × 4)")
     data = bytes(rle) + bytes(8)
     end_bits = 8 * (len(data) - 8)  # past this the RLE is exhausted: a truncated body is refused, not spun on
     pos = 0
@@ -148,20 +148,14 @@ def decode_brush(rle: list[int], width: int, height: int, max_pixels: int = DEFA
                          "(SAM_MAX_IMAGE_PIXELS)")
     if not isinstance(rle, (list, tuple, bytes, bytearray)):
         raise BrushError(f"brush RLE: expected a list of integers, got {type(rle).__name__}")
-    try:
-        declared = declared_values(rle)
-    except BrushError:
-        raise
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise BrushError(f"brush RLE cannot be decoded ({exc.__class__.__name__})") from None
+    declared = declared_values(rle)
     if declared != width * height * 4:
         raise BrushError(f"brush RLE declares {declared} values, expected {width}x{height}x4 = {width * height * 4}; "
                          "the region does not fit its original_width/height")
     try:
-        flat = decode_values(rle)
+        flat = decode_values(rle)  # exactly the declared count: checked above
+    except BrushError:
+        raise  # truncated: says so
     except (ValueError, TypeError, OverflowError) as exc:
         raise BrushError(f"brush RLE cannot be decoded ({exc.__class__.__name__})") from None
-    if flat.size != width * height * 4:
-        raise BrushError(f"brush RLE holds {flat.size} values, expected {width}x{height}x4 = {width * height * 4}; "
-                         "the region does not fit its original_width/height")
     return flat.reshape(height, width, 4)[:, :, 3] > 0

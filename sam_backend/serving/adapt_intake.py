@@ -35,33 +35,34 @@ class Intake:
         """What one webhook changed: `learning` (kept / removed / skipped / nothing), the projects, masks kept and
         removed, and the skips' messages."""
         notice = read_notice(body)
-        skipped: list[Skip] = list(notice.skipped)
+        skipped: list[tuple[str | None, Skip]] = [(None, skip) for skip in notice.skipped]  # (project, skip)
         kept = removed = 0
         projects: set[str] = set()
         for annotation in notice.annotations:
             try:
                 confirmed = self.source.confirm(annotation)
             except Unconfirmed as exc:
-                skipped.append(Skip("unverified", f"annotation {annotation}: {exc}; not learnt from"))
+                skipped.append((None, Skip("unverified", f"annotation {annotation}: {exc}; not learnt from")))
                 continue
             except Exception as exc:  # never a 500 for a webhook: the store may be down
-                skipped.append(Skip("failed", f"annotation {annotation}: {type(exc).__name__}"))
+                skipped.append((None, Skip("failed", f"annotation {annotation}: {type(exc).__name__}")))
                 continue
-            skipped.extend(confirmed.skipped)
+            skipped += [(confirmed.project, skip) for skip in confirmed.skipped]
             if confirmed.gone and notice.action in LEARN_ACTIONS:  # a created or updated annotation it never held
-                skipped.append(Skip("unverified", f"{notice.action}: Label Studio holds no annotation {annotation}; "
-                                    "not learnt from"))
+                skipped.append((None, Skip("unverified", f"{notice.action}: Label Studio holds no annotation "
+                                           f"{annotation}; not learnt from")))
             try:
                 removed += self.store.replace_annotation(annotation, confirmed.masks)
             except Exception as exc:  # the sidecar database cannot be written: Label Studio keeps the truth
-                skipped.append(Skip("store_failed", f"annotation {annotation}: the sidecar database refused it "
-                                    f"({type(exc).__name__}); not learnt from"))
+                skipped.append((confirmed.project, Skip("store_failed", f"annotation {annotation}: the sidecar "
+                                                        f"database refused it ({type(exc).__name__}); not learnt "
+                                                        "from")))
                 continue
             kept += len(confirmed.masks)
             if confirmed.project is not None:
                 projects.add(confirmed.project)
-        for skip in skipped:
-            self.on_skip(None, skip)
+        for project, skip in skipped:
+            self.on_skip(project, skip)
         for project in sorted(projects):
             self.on_changed(project)
         if notice.annotations or skipped:
@@ -69,4 +70,4 @@ class Intake:
                      kept, removed, len(skipped), ", ".join(sorted(projects)) or "none")
         state = "kept" if kept else "removed" if removed else "skipped" if skipped else "nothing to learn"
         return {"learning": state, "projects": sorted(projects), "kept": kept, "removed": removed,
-                "skipped": [s.message for s in skipped]}
+                "skipped": [skip.message for _, skip in skipped]}

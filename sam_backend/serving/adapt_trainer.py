@@ -65,26 +65,27 @@ class LearningEmbeddings:
 
     def __call__(self, url: str, engine: Any) -> Any:
         digest = self.images.digest(engine.engine_id, url)
-        if digest is not None:
-            for cache in (self.click_cache, self.own):
-                found = cache.get((engine.engine_id, digest))
-                if found is not None:
-                    return found
+        found = self._cached((engine.engine_id, digest)) if digest is not None else None
+        if found is not None:
+            return found
         loaded = self.fetcher.load(url)
         self.images.remember(engine.engine_id, url, loaded.sha256)
         key = (engine.engine_id, loaded.sha256)
+        found = self._cached(key)
+        if found is None:
+            found = self.encoder.encode(engine, loaded.pixels, key, LEARN)
+            self.own.put(key, found)
+        return found
+
+    def _cached(self, key: tuple[str, str]) -> Any:
+        """The click cache's embedding, else learning's own, else None."""
         found = self.click_cache.get(key)
-        found = found if found is not None else self.own.get(key)
-        if found is not None:
-            return found
-        embedding = self.encoder.encode(engine, loaded.pixels, key, LEARN)
-        self.own.put(key, embedding)
-        return embedding
+        return found if found is not None else self.own.get(key)
 
 
 class Trainer:
     """The training thread (see the module docstring). Collaborators: `store`; `base()` the loaded engine (None where
-    it cannot be loaded); `embed(url, engine)`; `pause()` (waits for clicks; raises `AdaptError` when stopping);
+    it cannot be loaded); `embed(url, engine)`; `wait_idle(stop)` (blocks while clicks run; True where it waited);
     `metrics`; `on_version(project)` once a version is published; `on_skip(project, skip)`."""
 
     def __init__(self, settings: Any, store: LearningStore, base: Callable[[], Any],
@@ -174,11 +175,11 @@ class Trainer:
             log.warning("SAM_ADAPT=true: %s; accepted masks are kept, not learnt from", self.unsupported)
         return False
 
-    def due(self, project: str, weights: str, now: float | None = None) -> bool:
+    def due(self, project: str, weights: str) -> bool:
         """Enough new accepted masks since the last training started, and no back-off in force."""
         n = self.store.mask_count(project)
         t = self.store.training(project, weights)
-        if n < self.settings.adapt_min_masks or (now if now is not None else time.time()) < t.retry_at:
+        if n < self.settings.adapt_min_masks or time.time() < t.retry_at:
             return False
         return t.attempted_at == 0 or n - t.attempted_at >= self.settings.adapt_every
 
@@ -217,11 +218,10 @@ class Trainer:
                 self.on_skip(project, Skip(exc.reason, f"{record.key}: {exc} (image {record.image_url})"))
         return out
 
-    def _back_off(self, project: str, weights: str, before: Training, attempt: dict[str, Any] | None) -> None:
+    def _back_off(self, project: str, weights: str, before: Training) -> None:
         failures = before.failures + 1
         wait_s = min(BACKOFF_S[1], BACKOFF_S[0] * 2 ** (failures - 1))
-        self.store.set_training(project, weights, replace(before, failures=failures, retry_at=time.time() + wait_s,
-                                                          last_attempt=attempt or before.last_attempt))
+        self.store.set_training(project, weights, replace(before, failures=failures, retry_at=time.time() + wait_s))
         log.info("project %s: next training no sooner than %.0f s from now (%d in a row without a result)", project,
                  wait_s, failures)
 
@@ -240,13 +240,13 @@ class Trainer:
             if len(train) < 2 or not held:
                 log.info("project %s: %d usable accepted masks to train on and %d to judge on; waiting for more",
                          project, len(train), len(held))
-                self._back_off(project, weights, before, None)
+                self._back_off(project, weights, before)
                 return
             steps = training_steps(len(train), self.settings.adapt_steps)
             outcome = adapt(base, train, held, AdaptConfig(steps=steps), pause=self._pause)
         except Exception:
             if not self._stop.is_set():
-                self._back_off(project, weights, before, None)
+                self._back_off(project, weights, before)
             raise
         finally:
             self.metrics.adapt_training.set(0)

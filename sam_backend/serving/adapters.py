@@ -185,18 +185,9 @@ class Adapters:
         return self.versions.number(project)
 
     def versions_of(self, project: str | None, base_version: str) -> list[str]:
-        """Every model version this project's adapted decoders have had (their predictions are this backend's own)."""
-        newest = self._newest(project) if positive_id(project) is not None else None
-        return [f"{base_version}-adapted-p{project}-v{n}" for n in range(1, (newest or 0) + 1)]
-
-    def _newest(self, project: str | None) -> int | None:
-        base = self.engine.peek()
-        if self.store is None or base is None or not hasattr(base, "engine_id") or project is None:
-            return None
-        try:
-            return self.store.newest(project, weights_of(base))
-        except Exception:  # the database is down: none known
-            return None
+        """Every model version this project's adapted decoders have had (their predictions are this backend's own):
+        up to the one this replica serves, looked up at most every `SYNC_S` (a task opened asks this)."""
+        return [f"{base_version}-adapted-p{project}-v{n}" for n in range(1, (self._number(project) or 0) + 1)]
 
     def all_versions(self, base_version: str) -> list[str]:
         """The model versions of every project's adapted decoders (for `/versions`)."""
@@ -216,6 +207,7 @@ class Adapters:
         base = self.engine.peek()
         weights = weights_of(base) if base is not None and hasattr(base, "with_mask_decoder") else None
         projects: dict[str, Any] = {}
+        answers = self.versions.answers()
         try:
             if self.versions.down:  # /health answers at once while the database does not
                 raise ConnectionError("down")
@@ -231,7 +223,7 @@ class Adapters:
                     "learnt_from": info.get("trained_on", 0), "held_out": info.get("held_out"),
                     "trained_s": info.get("seconds"), "last_attempt": training.last_attempt if training else None,
                     "retry_at": training.retry_at if training and training.retry_at else None,
-                    "clicks": self.versions.answers().get(name, {"adapted": 0, "released": 0})}
+                    "clicks": answers.get(name, {"adapted": 0, "released": 0})}
             error = None
         except Exception as exc:
             error = f"the sidecar database cannot be read ({type(exc).__name__})"

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sam_backend.labelstudio.accepted import MaskRecord
+from sam_backend.labelstudio.accepted import MaskRecord, positive_id
 from sam_backend.sidecar.schema import utc_now
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,10 @@ class Training:
 
 def _project_key(project: str) -> int:
     """A project id as the integer half of an advisory lock key; `ValueError` for anything but a positive id."""
-    if not (project.isascii() and project.isdigit()) or int(project) <= 0 or int(project) >= 2**31:
+    key = positive_id(project)
+    if key is None:
         raise ValueError(f"project: expected a positive integer id, got {project!r}")
-    return int(project)
+    return key
 
 
 class LearningStore:
@@ -71,6 +72,7 @@ class LearningStore:
         self.db = db
         self.lock_dir = Path(lock_dir)
         self.m = db.mark
+        self.postgres = db.mark == "%s"  # else SQLite
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", self.m)
@@ -111,7 +113,7 @@ class LearningStore:
         """Store a new version of `project` on `weights` under the next number (allocated in this transaction);
         keeps only the newest `keep`; returns the number."""
         with self.db.transaction() as run:
-            if self.m == "%s":  # PostgreSQL: one allocation per project at a time (SQLite's writer lock is global)
+            if self.postgres:  # PostgreSQL: one allocation per project at a time (SQLite's writer lock is global)
                 run("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_NS + 1, _project_key(project)))
             number = int(run(self._sql("SELECT COALESCE(MAX(version), 0) + 1 FROM adapter_versions "
                                        "WHERE project = ? AND weights = ?"), (project, weights))[0][0])
@@ -183,7 +185,7 @@ class LearningStore:
         """Hold the project's training lock while the block runs; yields False (and holds nothing) where another
         process holds it. The lock is released by the process's death as by the block's end."""
         key = _project_key(project)
-        if self.m == "%s":
+        if self.postgres:
             conn = self.db.connect()
             try:
                 got = bool(conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (_LOCK_NS, key)).fetchone()[0])

@@ -44,6 +44,7 @@ from sam_backend.segment.engines.fast_encoder import (
     export_encoder,
     load_encoder,
     machine_key,
+    weights_digest,
 )
 from sam_backend.segment.samples import check_images
 
@@ -210,27 +211,31 @@ def measure_paths(engine: SamEngine, base: Path | None, kinds: tuple[str, ...], 
 
 def apply_verdict(engine: SamEngine, verdict: Verdict, base: Path, kind: str | None = None) -> str:
     """Put the verdict's chosen path (or `kind`, where it was accepted) into `engine`; returns the path in use."""
+    return _apply(engine, verdict, base, kind)[0]
+
+
+def _apply(engine: SamEngine, verdict: Verdict, base: Path, kind: str | None = None) -> tuple[str, bool]:
+    """`apply_verdict`, and whether the accepted graph is stale (missing, or not the file measured: it must be
+    measured again, and is never loaded)."""
     want = kind or verdict.chosen
     result = verdict.result(want)
+    engine.fast_encoder = None
     if want == "eager" or result is None or not result.accepted:
         if result is not None and not result.accepted:
             log.warning("SAM_ENCODER=%s refused on this machine (%s); images use the eager encoder", want,
                         result.reason)
-        engine.fast_encoder = None
-        return "eager"
+        return "eager", False
     path = encoder_file(base, want, engine.precision, engine.engine_id)
     if not graph_is_measured(path, result):
-        engine.fast_encoder = None
-        return "eager"
+        return "eager", True
     try:
         engine.fast_encoder = load_encoder(want, path, engine.precision)
-    except Exception as exc:  # a graph file removed or torn since the verdict: eager still works
+    except Exception as exc:  # a graph that cannot be loaded here: eager still works
         log.warning("encoder graph %s cannot be loaded (%s); images use the eager encoder", want, exc)
-        engine.fast_encoder = None
-        return "eager"
+        return "eager", False
     log.info("images use the %s encoder (%s): %.3f s per image against %.3f s fp32 eager, masks IoU %.4f",
              want, result.precision, result.seconds or 0, verdict.fp32_eager_s, result.iou or 0)
-    return want
+    return want, False
 
 
 def graph_is_measured(path: Path, result: PathResult) -> bool:
@@ -250,7 +255,8 @@ def graph_is_measured(path: Path, result: PathResult) -> bool:
 
 def choose_encoder(engine: SamEngine, kind: str, checkpoint: Path, images_dir: Path | None) -> str:
     """Set `engine`'s encoder path as `SAM_ENCODER=kind` asks (see the module docstring); returns the path in use
-    now (`eager` while a background measurement runs)."""
+    now (`eager` while a background measurement runs). A stale graph (missing, or not the file measured) is removed
+    and measured again: measuring exports it anew instead of loading what is there."""
     if kind == "eager":
         return "eager"
     base = graph_base(checkpoint)
@@ -259,28 +265,21 @@ def choose_encoder(engine: SamEngine, kind: str, checkpoint: Path, images_dir: P
     if kind == "auto":
         if engine.device.type != "cpu" or engine.model.image_encoder.img_size < MIN_MEASURED_SIDE:
             return "eager"  # a GPU, or a small test model, runs the eager encoder fast
-        if verdict is not None and _graph_ok(verdict, base, engine):
-            return apply_verdict(engine, verdict, base)
+        if verdict is not None:
+            used, stale = _apply(engine, verdict, base)
+            if not stale:
+                return used
+            encoder_file(base, verdict.chosen, engine.precision, engine.engine_id).unlink(missing_ok=True)
         engine.encoder_tuning = measure_in_background(engine, checkpoint, vfile, images_dir)
         return "eager"
-    if verdict is None or verdict.result(kind) is None or not _graph_ok(verdict, base, engine, kind):
-        verdict = measure_paths(engine, base, (kind,), check_images(images_dir), progress=True)
-        _write_verdict(vfile, verdict)
+    if verdict is not None and verdict.result(kind) is not None:
+        used, stale = _apply(engine, verdict, base, kind)
+        if not stale:
+            return used
+        encoder_file(base, kind, engine.precision, engine.engine_id).unlink(missing_ok=True)
+    verdict = measure_paths(engine, base, (kind,), check_images(images_dir), progress=True)
+    _write_verdict(vfile, verdict)
     return apply_verdict(engine, verdict, base, kind)
-
-
-def _graph_ok(verdict: Verdict, base: Path, engine: SamEngine, kind: str | None = None) -> bool:
-    """False where the verdict's graph (for `kind`, default its choice) is not the file it measured: the graph is
-    removed so that measuring again exports it anew."""
-    want = kind or verdict.chosen
-    result = verdict.result(want)
-    if want == "eager" or result is None or not result.accepted:
-        return True
-    path = encoder_file(base, want, engine.precision, engine.engine_id)
-    if graph_is_measured(path, result):
-        return True
-    path.unlink(missing_ok=True)
-    return False
 
 
 def _write_verdict(path: Path, verdict: Verdict) -> None:
@@ -362,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     from sam_backend.segment.engines.sam import SamEngine
 
     digest = sha256_file(args.checkpoint)
-    verified = digest if args.engine_id.split("/")[2] == digest[:12] else None  # as the server loaded it
+    verified = digest if weights_digest(args.engine_id) == digest[:12] else None  # as the server loaded it
     engine = SamEngine.from_checkpoint(args.checkpoint, device="cpu", precision=args.precision,
                                        expected_sha256=verified)
     if engine.engine_id != args.engine_id:

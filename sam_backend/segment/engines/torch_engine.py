@@ -21,7 +21,7 @@ from sam_backend.segment.engines.fast_decoder import (
     build_fast_decoder,
     resolve_decoder,
 )
-from sam_backend.segment.engines.fast_encoder import FastEncoder
+from sam_backend.segment.engines.fast_encoder import FastEncoder, weights_digest
 
 if TYPE_CHECKING:
     from sam_backend.segment.prompts import ObjectPrompt
@@ -163,7 +163,7 @@ class TorchEngine:
     def decoder_cache(self, checkpoint: Path) -> Path:
         """Where the exported decoder graph of this engine's weights is kept: next to `checkpoint`, keyed by
         the weights' digest (in the engine id) and the graph version."""
-        weights = self.engine_id.split("/")[2]
+        weights = weights_digest(self.engine_id)
         return checkpoint.with_name(f"{checkpoint.name}.decoder-{GRAPH_VERSION}-{weights}.onnx")
 
     def use_decoder(self, kind: str = "auto", cache: Path | None = None, check_images: Path | None = None) -> str:
