@@ -1,4 +1,4 @@
-"""Command line: `sam-backend download | bench | serve | doctor | history | export | up`."""
+"""Command line: `sam-backend download | bench | serve | doctor | history | report | export | up`."""
 
 from __future__ import annotations
 
@@ -215,6 +215,35 @@ def history(task: int | None, project: str | None, since: str | None, limit: int
                    f"{(r['label'] or '-')[:16]:<16} {r['score'] or 0:>6.3f} {r['mask_area'] or 0:>9} "
                    f"{r['latency_ms'] or 0:>7.1f} {'yes' if r['cache_hit'] else 'no':>4}")
     click.echo(f"{len(rows)} interaction(s)", err=True)
+
+
+@main.command()
+@click.option("--project", type=int, required=True, help="The Label Studio project to report on.")
+@click.option("--since", default=None, help="Only objects begun and answers given at or after this date (YYYY-MM-DD, "
+              "UTC) or ISO 8601 time.")
+@click.option("-o", "--out", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Folder for report.html and report.json (default: report-<project>).")
+@click.option("--db", default=None, help="A SQLite file or a postgresql:// URL. Default: SAM_METADATA_DB.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def report(project: int, since: str | None, out: Path | None, db: str | None, quiet: bool) -> None:
+    """What the team's clicks cost: clicks per object, objects accepted as answered, time to accept and answer
+    times, per label, per day and per adapted decoder version, from the interaction log and Label Studio's
+    accepted annotations (read only)."""
+    from sam_backend.sidecar.report import ReportError, build_report
+
+    settings = _settings()
+    out = out or Path(f"report-{project}")
+    try:
+        made = build_report(project, out, str(db or settings.metadata_db), settings.label_studio_url,
+                            settings.label_studio_api_key, since, adapt=settings.adapt, progress=not quiet,
+                            max_pixels=settings.max_image_pixels)
+    except ReportError as exc:
+        raise click.ClickException(str(exc)) from None
+    totals = made.data["totals"]
+    click.echo(f"{totals['objects']} objects made with the backend (clicks per object: median "
+               f"{totals['clicks_median']}, p90 {totals['clicks_p90']}), {totals['hand_drawn']} drawn by hand, "
+               f"{totals['unkept_objects']} suggestions not kept")
+    click.echo(f"{made.html}\n{made.json}")
 
 
 @main.command(name="export")

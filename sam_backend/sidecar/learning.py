@@ -156,6 +156,21 @@ class LearningStore:
                                        "ORDER BY version"), (project, weights))
         return [int(r[0]) for r in rows]
 
+    def version_infos(self, project: str) -> list[dict[str, Any]]:
+        """The kept versions of a project (every weights), oldest first, without their bytes: `version`,
+        `weights`, `info` (what it was learnt from, its held-out scores) and `created_at` (when it went live)."""
+        rows = self.db.query(self._sql("SELECT version, weights, info, created_at FROM adapter_versions "
+                                       "WHERE project = ? ORDER BY created_at, version"), (project,))
+        out = []
+        for number, weights, info, created in rows:
+            try:
+                meta = json.loads(info)
+            except ValueError:
+                meta = {}
+            out.append({"version": int(number), "weights": weights, "info": meta if isinstance(meta, dict) else {},
+                        "created_at": created})
+        return out
+
     # -- trainings --------------------------------------------------------------------------------------------
     def training(self, project: str, weights: str) -> Training:
         rows = self.db.query(self._sql("SELECT attempted_at, last_attempt, failures, retry_at FROM adapter_trainings "
