@@ -282,3 +282,50 @@ def check_page_in_browser(path) -> None:
     assert errors == []
     assert {alt for alt, width in sizes if width > 300} == {"clicks per object", "answer times"}
     assert "What the team's clicks cost" in heading
+
+
+def test_metrics_count_prompts_per_accepted_object_by_label(tmp_path):
+    """With SAM_ADAPT, each annotation Label Studio confirms (here its stand-in) adds its new regions to `/metrics`:
+    the prompts the backend answered for each (by the report's rule), hand-drawn ones apart; an update that only
+    repeats a region counts it once."""
+    from label_studio_sdk.converter.brush import decode_rle
+    from ls_standin import LabelStudioStandIn, brush_region
+    from synthetic import disc_scene
+
+    from sam_backend.commands.evaluate import CONFIG, LABEL
+    from sam_backend.config import Settings
+    from sam_backend.labelstudio.context import keypoint_result
+    from sam_backend.serving.app import create_app
+    from sam_backend.sidecar.store import AsyncRecorder, Store
+
+    image, truth, (cx, cy, r) = disc_scene(240, 320)
+    cv2.imwrite(str(tmp_path / "photo.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    ls = LabelStudioStandIn()
+    try:
+        settings = Settings.from_env({"SAM_ENGINE": "grabcut", "SAM_ADAPT": "true", "LOCAL_FILES_DOCUMENT_ROOT":
+                                      str(tmp_path), "SAM_ADAPTER_DIR": str(tmp_path / "locks"),
+                                      "SAM_METADATA_DB": str(tmp_path / "sidecar.db"), **ls.env()})
+        recorder = AsyncRecorder(Store(settings.metadata_db))
+        client = create_app(settings, recorder=recorder).test_client()
+        points = []
+        for x, y in ((cx, cy), (cx + r // 2, cy)):
+            points.append(keypoint_result(x, y, (320, 240), True, LABEL))
+            answer = client.post("/predict", json={
+                "tasks": [{"id": 40, "data": {"image": "photo.png"}}], "label_config": CONFIG, "project": "6.1",
+                "params": {"context": {"result": list(points)}}}).json
+        [result] = answer["results"][0]["result"]
+        answered = decode_rle(result["value"]["rle"]).reshape(240, 320, 4)[:, :, 3] > 0
+        recorder.flush()
+        corner = np.zeros_like(truth)
+        corner[5:30, 5:40] = True
+        body = ls.annotate(6, 1, "photo.png", task=40, regions=[brush_region("a", answered),
+                                                                brush_region("b", corner)])
+        assert client.post("/webhook", json=body).json["kept"] == 2
+        client.post("/webhook", json={**body, "action": "ANNOTATION_UPDATED"})
+        metrics = client.get("/metrics").data.decode()
+    finally:
+        ls.stop()
+    assert f'sam_accepted_object_prompts_bucket{{label="{LABEL}",le="2.0"}} 1.0' in metrics
+    assert f'sam_accepted_object_prompts_bucket{{label="{LABEL}",le="1.0"}} 0.0' in metrics
+    assert f'sam_accepted_objects_total{{label="{LABEL}",made="hand"}} 1.0' in metrics
+    assert f'sam_accepted_objects_total{{label="{LABEL}",made="backend"}} 1.0' in metrics

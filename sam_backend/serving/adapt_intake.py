@@ -14,7 +14,14 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sam_backend.labelstudio.accepted import LEARN_ACTIONS, AnnotationSource, Skip, Unconfirmed, read_notice
+from sam_backend.labelstudio.accepted import (
+    LEARN_ACTIONS,
+    AnnotationSource,
+    MaskRecord,
+    Skip,
+    Unconfirmed,
+    read_notice,
+)
 from sam_backend.sidecar.learning import LearningStore
 
 log = logging.getLogger(__name__)
@@ -22,14 +29,24 @@ log = logging.getLogger(__name__)
 
 class Intake:
     """Confirms a webhook's annotations with Label Studio and keeps their masks; `on_skip(project, skip)` counts what
-    was not learnt from, `on_changed(project)` is told of each project whose masks changed (the trainer's cue)."""
+    was not learnt from, `on_changed(project)` is told of each project whose masks changed (the trainer's cue), and
+    `on_accepted(masks)` of the regions an annotation gained (the live figures of `/metrics`)."""
 
     def __init__(self, source: AnnotationSource, store: LearningStore, on_skip: Callable[[str | None, Skip], None],
-                 on_changed: Callable[[str], None]) -> None:
+                 on_changed: Callable[[str], None],
+                 on_accepted: Callable[[list[MaskRecord]], None] = lambda masks: None) -> None:
         self.source = source
         self.store = store
         self.on_skip = on_skip
         self.on_changed = on_changed
+        self.on_accepted = on_accepted
+
+    def _accepted(self, masks: list[MaskRecord]) -> None:
+        if masks:
+            try:
+                self.on_accepted(masks)
+            except Exception:  # figures only: never a failed webhook
+                log.exception("counting %d accepted regions for /metrics failed", len(masks))
 
     def webhook(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """What one webhook changed: `learning` (kept / removed / skipped / nothing), the projects, masks kept and
@@ -52,6 +69,7 @@ class Intake:
                 skipped.append((None, Skip("unverified", f"{notice.action}: Label Studio holds no annotation "
                                            f"{annotation}; not learnt from")))
             try:
+                before = self.store.regions_of(annotation)
                 removed += self.store.replace_annotation(annotation, confirmed.masks)
             except Exception as exc:  # the sidecar database cannot be written: Label Studio keeps the truth
                 skipped.append((confirmed.project, Skip("store_failed", f"annotation {annotation}: the sidecar "
@@ -59,6 +77,7 @@ class Intake:
                                                         "from")))
                 continue
             kept += len(confirmed.masks)
+            self._accepted([m for m in confirmed.masks if m.region not in before])
             if confirmed.project is not None:
                 projects.add(confirmed.project)
         for project, skip in skipped:

@@ -103,7 +103,7 @@ class Adapters:
                                                         settings.label_studio_api_key),
                                       settings.max_image_pixels)
         self.versions = Versions(self.store, on_built=self._update_metrics)
-        self.intake = Intake(source, self.store, self._skip, self._changed)
+        self.intake = Intake(source, self.store, self._skip, self._changed, self._accepted)
         self.trainer = Trainer(settings, self.store, self._base, embeddings,
                                lambda stop: self.activity.wait_idle(self.busy, stop), metrics,
                                on_version=self._published, on_skip=self._skip)
@@ -149,6 +149,13 @@ class Adapters:
         self._update_metrics(project)
         if self.trainer is not None:
             self.trainer.queue(project)
+
+    def _accepted(self, masks: list[Any]) -> None:
+        """Newly accepted regions into `/metrics` (prompts per accepted object by label; hand-drawn counted apart)."""
+        from sam_backend.sidecar.report.live import clicks_of_accepted
+
+        for label, clicks in clicks_of_accepted(self.store.db, masks):
+            self.metrics.observe_accepted(label, clicks)
 
     def _published(self, project: str) -> None:
         base = self.engine.peek()

@@ -13,6 +13,9 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _STAGE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 5, 30)
 
 
+MAX_LABELS = 100  # distinct labels on /metrics (a project's label config has a few)
+
+
 class Metrics:
     """Request counts and latencies, encoder/decoder seconds, embedding-cache counters."""
 
@@ -83,12 +86,33 @@ class Metrics:
         self.adapt_training = Gauge("sam_adapt_training", "1 while a project's decoder trains", registry=self.registry)
         self.adapt_seconds = Histogram("sam_adapt_seconds", "Seconds of one training (encodes, steps, held-out check)",
                                        buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1800), registry=self.registry)
+        # the report's live figure (sidecar.report.live; SAM_ADAPT confirms each accepted annotation)
+        self.accepted_clicks = Histogram("sam_accepted_object_prompts", "Prompts (boxes and clicks) the backend "
+                                         "answered for each accepted region, by label", ["label"],
+                                         buckets=(1, 2, 3, 4, 5, 7, 10, 15, 20, 30), registry=self.registry)
+        self.accepted_objects = Counter("sam_accepted_objects", "Accepted regions by label and by who made them "
+                                        "(backend: from its answers; hand: drawn without it)", ["label", "made"],
+                                        registry=self.registry)
+        self._labels: set[str] = set()
         self.registry.register(_CacheCollector(cache_stats))
 
     def watch_adapters(self, answers: Callable[[], dict[str, dict[str, int]]]) -> None:
         """`sam_adapter_clicks{project, answer}`: clicks a project's adapted version answered (`adapted`) and those
         that fell back to the released decoder (`released`), read from `answers()` at each scrape."""
         self.registry.register(_AdapterAnswers(answers))
+
+    def observe_accepted(self, label: str | None, prompts: int) -> None:
+        """One accepted region: `prompts` answered for it (0: drawn by hand). Labels come from annotations Label
+        Studio confirmed; past `MAX_LABELS` distinct ones they are counted as `other`."""
+        name = (label or "")[:64]
+        if name not in self._labels:
+            if len(self._labels) >= MAX_LABELS:
+                name = "other"
+            else:
+                self._labels.add(name)
+        self.accepted_objects.labels(name, "backend" if prompts else "hand").inc()
+        if prompts:
+            self.accepted_clicks.labels(name).observe(prompts)
 
     def observe_stages(self, seconds: dict[str, float]) -> None:
         """One click's stage seconds (see `serving.stages`) into `sam_click_stage_seconds`."""

@@ -93,6 +93,11 @@ class LearningStore:
                      r.counts, now))
         return int(before)
 
+    def regions_of(self, annotation_id: int) -> set[str]:
+        """The region ids an annotation's rows hold now (before a `replace_annotation`: which regions are new)."""
+        rows = self.db.query(self._sql("SELECT region FROM accepted_masks WHERE annotation_id = ?"), (annotation_id,))
+        return {r[0] for r in rows}
+
     def masks(self, project: str) -> list[MaskRecord]:
         """A project's accepted masks, oldest first."""
         rows = self.db.query(self._sql(f"SELECT {_MASK_COLUMNS} FROM accepted_masks WHERE project = ? ORDER BY id"),

@@ -295,6 +295,15 @@ def _region_object(task_id: int, annotation: Mapping[str, Any], region: Mapping[
     return obj
 
 
+def steps_for(rows: Iterable[Mapping[str, Any]], task_id: int, label: str | None, rle: dict[str, Any],
+              saved: datetime) -> list[Step]:
+    """The logged requests that made one accepted mask (`rle`: COCO RLE, `counts` bytes) of `task_id` saved at
+    `saved`, by the same rule as `match`; [] where none did (drawn by hand). `rows` are the task's log rows."""
+    group = _rows_by_object(rows, Matched()).get((task_id, label), [])
+    best, score = _best(group, rle, saved + _SLACK)
+    return [] if best is None or score < MIN_IOU else _steps(_take(group, best))
+
+
 def match(rows: Iterable[Mapping[str, Any]], tasks: Iterable[Mapping[str, Any]],
           max_pixels: int = DEFAULT_MAX_PIXELS, progress: Any = None) -> Matched:
     """Join a project's logged interactions to its accepted regions (the rule in the module docstring).
