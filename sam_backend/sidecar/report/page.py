@@ -28,9 +28,14 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _cell(value: Any) -> str:
+_SHARES = {"accepted_as_answered"}
+
+
+def _cell(value: Any, key: str = "") -> str:
     if value is None:
         return "–"
+    if key in _SHARES:
+        return f"{value:.0%}"
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
     return html.escape(str(value))
@@ -38,7 +43,7 @@ def _cell(value: Any) -> str:
 
 def _table(rows: list[dict[str, Any]], keys: tuple[tuple[str, str], ...]) -> str:
     head = "".join(f"<th>{html.escape(title)}</th>" for _key, title in keys)
-    body = "".join("<tr>" + "".join(f"<td>{_cell(row.get(key))}</td>" for key, _title in keys) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{_cell(row.get(key), key)}</td>" for key, _title in keys) + "</tr>"
                    for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
