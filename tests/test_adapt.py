@@ -561,6 +561,20 @@ def test_annotations_submitted_in_label_studio_teach_the_backend(mobile_sam_chec
         answer = ls.interactive(ml, tasks[5], click)
         assert iou(answer_mask(answer), mask) > 0.9
         assert answer["data"]["model_version"].endswith(f"-adapted-p{project}-v1")
+        # The annotator accepts it; the team's report splits the figures at the version and marks it.
+        from sam_backend.sidecar.report import build_report
+
+        [answered] = answer["data"]["result"]
+        ls.call("POST", f"/api/tasks/{tasks[5]}/annotations/", json={"result": [dict(answered, origin="prediction")]})
+        backend.recorder.flush()
+        made = build_report(project, tmp_path / "report", settings.metadata_db, ls.url, ls.pat, adapt=True,
+                            progress=False)
+        base, v1 = made.data["by_version"]
+        assert (base["version"], base["objects"], base["answers"]) == (0, 0, 1)  # the base's click was not kept
+        assert (v1["version"], v1["objects"], v1["answers"], v1["accepted_as_answered"]) == (1, 1, 1, 1.0)
+        assert v1["went_live"] and v1["held_out"]["objects"] == 1 and v1["trained_on"] == 4
+        assert made.data["totals"]["hand_drawn"] == 5  # the five masks submitted without a click
+        assert "Adapted decoder versions" in made.html.read_text()
     finally:
         backend.stop()
         backend.backend.adapters.stop()

@@ -38,11 +38,12 @@ def parse_since(text: str | None) -> datetime | None:
     return when
 
 
-def read_log(target: str, project: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def read_log(target: str | Path, project: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The project's logged interactions (oldest first) and its kept adapter versions from the sidecar database."""
     from sam_backend.sidecar.learning import LearningStore
     from sam_backend.sidecar.store import StoreError, open_sidecar
 
+    target = str(target)
     if "://" not in target and not Path(target).exists():
         raise ReportError(f"{target} does not exist: the backend has logged no interaction there (SAM_METADATA_DB)")
     try:
@@ -69,7 +70,7 @@ def read_tasks(url: str | None, api_key: str | None, project: int) -> list[dict[
     return tasks
 
 
-def build_report(project: int, out: Path, db: str, url: str | None, api_key: str | None,
+def build_report(project: int, out: Path, db: str | Path, url: str | None, api_key: str | None,
                  since_text: str | None = None, adapt: bool = False, progress: bool = True,
                  max_pixels: int | None = None) -> ReportPaths:
     """Write `out/report.json` and `out/report.html` for `project` (see the README's "What the team's clicks
