@@ -521,7 +521,7 @@ def test_annotations_submitted_in_label_studio_teach_the_backend(mobile_sam_chec
         "SAM_DECODER": "onnx", "SAM_ENCODER": "eager", "SAM_PRECISION": "fp32", "SAM_ADAPT": "true",
         "SAM_ADAPTER_DIR": str(tmp_path / "adapters"), "SAM_ADAPT_STEPS": "80", "SAM_WEBHOOK_SECRET": "hook-s3cret",
         "SAM_METADATA_DB": str(tmp_path / "sidecar.db")})
-    from sam_backend.segment.engines import make_engine
+    from sam_backend.segment.engines.factory import make_engine
 
     backend = BackendThread(settings, lambda: make_engine(settings)).start()
     try:

@@ -14,7 +14,6 @@ from conftest import evalset, real_photo
 
 from sam_backend.config import Settings
 from sam_backend.segment.checkpoints import sha256_file
-from sam_backend.segment.engines import make_engine
 from sam_backend.segment.engines.encoder_choice import (
     MIN_MASK_IOU,
     Verdict,
@@ -23,6 +22,7 @@ from sam_backend.segment.engines.encoder_choice import (
     measure_paths,
     verdict_file,
 )
+from sam_backend.segment.engines.factory import make_engine
 from sam_backend.segment.engines.fast_encoder import encoder_file, export_encoder
 from sam_backend.segment.engines.sam import SamEngine
 from sam_backend.segment.prompts import ObjectPrompt

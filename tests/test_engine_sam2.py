@@ -9,7 +9,8 @@ import torch
 from synthetic import disc_scene, rect_scene
 
 from sam_backend.config import ConfigError, Settings
-from sam_backend.segment.engines import EngineError, make_engine
+from sam_backend.segment.engines import EngineError
+from sam_backend.segment.engines.factory import make_engine
 from sam_backend.segment.engines.sam2 import Sam2Engine, build_model
 from sam_backend.segment.geometry import ImageSize
 from sam_backend.segment.prompts import ObjectPrompt

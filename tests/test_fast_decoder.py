@@ -13,7 +13,7 @@ from conftest import load_request
 from synthetic import disc_scene
 
 from sam_backend.config import Settings
-from sam_backend.segment.engines import make_engine
+from sam_backend.segment.engines.factory import make_engine
 from sam_backend.segment.engines.sam import SamEngine
 from sam_backend.segment.engines.sam2 import Sam2Engine
 from sam_backend.segment.prompts import ObjectPrompt

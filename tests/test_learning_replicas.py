@@ -229,7 +229,7 @@ def test_clicks_and_health_go_on_while_the_database_is_down(tmp_path, mobile_sam
 
     from sam_backend.config import Settings
     from sam_backend.segment.adapt import TRAINABLE, adapted_decoder, pack_version
-    from sam_backend.segment.engines import make_engine
+    from sam_backend.segment.engines.factory import make_engine
     from sam_backend.serving.adapt_versions import weights_of
     from sam_backend.serving.app import create_app
 

@@ -91,7 +91,8 @@ def _image_check(client: LabelStudioClient, fetcher: ImageFetcher, project: int)
 
 def _engine_checks(settings: Settings, engine_loader: Callable[[], object] | None) -> Iterator[Check]:
     from sam_backend.segment.checkpoints import ChecksumError, expected_sha256, verify_checkpoint
-    from sam_backend.segment.engines import EngineError, make_engine
+    from sam_backend.segment.engines import EngineError
+    from sam_backend.segment.engines.factory import make_engine
 
     if settings.engine == "sam":
         path = settings.checkpoint_path

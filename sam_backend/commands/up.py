@@ -123,7 +123,7 @@ def _fetched(settings: Settings, model_type: str) -> bool:
     """Download `model_type`'s checkpoint into the checkpoint folder (verified); False, with the reason logged,
     where it cannot be had."""
     from sam_backend.segment.checkpoints import CHECKPOINTS, DownloadError, fetch_checkpoint
-    from sam_backend.segment.engines import download_check
+    from sam_backend.segment.engines.factory import download_check
 
     try:
         path, source = fetch_checkpoint(CHECKPOINTS[model_type], settings.checkpoint_dir, timeout_s=15,

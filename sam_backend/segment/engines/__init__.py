@@ -16,26 +16,21 @@ Shapes: images are `(H, W, 3) uint8 RGB`; masks are `(K, H, W) bool` in the imag
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from sam_backend.segment.embedding import Embedding
+from sam_backend.segment.engines.ids import EngineId
 
 if TYPE_CHECKING:
-    from sam_backend.config import Settings
-    from sam_backend.segment.engines.sam import SamEngine
-    from sam_backend.segment.engines.sam2 import Sam2Engine
     from sam_backend.segment.prompts import ObjectPrompt
 
-__all__ = ["Embedding", "Engine", "EngineError", "MaskPrediction", "check_image", "make_engine"]
-
-
-log = logging.getLogger(__name__)
+__all__ = ["Adaptable", "Embedding", "EncoderChoosing", "Engine", "EngineError", "EngineId", "MaskPrediction",
+           "PathChoosing", "check_image"]
 
 class EngineError(RuntimeError):
     """The engine cannot be built or cannot run (missing checkpoint, wrong weights, bad device)."""
@@ -99,10 +94,13 @@ class MaskPrediction:
         return np.stack([self.mask(i) for i in range(len(self.scores))])
 
 
+@runtime_checkable
 class Engine(Protocol):
-    """What the backend needs from a segmentation engine."""
+    """What the backend needs from a segmentation engine: it encodes and decodes. What else an engine can do, it
+    declares by the protocols below; callers ask `isinstance(engine, <protocol>)`, never `hasattr`."""
 
-    engine_id: str
+    engine_id: str  # `id`'s text
+    id: EngineId
 
     def embed(self, image: np.ndarray) -> Embedding:
         """Encode an `(H, W, 3) uint8 RGB` image once."""
@@ -124,6 +122,64 @@ class Engine(Protocol):
         ...
 
 
+@runtime_checkable
+class PathChoosing(Protocol):
+    """Its encoder precision and its decoder path can be chosen (`SAM_PRECISION`, `SAM_DECODER`): the torch engines."""
+
+    device: Any
+    precision: str
+    bf16_native: bool
+    architecture_name: str
+    decoder_kind: str
+
+    def with_precision(self, precision: str) -> Any:
+        """The same weights, encoding in `precision` (`fp32`, `bf16`)."""
+        ...
+
+    def use_decoder(self, kind: str = "auto", cache: Path | None = None, check_images: Path | None = None) -> str:
+        """Run clicks through the `kind` decoder where it agrees with eager; returns the kind in use."""
+        ...
+
+    def predict_with(self, decoder: Any, embedding: Embedding, prompt: ObjectPrompt,
+                     prev_logits: np.ndarray | None = None) -> MaskPrediction:
+        """Masks for one object through `decoder` (None: eager)."""
+        ...
+
+    def decoder_graph(self) -> tuple[Any, dict[str, Any], Embedding]:
+        """The decoder as one graph module, example inputs, an embedding of random features."""
+        ...
+
+
+@runtime_checkable
+class EncoderChoosing(Protocol):
+    """Its image encoder's path can be chosen (`SAM_ENCODER`: `eager`, `onnx`, `aoti`)."""
+
+    encoder_kind: str
+    encoder_precision: str
+    encoder_tuning: Any  # the background measurement's thread while it runs, else None
+
+    def with_encoder(self, encoder: Any) -> Any:
+        """The same weights with another encoder runner (None: eager)."""
+        ...
+
+    def use_encoder(self, encoder: Any) -> None:
+        """Switch this engine's encodes to `encoder` (None: eager)."""
+        ...
+
+
+@runtime_checkable
+class Adaptable(Protocol):
+    """Its mask decoder can be swapped for one learnt from accepted masks (`SAM_ADAPT`, `evaluate --adapt-on`)."""
+
+    adapter_version: str | None  # None: the decoder as released
+    answers: Any  # an adapted engine's clicks by the decoder that answered (`Counter`), else None
+    base_mask_decoder: Any
+
+    def with_mask_decoder(self, decoder: Any, version: str | None, fallback: bool = True) -> Any:
+        """The same engine (same `engine_id`) with another mask decoder."""
+        ...
+
+
 STROKE_LOGIT = 8.0  # a brush stroke as a mask prompt: +8 where it lies, -8 elsewhere (SAM logits scale)
 
 
@@ -134,45 +190,3 @@ def stroke_logits(stroke: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
     cover = cv2.resize(stroke.astype(np.float32), (size[1], size[0]), interpolation=cv2.INTER_AREA)
     return np.where(cover > 0, STROKE_LOGIT, -STROKE_LOGIT).astype(np.float32)
-
-
-def download_check(model_type: str) -> Callable[[Path], None] | None:
-    """What a download of `model_type` must pass besides its size: a strict load into the architecture for
-    SAM 2.1 (Meta publishes no digest); None for SAM, whose files are checked against published digests."""
-    from sam_backend.config import SAM2_FILES
-
-    if model_type not in SAM2_FILES:
-        return None
-
-    def check(path: Path) -> None:
-        from sam_backend.segment.engines.sam2 import load_checked
-
-        load_checked(path, model_type)
-
-    return check
-
-
-def make_engine(settings: Settings) -> Engine:
-    """Build the engine the settings name (loads weights: call it off the request path)."""
-    if settings.engine == "grabcut":
-        from sam_backend.segment.engines.grabcut import GrabCutEngine
-
-        return GrabCutEngine()
-    if settings.engine == "sam2":
-        from sam_backend.segment.engines.sam2 import Sam2Engine
-
-        engine: Sam2Engine | SamEngine = Sam2Engine.from_settings(settings)
-    else:
-        from sam_backend.segment.engines.sam import SamEngine
-
-        engine = SamEngine.from_settings(settings)
-    from sam_backend.segment.checkpoints import graph_base
-    from sam_backend.segment.engines.encoder_choice import choose_encoder
-
-    engine.use_decoder(settings.decoder, engine.decoder_cache(graph_base(settings.checkpoint_path)),
-                       settings.check_images)
-    if settings.engine == "sam":
-        choose_encoder(engine, settings.encoder, settings.checkpoint_path, settings.check_images)
-    elif settings.encoder not in ("auto", "eager"):
-        log.warning("SAM_ENCODER=%s applies to the sam engine only; SAM 2.1 encodes eagerly", settings.encoder)
-    return engine

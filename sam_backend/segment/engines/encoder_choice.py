@@ -44,8 +44,8 @@ from sam_backend.segment.engines.fast_encoder import (
     export_encoder,
     load_encoder,
     machine_key,
-    weights_digest,
 )
+from sam_backend.segment.engines.ids import EngineId
 from sam_backend.segment.samples import check_images
 
 if TYPE_CHECKING:
@@ -219,7 +219,7 @@ def _apply(engine: SamEngine, verdict: Verdict, base: Path, kind: str | None = N
     measured again, and is never loaded)."""
     want = kind or verdict.chosen
     result = verdict.result(want)
-    engine.fast_encoder = None
+    engine.use_encoder(None)
     if want == "eager" or result is None or not result.accepted:
         if result is not None and not result.accepted:
             log.warning("SAM_ENCODER=%s refused on this machine (%s); images use the eager encoder", want,
@@ -229,7 +229,7 @@ def _apply(engine: SamEngine, verdict: Verdict, base: Path, kind: str | None = N
     if not graph_is_measured(path, result):
         return "eager", True
     try:
-        engine.fast_encoder = load_encoder(want, path, engine.precision)
+        engine.use_encoder(load_encoder(want, path, engine.precision))
     except Exception as exc:  # a graph that cannot be loaded here: eager still works
         log.warning("encoder graph %s cannot be loaded (%s); images use the eager encoder", want, exc)
         return "eager", False
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     from sam_backend.segment.engines.sam import SamEngine
 
     digest = sha256_file(args.checkpoint)
-    verified = digest if weights_digest(args.engine_id) == digest[:12] else None  # as the server loaded it
+    verified = digest if EngineId.parse(args.engine_id).weights == digest[:12] else None  # as the server loaded it
     engine = SamEngine.from_checkpoint(args.checkpoint, device="cpu", precision=args.precision,
                                        expected_sha256=verified)
     if engine.engine_id != args.engine_id:

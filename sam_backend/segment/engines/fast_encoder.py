@@ -33,6 +33,8 @@ from typing import Protocol
 import torch
 
 from sam_backend.fileio import write_atomic
+from sam_backend.segment.cpu import CpuInfo, cpu_info
+from sam_backend.segment.engines.ids import EngineId
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +58,9 @@ def machine_key() -> str:
         parts.append(importlib.metadata.version("onnxruntime"))
     except importlib.metadata.PackageNotFoundError:
         parts.append("no-ort")
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                parts.append(line.split(":", 1)[1].strip())
-                if line.startswith("flags"):
-                    break
-    except OSError:
-        parts.append("no-cpuinfo")
+    cpu = cpu_info()
+    parts += [v for v in (cpu.model, cpu.flags) if v is not None] if cpu != CpuInfo() else ["no-cpuinfo"]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
-
-
-def weights_digest(engine_id: str) -> str:
-    """The weights' digest an engine id names (`<family>/<model>/<digest>/<precision>`)."""
-    parts = engine_id.split("/")
-    return parts[2] if len(parts) > 2 else "unknown"
 
 
 def encoder_file(base: Path, kind: str, precision: str, engine_id: str) -> Path:
@@ -78,7 +68,7 @@ def encoder_file(base: Path, kind: str, precision: str, engine_id: str) -> Path:
     `engine_id`), the graph version, precision and machine, so a graph of other weights is never picked up."""
     suffix = "onnx" if kind == "onnx" else "pt2"
     precision = "fp32" if kind == "onnx" else precision
-    return base.with_name(f"{base.name}.encoder-{ENCODER_GRAPH_VERSION}-{weights_digest(engine_id)}-{kind}-"
+    return base.with_name(f"{base.name}.encoder-{ENCODER_GRAPH_VERSION}-{EngineId.parse(engine_id).weights}-{kind}-"
                           f"{precision}-{machine_key()}.{suffix}")
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from sam_backend.segment.embedding import Embedding, pack, unpack
 from sam_backend.segment.engines import EngineError, MaskPrediction, check_image
+from sam_backend.segment.engines.ids import EngineId
 from sam_backend.segment.geometry import ImageSize
 from sam_backend.segment.prompts import ObjectPrompt
 
@@ -25,7 +26,8 @@ class GrabCutEngine:
         self.max_side = max_side
         self.iterations = iterations
         self.window_frac = window_frac
-        self.engine_id = f"grabcut/{max_side}/{iterations}"
+        self.id = EngineId("grabcut", str(max_side), str(iterations))
+        self.engine_id = self.id.format()
 
     def embed(self, image: np.ndarray) -> Embedding:
         """Downscale `(H, W, 3) uint8 RGB` to at most `max_side`; BGR for OpenCV.

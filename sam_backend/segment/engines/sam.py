@@ -35,6 +35,7 @@ from sam_backend.segment.checkpoints import expected_sha256
 from sam_backend.segment.embedding import Embedding
 from sam_backend.segment.engines import EngineError, MaskPrediction, check_image, stroke_logits
 from sam_backend.segment.engines.fast_decoder import FastDecoder
+from sam_backend.segment.engines.ids import EngineId
 from sam_backend.segment.engines.mobile_sam import build_mobile_sam, is_mobile_sam
 from sam_backend.segment.engines.torch_engine import (
     TorchEngine,
@@ -199,9 +200,7 @@ class SamEngine(TorchEngine):
     def __init__(self, model: Sam, *, device: torch.device, precision: str, weights_id: str) -> None:
         self.model = model.to(device).eval()
         self.device = device
-        self.precision = precision
-        self.architecture_name = weights_id.split("/")[0]
-        self.engine_id = f"sam/{weights_id}/{precision}"
+        self.id = EngineId.of("sam", weights_id, precision)
         self.transform = ResizeLongestSide(self.model.image_encoder.img_size)
         self._encode_lock = threading.Lock()  # one encode at a time bounds peak memory
 
@@ -369,8 +368,7 @@ class SamEngine(TorchEngine):
         """The same engine (same `engine_id`: embeddings are shared) with another mask decoder, run eagerly;
         `version` names it (`adapter_version`). With `fallback`, a click whose mask misses more of its clicks than
         the released decoder's gets the released decoder's (see `predict`)."""
-        other = type(self).__new__(type(self))
-        other.__dict__.update(self.__dict__)
+        other = self.clone()
         other.released = self.released or self
         other.fallback = fallback
         other.answers = collections.Counter(adapted=0, released=0)

@@ -28,6 +28,7 @@ from sam_backend.segment.checkpoints import expected_sha256
 from sam_backend.segment.embedding import Embedding
 from sam_backend.segment.engines import EngineError, MaskPrediction, check_image, stroke_logits
 from sam_backend.segment.engines.fast_decoder import FastDecoder
+from sam_backend.segment.engines.ids import EngineId
 from sam_backend.segment.engines.torch_engine import (
     TorchEngine,
     checked_file_id,
@@ -145,9 +146,7 @@ class Sam2Engine(TorchEngine):
 
         self.model = model.to(device).eval()
         self.device = device
-        self.precision = precision
-        self.architecture_name = weights_id.split("/")[0]
-        self.engine_id = f"sam2/{weights_id}/{precision}"
+        self.id = EngineId.of("sam2", weights_id, precision)
         self.transforms = SAM2Transforms(resolution=self.model.image_size, mask_threshold=0.0)
         self._encode_lock = threading.Lock()
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import torch
 
+from sam_backend.segment.cpu import cpu_info
 from sam_backend.segment.embedding import Embedding, pack, unpack
 from sam_backend.segment.engines import EngineError, MaskPrediction
 from sam_backend.segment.engines.fast_decoder import (
@@ -21,7 +22,8 @@ from sam_backend.segment.engines.fast_decoder import (
     build_fast_decoder,
     resolve_decoder,
 )
-from sam_backend.segment.engines.fast_encoder import FastEncoder, weights_digest
+from sam_backend.segment.engines.fast_encoder import FastEncoder
+from sam_backend.segment.engines.ids import EngineId
 
 if TYPE_CHECKING:
     from sam_backend.segment.prompts import ObjectPrompt
@@ -47,16 +49,7 @@ def resolve_device(device: str) -> torch.device:
 
 def cpu_has_native_bf16() -> bool:
     """True where the CPU has AVX-512 BF16 or AMX instructions (bf16 matmul at full speed)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-            break
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return cpu_info().native_bf16
 
 
 def bf16_native(device: torch.device) -> bool:
@@ -99,8 +92,7 @@ class TorchEngine:
 
     model: torch.nn.Module
     device: torch.device
-    precision: str
-    engine_id: str
+    id: EngineId  # its family, model, weights and precision (`engine_id` is its text)
     fast_decoder: FastDecoder | None = None  # None: the eager prompt encoder + mask decoder
     fast_encoder: FastEncoder | None = None  # None: the eager image encoder (see `segment.engines.encoder_choice`)
     encoder_tuning: threading.Thread | None = None  # the background measurement of the encoder paths, if one runs
@@ -120,24 +112,50 @@ class TorchEngine:
                    weights_id=f"{model_type}/random{seed}")
 
     @property
+    def engine_id(self) -> str:
+        """`id`'s text: what embeddings, graphs and verdicts are keyed by."""
+        return self.id.format()
+
+    @property
+    def precision(self) -> str:
+        """The image encoder's precision (`fp32`, `bf16`)."""
+        return self.id.precision
+
+    @property
+    def architecture_name(self) -> str:
+        """The model the weights hold (`vit_b`, `vit_t`, `sam2.1_hiera_tiny`, …)."""
+        return self.id.model
+
+    @property
     def bf16_native(self) -> bool:
         """Whether this engine's device runs bf16 natively (else a bf16 encode is emulated: minutes on a CPU)."""
         return bf16_native(self.device)
 
-    def with_precision(self: T, precision: str) -> T:
-        """The same weights with another encoder precision (`fp32` or `bf16`)."""
+    def clone(self: T) -> T:
+        """A copy sharing the weights and the model (the one way an engine is copied: `with_precision`,
+        `with_encoder`, `SamEngine.with_mask_decoder`); change the copy's attributes, never the shared model's."""
         other = type(self).__new__(type(self))
         other.__dict__.update(self.__dict__)
-        other.precision = resolve_precision(precision, self.device)
-        other.engine_id = self.engine_id.rsplit("/", 1)[0] + "/" + other.precision
+        return other
+
+    def with_precision(self: T, precision: str) -> T:
+        """The same weights with another encoder precision (`fp32` or `bf16`)."""
+        other = self.clone()
+        other.id = self.id.with_(precision=resolve_precision(precision, self.device))
         return other
 
     def with_encoder(self: T, encoder: FastEncoder | None) -> T:
         """The same weights with another image-encoder runner (None: eager)."""
-        other = type(self).__new__(type(self))
-        other.__dict__.update(self.__dict__)
-        other.fast_encoder = encoder
+        other = self.clone()
+        other.use_encoder(encoder)
         return other
+
+    def use_encoder(self, encoder: FastEncoder | None) -> None:
+        """Run this engine's image encodes on `encoder` (None: eager) from now on; an encode already running ends
+        on the path it began with (`embed` reads the path once). The background measurement switches a live engine
+        with this."""
+        self.fast_encoder = encoder
+        self.id = self.id.with_(encoder=encoder.kind if encoder is not None else "eager")
 
     @property
     def encoder_kind(self) -> str:
@@ -163,7 +181,7 @@ class TorchEngine:
     def decoder_cache(self, checkpoint: Path) -> Path:
         """Where the exported decoder graph of this engine's weights is kept: next to `checkpoint`, keyed by
         the weights' digest (in the engine id) and the graph version."""
-        weights = weights_digest(self.engine_id)
+        weights = self.id.weights
         return checkpoint.with_name(f"{checkpoint.name}.decoder-{GRAPH_VERSION}-{weights}.onnx")
 
     def use_decoder(self, kind: str = "auto", cache: Path | None = None, check_images: Path | None = None) -> str:
