@@ -41,7 +41,8 @@ from typing import Any
 import numpy as np
 
 from sam_backend.config import RefineSettings
-from sam_backend.segment.engines import Engine
+from sam_backend.segment.cpu import cpu_info as read_cpu
+from sam_backend.segment.engines import EncoderChoosing, Engine, PathChoosing
 from sam_backend.segment.prompts import ObjectPrompt
 from sam_backend.segment.refine import refine
 from sam_backend.segment.samples import bench_image, bench_prompts
@@ -52,18 +53,9 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_v
 
 
 def cpu_info() -> dict[str, Any]:
-    """`{"cpu": model name, "cpu_flags": the relevant ones present}` from /proc/cpuinfo (empty elsewhere)."""
-    model, flags = "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == "unknown":
-                model = value.strip()
-            elif key.strip() in ("flags", "Features") and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {"cpu": model, "cpu_flags": [f for f in CPU_FLAGS if f in flags]}
+    """`{"cpu": model name, "cpu_flags": the relevant ones present}` (see `segment.cpu`; "unknown" where unread)."""
+    cpu = read_cpu()
+    return {"cpu": cpu.model or "unknown", "cpu_flags": [f for f in CPU_FLAGS if f in cpu.flag_set]}
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +85,9 @@ def compare_encoders(engine: Engine, kinds: tuple[str, ...], graphs: Path | None
                      ) -> dict[str, Any]:
     """`{"encoder": chosen, "encoders": [...]}` (see the module docstring), the chosen path put into `engine`;
     `{}` for an engine without a SAM image encoder. Graph files go beside `graphs` (None: a temporary folder)."""
-    if not kinds or not hasattr(getattr(engine, "model", None), "image_encoder") or not hasattr(engine, "with_encoder"):
+    if not kinds or not isinstance(engine, EncoderChoosing):
         return {}
-    from sam_backend.segment.engines.encoder_choice import measure_paths
-    from sam_backend.segment.engines.fast_encoder import encoder_file, load_encoder
+    from sam_backend.segment.engines.encoder_choice import apply_verdict, measure_paths
     from sam_backend.segment.samples import check_images
 
     verdict = measure_paths(engine, graphs, kinds, check_images(check_dir), progress=True)
@@ -107,10 +98,10 @@ def compare_encoders(engine: Engine, kinds: tuple[str, ...], graphs: Path | None
                      "speedup": round(verdict.fp32_eager_s / r.seconds, 2) if r.seconds else None,
                      "iou": r.iou, "min_iou": r.min_iou, "accepted": r.accepted, **({"reason": r.reason}
                                                                                      if r.reason else {})})
-    engine.fast_encoder = None
-    if verdict.chosen != "eager" and graphs is not None:
-        engine.fast_encoder = load_encoder(verdict.chosen, encoder_file(graphs, verdict.chosen, engine.precision,
-                                                                        engine.engine_id), engine.precision)
+    if graphs is not None:
+        apply_verdict(engine, verdict, graphs)
+    else:
+        engine.use_encoder(None)
     return {"encoder": engine.encoder_kind, "encoder_check_images": verdict.images,
             "encoder_prompts": max((r.prompts for r in verdict.paths), default=0), "encoders": rows}
 
@@ -131,18 +122,54 @@ def run_bench(engine: Engine, *, width: int = 1024, height: int = 768, repeats: 
                              refine_settings=refine_settings, decoders=decoders, http=http, encoders=encoders,
                              graphs=Path(tmp) / "weights", check_dir=check_dir)
     paths_of_encoder = compare_encoders(engine, encoders, graphs, check_dir)
-    with_precision = getattr(engine, "with_precision", None)
-    plain = engine.with_encoder(None) if hasattr(engine, "with_encoder") else engine  # the eager encoder
-    fp32 = plain.with_precision("fp32") if with_precision else engine
-    bf16_native = bool(getattr(engine, "bf16_native", False))
-    bf16 = plain.with_precision("bf16") if with_precision and bf16_native else None
+    tunable = isinstance(engine, PathChoosing)
     image = bench_image(width, height)
     prompts = bench_prompts(width, height)
+    precisions = encoder_precisions(engine, image, prompts, repeats)
+    emb = engine.embed(image)
+    paths = compare_decoders(engine, emb, prompts, decoders, click_repeats)
+    stages = click_stages(engine, emb, prompts, refine_settings, click_repeats)
+    if http:
+        stages["http"] = http_click(engine, image, prompts[0], click_repeats, refine_settings)
+    clicks = cached_clicks(engine, image, prompts, refine_settings, repeats, click_repeats)
+    torch = _loaded_torch()
+    return {
+        "model": engine.id.model,
+        "engine_id": engine.engine_id,
+        "device": str(engine.device) if tunable else "cpu",
+        "precision": engine.precision if tunable else "fp32",
+        **cpu_info(),
+        "bf16_native": tunable and engine.bf16_native,
+        "torch": torch.__version__ if torch is not None else None,
+        "threads": torch.get_num_threads() if torch is not None else None,
+        "image": [width, height],
+        "repeats": repeats,
+        **precisions,
+        **paths_of_encoder,
+        "decoder": engine.decoder_kind if tunable else "-",
+        "decode_s": round(stages["decoder"], 4),
+        **paths,
+        "stages": {k: round(v, 4) for k, v in stages.items()},
+        "http_over_decoder": round(stages["http"] / stages["decoder"], 2) if "http" in stages else None,
+        "refine_s": round(stages["refine"], 4),
+        "rle_s": round(stages["rle"], 4),
+        **clicks,
+        "embedding_mb": round(emb.nbytes / 2**20, 2),
+    }
+
+
+def encoder_precisions(engine: Engine, image: np.ndarray, prompts: list[ObjectPrompt], repeats: int
+                       ) -> dict[str, Any]:
+    """The eager encoder in fp32 and (where the CPU runs it natively) bf16: median seconds, and the bf16 masks'
+    IoU against fp32 ones over `prompts`."""
+    tunable = isinstance(engine, PathChoosing)
+    plain = engine.with_encoder(None) if isinstance(engine, EncoderChoosing) else engine  # the eager encoder
+    fp32 = plain.with_precision("fp32") if tunable else engine
+    bf16 = plain.with_precision("bf16") if tunable and engine.bf16_native else None
     log.info("warming up %s", engine.engine_id)
     for variant in (fp32, bf16):
         if variant is not None:
             variant.embed(bench_image(64, 48, seed=9))
-
     log.info("encoder fp32 x%d", repeats)
     encoder_fp32 = _median(lambda: fp32.embed(image), repeats)
     encoder_bf16 = None
@@ -154,16 +181,19 @@ def run_bench(engine: Engine, *, width: int = 1024, height: int = 768, repeats: 
         for p in prompts:
             a, b = fp32.predict(emb32, p), bf16.predict(emb16, p)
             ious.append(iou(a.best_mask, b.best_mask))
+    return {"encoder_fp32_s": round(encoder_fp32, 4),
+            "encoder_bf16_s": None if encoder_bf16 is None else round(encoder_bf16, 4),
+            "bf16_mask_iou": round(min(ious), 4) if ious else None,
+            "bf16_mask_iou_mean": round(float(np.mean(ious)), 4) if ious else None,
+            "bf16_over_fp32": None if encoder_bf16 is None else round(encoder_bf16 / encoder_fp32, 3)}
 
-    emb = engine.embed(image)
-    paths = compare_decoders(engine, emb, prompts, decoders, click_repeats)
-    stages = click_stages(engine, emb, prompts, refine_settings, click_repeats)
-    decode = stages["decoder"]
-    if http:
-        stages["http"] = http_click(engine, image, prompts[0], click_repeats, refine_settings)
-    refine_s, rle_s = stages["refine"], stages["rle"]
 
+def cached_clicks(engine: Engine, image: np.ndarray, prompts: list[ObjectPrompt], refine_settings: RefineSettings,
+                  repeats: int, click_repeats: int) -> dict[str, Any]:
+    """A first click on a new image (encode + decode + refine), a click on a cached image, and the baseline that
+    re-encodes at every click (fp32 eager), median seconds."""
     cache: EmbeddingCache = EmbeddingCache(1 << 30)
+    width, height = image.shape[1], image.shape[0]
 
     def click(img: np.ndarray, prompt: ObjectPrompt) -> np.ndarray:
         key = (engine.engine_id, hashlib.sha256(img.tobytes()).hexdigest())
@@ -176,6 +206,8 @@ def run_bench(engine: Engine, *, width: int = 1024, height: int = 768, repeats: 
     first_click = _median(lambda: click(bench_image(width, height, next(seeds)), prompts[0]), repeats)
     click(image, prompts[0])
     repeat_click = _median(lambda: [click(image, p) for p in prompts], click_repeats) / len(prompts)
+    plain = engine.with_encoder(None) if isinstance(engine, EncoderChoosing) else engine
+    fp32 = plain.with_precision("fp32") if isinstance(engine, PathChoosing) else engine
 
     def reembed_click() -> None:
         pred = fp32.predict(fp32.embed(image), prompts[0])
@@ -183,37 +215,8 @@ def run_bench(engine: Engine, *, width: int = 1024, height: int = 768, repeats: 
 
     log.info("re-embed baseline x%d", repeats)
     reembed = _median(reembed_click, repeats)
-    torch = _loaded_torch()
-    return {
-        "model": getattr(engine, "architecture_name", engine.engine_id.split("/")[0]),
-        "engine_id": engine.engine_id,
-        "device": str(getattr(engine, "device", "cpu")),
-        "precision": getattr(engine, "precision", "fp32"),
-        **cpu_info(),
-        "bf16_native": bf16_native,
-        "torch": torch.__version__ if torch is not None else None,
-        "threads": torch.get_num_threads() if torch is not None else None,
-        "image": [width, height],
-        "repeats": repeats,
-        "encoder_fp32_s": round(encoder_fp32, 4),
-        "encoder_bf16_s": None if encoder_bf16 is None else round(encoder_bf16, 4),
-        **paths_of_encoder,
-        "decoder": getattr(engine, "decoder_kind", "-"),
-        "decode_s": round(decode, 4),
-        **paths,
-        "stages": {k: round(v, 4) for k, v in stages.items()},
-        "http_over_decoder": round(stages["http"] / stages["decoder"], 2) if "http" in stages else None,
-        "refine_s": round(refine_s, 4),
-        "rle_s": round(rle_s, 4),
-        "first_click_s": round(first_click, 4),
-        "repeat_click_s": round(repeat_click, 4),
-        "reembed_baseline_s": round(reembed, 4),
-        "embedding_mb": round(emb.nbytes / 2**20, 2),
-        "bf16_mask_iou": round(min(ious), 4) if ious else None,
-        "bf16_mask_iou_mean": round(float(np.mean(ious)), 4) if ious else None,
-        "bf16_over_fp32": None if encoder_bf16 is None else round(encoder_bf16 / encoder_fp32, 3),
-        "reembed_over_repeat": round(reembed / repeat_click, 1),
-    }
+    return {"first_click_s": round(first_click, 4), "repeat_click_s": round(repeat_click, 4),
+            "reembed_baseline_s": round(reembed, 4), "reembed_over_repeat": round(reembed / repeat_click, 1)}
 
 
 def compare_decoders(engine: Engine, emb: Any, prompts: list[ObjectPrompt], kinds: tuple[str, ...],
@@ -225,9 +228,9 @@ def compare_decoders(engine: Engine, emb: Any, prompts: list[ObjectPrompt], kind
     cannot be built here (onnxruntime missing, no compiler) are reported with the reason."""
     from sam_backend.segment.engines.fast_decoder import build_fast_decoder
 
-    predict_with = getattr(engine, "predict_with", None)
-    if predict_with is None:  # not a torch engine: one path only
+    if not isinstance(engine, PathChoosing):  # not a torch engine: one path only
         return {"decoders": {}, "decoder_iou": {}, "decoder_speedup": {}, "decoder_errors": {}}
+    predict_with = engine.predict_with
     runners: dict[str, Any] = {}
     errors: dict[str, str] = {}
     ious: dict[str, float] = {}

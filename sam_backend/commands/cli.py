@@ -56,7 +56,7 @@ def download(model_type: str | None, dest: Path | None, url: str | None, digest:
     pinned = digest or settings.checkpoint_sha256
     if pinned:
         spec = replace(spec, sha256=pinned.lower(), size=None, package=None)
-    from sam_backend.segment.engines import download_check
+    from sam_backend.segment.engines.factory import download_check
 
     try:
         path, served = fetch_checkpoint(spec, dest or settings.checkpoint_dir, source=source, progress=not quiet,
@@ -100,7 +100,8 @@ def bench(as_json: bool, engines: tuple[str, ...], model_types: tuple[str, ...],
     """Median timings of encoder, decoder and clicks, per stage; see sam_backend/commands/bench.py."""
     from sam_backend.commands.bench import run_bench
     from sam_backend.segment.checkpoints import graph_base
-    from sam_backend.segment.engines import EngineError, make_engine
+    from sam_backend.segment.engines import EngineError
+    from sam_backend.segment.engines.factory import make_engine
 
     settings = _settings()
     for name in engines or (settings.engine,):
@@ -449,7 +450,8 @@ def evaluate(data: Path, images: Path | None, engines: tuple[str, ...], model_ty
     file."""
     from sam_backend.commands.evalsets import EvaluateError, image_root, load_objects
     from sam_backend.commands.evaluate import Configuration, evaluate
-    from sam_backend.segment.engines import EngineError, make_engine
+    from sam_backend.segment.engines import EngineError, PathChoosing
+    from sam_backend.segment.engines.factory import make_engine
 
     settings = _settings()
     if plain and backend_url:
@@ -471,9 +473,10 @@ def evaluate(data: Path, images: Path | None, engines: tuple[str, ...], model_ty
                                     else DEFAULT_MODEL[name]]:
                 base = make_engine(replace(settings, engine=name, model_type=model))
                 for precision in precisions or (settings.precision,):
-                    engine = base.with_precision(precision) if hasattr(base, "with_precision") else base
-                    loaded = getattr(engine, "architecture_name", model)  # SAM_CHECKPOINT may hold another model
-                    label = name if name == "grabcut" else f"{name}/{loaded}/{getattr(engine, 'precision', precision)}"
+                    engine = base.with_precision(precision) if isinstance(base, PathChoosing) else base
+                    # named by the model loaded (SAM_CHECKPOINT may hold another model than SAM_MODEL_TYPE's)
+                    label = (f"{name}/{engine.architecture_name}/{engine.precision}"
+                             if isinstance(engine, PathChoosing) else name)
                     for p in protocols:
                         configs.append(Configuration(f"{label}/{p}{extra}", engine, not no_refine,
                                                      not no_logit_feedback, p))

@@ -44,7 +44,7 @@ from sam_backend.config import Settings
 from sam_backend.errors import ClientError
 from sam_backend.labelstudio.brush import decode_brush
 from sam_backend.labelstudio.context import keypoint_result
-from sam_backend.segment.engines import Engine
+from sam_backend.segment.engines import Adaptable, Engine
 from sam_backend.segment.prompts import PromptError
 from sam_backend.segment.simulator import first_click, iou, mean_iou_curve, next_click, noc
 
@@ -295,7 +295,7 @@ def evaluate(objects: list[EvalObject], configs: list[Configuration], settings: 
     after each category's first `adapt_on`."""
     groups = None
     if adapt_on is not None:
-        if backend_url or any(not hasattr(c.engine, "with_mask_decoder") for c in configs):
+        if backend_url or any(not isinstance(c.engine, Adaptable) for c in configs):
             raise EvaluateError("--adapt-on needs a SAM engine in this process (SAM_ENGINE=sam; not --backend, "
                                 "SAM 2.1 or GrabCut): it fine-tunes SAM's mask decoder")
         groups = category_groups(objects, adapt_on)
@@ -351,7 +351,7 @@ def _run_adapted(config: Configuration, groups: list, settings: Settings, shared
     answers = Counter(adapted=0, released=0)  # which decoder answered this configuration's adapted clicks
     for adaptation, (_, _, rest) in zip(adaptations[key], groups, strict=True):
         ask = in_process_asker(settings, replace(config, engine=adaptation.engine), engine_shared)
-        counts = getattr(adaptation.engine, "answers", None) or Counter()  # a refused group's base: none
+        counts = (adaptation.engine.answers if isinstance(adaptation.engine, Adaptable) else None) or Counter()
         answers.subtract(counts)  # an engine's counts span every configuration measured with it: this one's part
         for obj in rest:
             index += 1

@@ -317,7 +317,7 @@ def preannotate_coco(coco_path: Path, images: Path, out: Path, settings: Any, pr
     docstring); images are read from `images` by each image's `file_name`."""
     from dataclasses import replace
 
-    from pycocotools import mask as mask_utils
+    from sam_backend.segment.masks import mask_to_rle
 
     try:
         coco = json.loads(coco_path.read_text())
@@ -359,9 +359,7 @@ def preannotate_coco(coco_path: Path, images: Path, out: Path, settings: Any, pr
                 mask = _box_mask(backend, engine, embedding, image_key, ann, (w, h), report)
                 if mask is None:
                     continue
-                rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-                rle["counts"] = rle["counts"].decode("ascii")
-                ann["segmentation"] = rle
+                ann["segmentation"] = mask_to_rle(mask)
                 ann.setdefault("area", float(mask.sum()))
                 report.masks += 1
             report.predicted += 1

@@ -104,6 +104,13 @@ def positive_id(value: Any) -> int | None:
     return None
 
 
+def project_of(body: Mapping[str, Any]) -> str | None:
+    """The project id of a Label Studio request (`"<id>.<timestamp>"` or `<id>`) as a string of digits, or None
+    where it is not a positive integer (it keys stores and names model versions)."""
+    found = positive_id(str(body.get("project") or "").split(".")[0])
+    return None if found is None else str(found)
+
+
 def read_notice(body: Mapping[str, Any]) -> Notice:
     """The annotation ids an annotation webhook names (see the module docstring); any other action names none."""
     action = str(body.get("action") or "")

@@ -8,9 +8,12 @@ backend wrote itself (`own_versions`). Each rectangle is a Label Studio `rectang
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 SOURCES = ("annotations", "predictions", "both")
 RECT_TYPES = ("rectanglelabels", "rectangle")
@@ -101,3 +104,29 @@ def task_rectangles(task: Mapping[str, Any], source: str = "annotations", own_ve
     if source in ("predictions", "both"):
         rects += rectangles_of(newest_prediction(task, own_versions), "prediction")
     return rects
+
+
+def rectangles_to_answer(tasks: Iterable[Mapping[str, Any]], labels: Iterable[str], output: str,
+                         own_versions: Iterable[str] = ()) -> list[tuple[Mapping[str, Any], list[SourceRect]]] | None:
+    """`[(task, its usable rectangles)]` where a request without a context (Label Studio's Retrieve Predictions, or a
+    task opened with "use predictions to prelabel") carries tasks with rectangles: those of the newest live
+    annotation, else of the newest prediction not written by this backend (`own_versions`); a task whose newest
+    annotation holds masks already is left alone. None where no task has one. A rectangle that cannot be used
+    (`SourceRect.unusable` for the target's `labels` and `output`) is left out with a warning."""
+    labels = tuple(labels)
+    found = []
+    for task in tasks:
+        annotation = newest_live_annotation(task)
+        if annotation is not None and has_masks(annotation):  # labeled with masks already: left alone
+            found.append((task, []))
+            continue
+        rects = rectangles_of(annotation, "annotation") or task_rectangles(task, "predictions", own_versions)
+        usable = []
+        for rect in rects:
+            why = rect.unusable(labels, output)
+            if why is None:
+                usable.append(rect)
+            else:
+                log.warning("task %s: %s, left out (%s)", task.get("id"), *why)
+        found.append((task, usable))
+    return found if any(rects for _, rects in found) else None

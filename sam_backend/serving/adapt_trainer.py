@@ -41,6 +41,7 @@ from sam_backend.segment.adapt import (
     training_set,
     training_steps,
 )
+from sam_backend.segment.engines import Adaptable
 from sam_backend.serving.adapt_versions import weights_of
 from sam_backend.serving.cache import EmbeddingCache
 from sam_backend.sidecar.learning import LearningStore, Training
@@ -167,7 +168,7 @@ class Trainer:
 
     def supported(self, base: Any) -> bool:
         """Whether `base` has a SAM mask decoder to adapt; where not, `/health` says so (logged once)."""
-        if hasattr(base, "with_mask_decoder"):
+        if isinstance(base, Adaptable):
             return True
         if self.unsupported is None:
             self.unsupported = (f"{type(base).__name__} has no SAM mask decoder to adapt; learning needs "

@@ -27,7 +27,7 @@ DOWN_S = 30.0  # after the database failed to answer, clicks do not ask it again
 
 def weights_of(engine: Any) -> str:
     """The weights an engine's id names (`sam/<model>/<digest>`), without its precision."""
-    return engine.engine_id.rsplit("/", 1)[0]
+    return engine.id.weights_key
 
 
 @dataclass

@@ -23,6 +23,7 @@ from typing import Any
 
 from sam_backend.config import ConfigError, Settings
 from sam_backend.labelstudio.accepted import AnnotationSource, Skip, positive_id
+from sam_backend.segment.engines import Adaptable
 from sam_backend.serving.adapt_intake import Intake
 from sam_backend.serving.adapt_trainer import LearningEmbeddings, Trainer
 from sam_backend.serving.adapt_versions import Versions, weights_of
@@ -174,7 +175,7 @@ class Adapters:
     # -- the click path ---------------------------------------------------------------------------------------
     def engine_for(self, project: str | None, base: Any) -> Any:
         """The engine a click of `project` runs: its adapted version, else `base`."""
-        if self.versions is None or positive_id(project) is None or not hasattr(base, "with_mask_decoder"):
+        if self.versions is None or positive_id(project) is None or not isinstance(base, Adaptable):
             return base
         return self.versions.engine_for(str(project), base)
 
@@ -187,7 +188,7 @@ class Adapters:
         if self.versions is None or positive_id(project) is None:
             return None
         base = self.engine.peek()
-        if base is not None and hasattr(base, "with_mask_decoder"):
+        if isinstance(base, Adaptable):
             self.versions.refresh(str(project), base)
         return self.versions.number(project)
 
@@ -212,7 +213,7 @@ class Adapters:
         if self.trainer is None or self.store is None or self.versions is None:
             return {"enabled": False}
         base = self.engine.peek()
-        weights = weights_of(base) if base is not None and hasattr(base, "with_mask_decoder") else None
+        weights = weights_of(base) if isinstance(base, Adaptable) else None
         projects: dict[str, Any] = {}
         answers = self.versions.answers()
         try:

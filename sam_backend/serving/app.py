@@ -100,26 +100,54 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
                recorder: Callable[[Interaction], None] | None = None, start: bool = True) -> Flask:
     """Build the app; `start` loads the engine and starts the precompute worker in the background.
 
-    Without `backend`, one is built from `settings`, recording interactions in `SAM_METADATA_DB`.
+    Without `backend`, one is built from `settings`, recording interactions in `SAM_METADATA_DB`. The routes come
+    in three groups, each registered by its own function: the click path (`/predict`), Label Studio's lifecycle
+    (`/setup`, `/webhook`, `/versions`) and operations (`/`, `/health`, `/metrics`); `_guard` authenticates and
+    measures every request, `_errors` maps every exception to `{"errors": [...]}`.
     """
     settings = settings or Settings.from_env()
     if backend is None:
-        if recorder is None:
-            from sam_backend.sidecar.store import AsyncRecorder, open_sidecar
-
-            # With PostgreSQL (replicas that may be killed at any time), a click's rows are written before its
-            # answer leaves: the write runs alongside RLE and JSON, and the answer waits for the rest (about
-            # 5 ms for a noisy ViT-B mask, measured), never while the database is down. One SQLite process
-            # does not wait: the default click path stays as fast as it was.
-            shared = "://" in str(settings.metadata_db)
-            recorder = AsyncRecorder(open_sidecar(settings.metadata_db), confirm_s=0.25 if shared else 0.0)
-        backend = SamBackend(settings, recorder=recorder)
+        backend = SamBackend(settings, recorder=recorder or _recorder(settings))
     if start:
         backend.start()
     app = Flask("sam_backend")
     app.json = FastJSON(app)
     app.config["MAX_CONTENT_LENGTH"] = 32 * 1024 * 1024
     app.extensions["sam_backend"] = backend
+    _guard(app, settings, backend)
+    _click_path(app, backend)
+    _label_studio_lifecycle(app, settings, backend)
+    _operations(app, backend)
+    _errors(app)
+    return app
+
+
+def _recorder(settings: Settings) -> Callable[[Interaction], Any]:
+    """The sidecar writer `SAM_METADATA_DB` names. With PostgreSQL (replicas that may be killed at any time), a
+    click's rows are written before its answer leaves: the write runs alongside RLE and JSON, and the answer waits
+    for the rest (about 5 ms for a noisy ViT-B mask, measured), never while the database is down. One SQLite
+    process does not wait: the default click path stays as fast as it was."""
+    from sam_backend.sidecar.store import AsyncRecorder, open_sidecar
+
+    shared = "://" in str(settings.metadata_db)
+    return AsyncRecorder(open_sidecar(settings.metadata_db), confirm_s=0.25 if shared else 0.0)
+
+
+def _basic_auth_ok(header: str, settings: Settings) -> bool:
+    """Whether an `Authorization: Basic …` header carries `BASIC_AUTH_USER` / `BASIC_AUTH_PASS` (constant time)."""
+    if not header.startswith("Basic "):
+        return False
+    try:
+        user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return hmac.compare_digest(user.encode(), settings.basic_auth_user.encode()) & hmac.compare_digest(
+        password.encode(), (settings.basic_auth_pass or "").encode())
+
+
+def _guard(app: Flask, settings: Settings, backend: SamBackend) -> None:
+    """HTTP Basic auth where `BASIC_AUTH_USER` is set (a GET of `/` or `/health` without credentials is let through
+    to a short answer), and every request counted and timed for `/metrics`."""
 
     @app.before_request
     def _auth() -> Any:
@@ -131,15 +159,7 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
         if not header and request.method == "GET" and request.path in ("/", "/health"):
             g.authenticated = False  # a health check without credentials: up or not, no detail (see `health`)
             return None
-        ok = False
-        if header.startswith("Basic "):
-            try:
-                user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
-                ok = hmac.compare_digest(user.encode(), settings.basic_auth_user.encode()) & hmac.compare_digest(
-                    password.encode(), (settings.basic_auth_pass or "").encode())
-            except (ValueError, UnicodeDecodeError):
-                ok = False
-        if not ok:
+        if not _basic_auth_ok(header, settings):
             resp = _error("authentication required: this backend expects HTTP Basic credentials", 401)
             resp.headers["WWW-Authenticate"] = 'Basic realm="sam-backend"'
             return resp
@@ -152,32 +172,18 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
         backend.metrics.latency.labels(endpoint).observe(time.perf_counter() - g.get("t0", time.perf_counter()))
         return resp
 
-    def _json_body() -> dict[str, Any]:
-        body = request.get_json(silent=True)
-        if not isinstance(body, dict):
-            raise RequestError(f"expected a JSON object body (Content-Type: application/json), got "
-                               f"{request.content_type or 'no content type'} with {request.content_length or 0} bytes")
-        return body
 
-    @app.get("/")
-    @app.get("/health")
-    def health() -> Response:
-        if not g.get("authenticated", True):  # BASIC_AUTH set, no credentials: whether it is up, nothing more
-            return jsonify({"status": "UP", "model_class": "SamBackend", "model": backend.engine.state,
-                            "engine_ready": backend.engine.ready, "adapt": {"enabled": backend.adapters.enabled}})
-        return jsonify({"status": "UP", "model_class": "SamBackend", "model_version": backend.model_version,
-                        "model": backend.engine.state, "model_load_s_left": _rounded(backend.engine.seconds_left()),
-                        "model_load_s": _rounded(backend.engine.load_s),
-                        "engine_ready": backend.engine.ready, "engine_error": backend.engine.error,
-                        "decoder": backend.decoder_kind, "encoder": backend.encoder_kind,
-                        "store": None if backend.store is None else {"kind": backend.store.kind,
-                                                                      "up": not backend.store.outage.down},
-                        "precompute_pending": backend.prewarm.pending, "adapt": backend.adapters.status(),
-                        "cache_entries": backend.cache.stats().entries})
+def _json_body() -> dict[str, Any]:
+    """The request's JSON object; `RequestError` (400) says what arrived instead."""
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise RequestError(f"expected a JSON object body (Content-Type: application/json), got "
+                           f"{request.content_type or 'no content type'} with {request.content_length or 0} bytes")
+    return body
 
-    @app.post("/setup")
-    def setup() -> Response:
-        return jsonify(backend.setup(_json_body()))
+
+def _click_path(app: Flask, backend: SamBackend) -> None:
+    """`POST /predict`: a click's (or a task opened's) answer, its stages in `Server-Timing` and `/metrics`."""
 
     @app.post("/predict")
     def predict() -> Response:
@@ -199,6 +205,15 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
         resp.headers["Server-Timing"] = stages.header()
         return resp
 
+
+def _label_studio_lifecycle(app: Flask, settings: Settings, backend: SamBackend) -> None:
+    """What Label Studio calls besides clicks: `/setup` (connecting the model), `/webhook` (annotations saved, for
+    `SAM_ADAPT`; `X-SAM-Webhook-Secret` checked where `SAM_WEBHOOK_SECRET` is set) and `/versions`."""
+
+    @app.post("/setup")
+    def setup() -> Response:
+        return jsonify(backend.setup(_json_body()))
+
     @app.post("/webhook")
     def webhook() -> Response:
         body = _json_body()
@@ -217,23 +232,48 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
                            f"SAM_WEBHOOK_SECRET sets, got {'a wrong one' if given else 'none'}; not learnt from")
                 backend.adapters.refuse(message)
                 return _error(message, 401)
-        return jsonify({"status": "ok", "action": action, **backend.webhook(body)})
+        return jsonify({"status": "ok", "action": action, **backend.adapters.webhook(body)})
 
     @app.get("/versions")
     def versions() -> Response:
         return jsonify({"versions": [backend.model_version, *backend.adapters.all_versions(backend.model_version)],
                         "model_version": backend.model_version})
 
+
+def _operations(app: Flask, backend: SamBackend) -> None:
+    """What operators and their tools read: `/` and `/health` (state; without credentials where Basic auth is on,
+    only whether it is up) and `/metrics` (Prometheus)."""
+
+    @app.get("/")
+    @app.get("/health")
+    def health() -> Response:
+        if not g.get("authenticated", True):  # BASIC_AUTH set, no credentials: whether it is up, nothing more
+            return jsonify({"status": "UP", "model_class": "SamBackend", "model": backend.engine.state,
+                            "engine_ready": backend.engine.ready, "adapt": {"enabled": backend.adapters.enabled}})
+        return jsonify({"status": "UP", "model_class": "SamBackend", "model_version": backend.model_version,
+                        "model": backend.engine.state, "model_load_s_left": _rounded(backend.engine.seconds_left()),
+                        "model_load_s": _rounded(backend.engine.load_s),
+                        "engine_ready": backend.engine.ready, "engine_error": backend.engine.error,
+                        "decoder": backend.engine.decoder_kind, "encoder": backend.engine.encoder_kind,
+                        "store": None if backend.store is None else {"kind": backend.store.kind,
+                                                                      "up": not backend.store.outage.down},
+                        "precompute_pending": backend.prewarm.pending, "adapt": backend.adapters.status(),
+                        "cache_entries": backend.cache.stats().entries})
+
     @app.get("/metrics")
     def metrics() -> Response:
-        if backend.decoder_kind is not None:
-            backend.metrics.decoder_kind.labels(backend.decoder_kind).set(1)
-        encoder = backend.encoder_kind
+        if backend.engine.decoder_kind is not None:
+            backend.metrics.decoder_kind.labels(backend.engine.decoder_kind).set(1)
+        encoder = backend.engine.encoder_kind
         if encoder is not None:
             for kind in ("eager", "onnx", "aoti", "measuring"):
                 backend.metrics.encoder_kind.labels(kind).set(1 if kind == encoder else 0)
         backend.metrics.model_ready.set(1 if backend.engine.ready else 0)
         return Response(backend.metrics.render(), mimetype="text/plain; version=0.0.4")
+
+
+def _errors(app: Flask) -> None:
+    """Every error as `{"errors": [message]}` with a fitting status; never a traceback in a response."""
 
     @app.errorhandler(ClientError)
     def _known(exc: ClientError) -> Response:
@@ -258,5 +298,3 @@ def create_app(settings: Settings | None = None, backend: SamBackend | None = No
         error_id = uuid.uuid4().hex[:12]
         log.exception("unexpected error %s on %s %s", error_id, request.method, request.path)
         return _error(f"internal error {error_id}: the request failed; the backend log has the details", 500)
-
-    return app

@@ -15,7 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sam_backend.fileio import write_atomic
-from sam_backend.segment.engines import Engine, EngineError
+from sam_backend.segment.engines import EncoderChoosing, Engine, EngineError, PathChoosing
+from sam_backend.serving.encoder import StillEncoding
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,10 @@ class LoadTimes:
             write_atomic(self.path, json.dumps({"load_s": round(seconds, 3)}).encode())
         except OSError as exc:
             log.debug("could not keep the load time at %s (%s)", self.path, exc)
+
+
+class ModelLoading(StillEncoding):
+    """A click arrived while the model loads and the load did not end within `SAM_CLICK_DEADLINE_S` (503)."""
 
 
 class EngineHolder:
@@ -92,6 +97,38 @@ class EngineHolder:
     def peek(self) -> Engine | None:
         """The engine if it is built, else None (never builds it)."""
         return self._engine
+
+    @property
+    def encoder_kind(self) -> str | None:
+        """The image encoder's path (`aoti`, `onnx`, `eager`; see `SAM_ENCODER`), `measuring` while the background
+        measurement runs, None before the engine is loaded."""
+        engine = self._engine
+        if engine is None:
+            return None
+        if not isinstance(engine, EncoderChoosing):
+            return "eager"
+        tuning, kind = engine.encoder_tuning, engine.encoder_kind
+        return "measuring" if tuning is not None and tuning.is_alive() and kind == "eager" else kind
+
+    @property
+    def decoder_kind(self) -> str | None:
+        """The decoder path clicks run (`onnx`, `compile`, `eager`; see `SAM_DECODER`), None before the engine
+        is loaded."""
+        engine = self._engine
+        if engine is None:
+            return None
+        return engine.decoder_kind if isinstance(engine, PathChoosing) else "eager"
+
+    def for_click(self, deadline_s: float, on_deadline: Callable[[], object] = lambda: None) -> Engine:
+        """The engine for a click: while it loads, a click waits at most `deadline_s` (`SAM_CLICK_DEADLINE_S`), then
+        gets `ModelLoading` (503) with the time the load has left, as a click waiting for an encode does."""
+        engine = self.wait(deadline_s)
+        if engine is None:
+            on_deadline()
+            left_s = self.seconds_left()
+            when = "time left not known yet" if left_s is None else f"about {left_s:.0f} s left"
+            raise ModelLoading(f"model loading ({when}): click again")
+        return engine
 
     def seconds_left(self) -> float | None:
         """Estimate of the seconds the running load has left, from the previous load's duration (None: unknown)."""

@@ -6,6 +6,9 @@ The lookup runs on its own thread (opening a task never waits for it), at most o
 while (`recent`), and only where the backend has `LABEL_STUDIO_URL` and an API key. The images go through
 the precompute queue: bounded by `SAM_PRECOMPUTE_QUEUE`, deduplicated by URL, lower priority than clicks.
 `/metrics`: `sam_prefetch_total{result=queued|lookup|failed}`.
+
+`FetchedAhead` serves batch jobs (`preannotate`) the same way one step earlier: the next image is downloaded and
+decoded while the current one encodes, and its encode takes it from here instead of downloading it again.
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from sam_backend.errors import ClientError
 from sam_backend.labelstudio.client import LabelStudioClient
+from sam_backend.labelstudio.images import ImageFetcher, LoadedImage
 
 log = logging.getLogger(__name__)
 
@@ -95,3 +101,33 @@ class Prefetcher:
                 self.count("failed")
                 log.warning("prefetch of the tasks after %s in project %s failed: %s", task_id, project,
                             str(exc)[:200])
+
+
+FETCHED_AHEAD_BYTES = 256 * 2**20
+
+
+class FetchedAhead:
+    """Images a batch job fetched ahead of their encode, kept until taken, at most `limit_bytes` of pixels (the
+    oldest go first)."""
+
+    def __init__(self, fetcher: ImageFetcher, limit_bytes: int = FETCHED_AHEAD_BYTES) -> None:
+        self.fetcher = fetcher
+        self.limit_bytes = limit_bytes
+        self._images: OrderedDict[str, LoadedImage] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def fetch(self, url: str) -> None:
+        """Download and decode `url` now; a failure is left to the encode's own fetch, which reports it."""
+        try:
+            loaded = self.fetcher.load(url)
+        except ClientError:
+            return
+        with self._lock:
+            self._images[url] = loaded
+            while sum(v.pixels.nbytes for v in self._images.values()) > self.limit_bytes and len(self._images) > 1:
+                self._images.popitem(last=False)
+
+    def take(self, url: str) -> LoadedImage | None:
+        """The image fetched ahead for `url` (once), else None."""
+        with self._lock:
+            return self._images.pop(url, None)
