@@ -98,16 +98,8 @@ class SamBackend:
 
     @property
     def model_version(self) -> str:
-        """`sam-backend-<version>-<engine>-<model>`, naming the model actually loaded (read off its checkpoint:
-        `SAM_CHECKPOINT` may hold another model than `SAM_MODEL_TYPE`'s default); before the engine is loaded,
-        the model the settings name."""
-        engine = self.engine.peek()
-        loaded = engine.id.model if engine is not None else None
-        if self.settings.engine == "grabcut":
-            kind = "grabcut"
-        else:
-            kind = f"{self.settings.engine}-{loaded or self.settings.model_type}"
-        return f"sam-backend-{__version__}-{kind}"
+        """`sam-backend-<version>-<engine>-<model>` (see `model_version_of`)."""
+        return model_version_of(self.settings, self.engine.peek())
 
     def start(self) -> None:
         """Load the engine and start the background encoder, both in the background."""
@@ -152,7 +144,8 @@ class SamBackend:
             boxed = rectangles_to_answer(tasks, target.labels, target.output, own)
             if boxed is not None:  # Retrieve Predictions (or a task opened) on tasks that have rectangles
                 with self.activity.click():
-                    results = [self._masks_for_rectangles(task, rects, config, body, stages) for task, rects in boxed]
+                    results = [self._masks_for_rectangles(task, rects, config, project, stages)
+                               for task, rects in boxed]
                 return {"results": results, "model_version": self.version_for(project)}
             for task in tasks:
                 self.prewarm.schedule(required_image_url(task, target))
@@ -167,9 +160,8 @@ class SamBackend:
         return {"results": results, "model_version": self.version_for(project)}
 
     def _masks_for_rectangles(self, task: Mapping[str, Any], rects: list, config: LabelConfig,
-                              body: Mapping[str, Any], stages: StageTimes | None) -> dict[str, Any]:
+                              project: str | None, stages: StageTimes | None) -> dict[str, Any]:
         """One prediction for `task`: a mask from each rectangle as a box prompt (each as its own object)."""
-        project = project_of(body)
         out, scores = [], []
         for n, rect in enumerate(rects):
             context = {"result": [rect.as_context(n)]}
@@ -254,6 +246,16 @@ class SamBackend:
         """Download and decode `url` now, so that its encode (queued next by a batch job such as `preannotate`) does
         not wait for the download (see `serving.prefetch.FetchedAhead`)."""
         self.fetched.fetch(url)
+
+
+def model_version_of(settings: Settings, engine: Engine | None) -> str:
+    """`sam-backend-<version>-<engine>-<model>`, naming the model actually loaded (read off its checkpoint:
+    `SAM_CHECKPOINT` may hold another model than `SAM_MODEL_TYPE`'s default); before the engine is loaded, the model
+    the settings name."""
+    if settings.engine == "grabcut":
+        return f"sam-backend-{__version__}-grabcut"
+    loaded = engine.id.model if engine is not None else None
+    return f"sam-backend-{__version__}-{settings.engine}-{loaded or settings.model_type}"
 
 
 def _load_times(settings: Settings) -> LoadTimes | None:
