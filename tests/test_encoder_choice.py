@@ -19,6 +19,7 @@ from sam_backend.segment.engines.encoder_choice import (
     Verdict,
     apply_verdict,
     choose_encoder,
+    measure_in_background,
     measure_paths,
     verdict_file,
 )
@@ -150,7 +151,7 @@ def test_auto_measures_in_the_background_then_switches_and_a_restart_reuses_the_
     check = evalset("GrabCut") / "data_GT"
     assert choose_encoder(engine, "auto", weights, check) == "eager"
     assert engine.encoder_tuning is not None and engine.encoder_kind == "eager"
-    engine.encoder_tuning.join(900)
+    engine.encoder_tuning.join()  # ends by MEASURE_LIMIT_S at the latest
     assert not engine.encoder_tuning.is_alive()
     verdict = Verdict.read(verdict_file(weights, engine.precision), engine.engine_id)
     assert verdict is not None, "the background measurement wrote no verdict"
@@ -241,6 +242,8 @@ def test_the_measuring_child_runs_at_the_lowest_priority_and_dies_with_its_backe
             time.sleep(0.2)
         assert requests.get(f"http://127.0.0.1:{port}/health", timeout=10).json()["encoder"] in ("measuring", "eager")
         assert os.getpriority(os.PRIO_PROCESS, children[0]) == 19
+        if len(os.sched_getaffinity(0)) > 1:  # one core measures, the other is left to clicks
+            assert len(os.sched_getaffinity(children[0])) == 1
         backend.send_signal(signal.SIGTERM)
         backend.wait(60)
         deadline = time.monotonic() + 30
@@ -252,3 +255,27 @@ def test_the_measuring_child_runs_at_the_lowest_priority_and_dies_with_its_backe
             backend.kill()
         for p in [p for p in _children_measuring() if p not in before]:
             os.kill(p, signal.SIGKILL)
+
+
+def test_a_measurement_past_its_time_limit_is_abandoned_and_eager_serves(weights, caplog):
+    """A measurement still running at its limit is killed (no child left compiling), logged, and writes no verdict;
+    the engine keeps the eager encoder. Driven to its end by joining the thread that waits for it."""
+    engine = SamEngine.from_checkpoint(weights, device="cpu", precision="auto")
+    vfile = verdict_file(weights, engine.precision)
+    before = set(_children_measuring())
+    with caplog.at_level(logging.WARNING):
+        measure_in_background(engine, weights, vfile, None, limit_s=1.0).join()
+    assert "abandoned after 1 s" in caplog.text
+    assert engine.encoder_kind == "eager" and Verdict.read(vfile, engine.engine_id) is None
+    assert set(_children_measuring()) <= before
+
+
+def test_make_engine_can_wait_for_the_measurement_so_a_run_uses_one_path(weights, tmp_path):
+    """`evaluate`'s engine: with `settle_encoder` the first start's measurement has ended when `make_engine` returns,
+    and the engine already runs the path it chose (no switch in the middle of a run)."""
+    settings = Settings.from_env({"SAM_CHECKPOINT": str(weights), "SAM_ENCODER": "auto", "SAM_DECODER": "eager",
+                                  "SAM_METADATA_DB": str(tmp_path / "s.db")})
+    engine = make_engine(settings, settle_encoder=True)
+    assert engine.encoder_tuning is not None and not engine.encoder_tuning.is_alive()
+    verdict = Verdict.read(verdict_file(weights, engine.precision), engine.engine_id)
+    assert verdict is not None and engine.encoder_kind == verdict.chosen

@@ -81,6 +81,9 @@ def test_evaluate_grabcut_and_tiny_sam_in_one_run(synthetic_set, tmp_path, tiny_
     for s in summary.values():
         assert s["objects"] == 3 and len(s["miou"]) == 5 and 1 <= s["noc85"] <= 5 and 1 <= s["noc90"] <= 5
         assert all(0.0 <= v <= 1.0 for v in s["miou"]) and s["seconds_per_click"] > 0
+    sam = next(s for k, s in summary.items() if k.startswith("sam/"))
+    assert sam["encoder"] == "eager" and sam["decoder"] in ("onnx", "eager")  # the paths the whole run used
+    assert (summary["grabcut/clicks"]["encoder"], summary["grabcut/clicks"]["decoder"]) == ("eager", "eager")
     grabcut = summary["grabcut/clicks"]["miou"]
     assert all(b >= a - 1e-9 for a, b in zip(grabcut, grabcut[1:], strict=False)), grabcut  # never decreases
     assert grabcut[-1] >= 0.85  # GrabCut reaches the synthetic objects

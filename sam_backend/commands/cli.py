@@ -471,7 +471,7 @@ def evaluate(data: Path, images: Path | None, engines: tuple[str, ...], model_ty
             models = [m for m in model_types if m in ENGINE_MODELS[name]] if name != "grabcut" else ["-"]
             for model in models or [settings.model_type if settings.model_type in ENGINE_MODELS[name]
                                     else DEFAULT_MODEL[name]]:
-                base = make_engine(replace(settings, engine=name, model_type=model))
+                base = make_engine(replace(settings, engine=name, model_type=model), settle_encoder=True)
                 for precision in precisions or (settings.precision,):
                     engine = base.with_precision(precision) if isinstance(base, PathChoosing) else base
                     # named by the model loaded (SAM_CHECKPOINT may hold another model than SAM_MODEL_TYPE's)

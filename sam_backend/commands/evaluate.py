@@ -44,7 +44,7 @@ from sam_backend.config import Settings
 from sam_backend.errors import ClientError
 from sam_backend.labelstudio.brush import decode_brush
 from sam_backend.labelstudio.context import keypoint_result
-from sam_backend.segment.engines import Adaptable, Engine
+from sam_backend.segment.engines import Adaptable, EncoderChoosing, Engine, PathChoosing
 from sam_backend.segment.prompts import PromptError
 from sam_backend.segment.simulator import first_click, iou, mean_iou_curve, next_click, noc
 
@@ -318,7 +318,8 @@ def evaluate(objects: list[EvalObject], configs: list[Configuration], settings: 
             for i, obj in enumerate(objects):
                 runs.append(run_object(ask, obj, i + 1, config.protocol, max_clicks))
                 bar.update(1)
-            results[config.name] = (summarize(runs, max_clicks, config.protocol), runs)
+            results[config.name] = (dict(summarize(runs, max_clicks, config.protocol), **paths_of(config.engine)),
+                                    runs)
             if groups:
                 results[f"{config.name}/adapted"] = _run_adapted(config, groups, settings, shared, adaptations,
                                                                  adapt_config, max_clicks, bar)
@@ -326,6 +327,16 @@ def evaluate(objects: list[EvalObject], configs: list[Configuration], settings: 
         bar.close()
     write_outputs(out, objects, results, max_clicks)
     return {name: s for name, (s, _) in results.items()}
+
+
+def paths_of(engine: Engine | None) -> dict[str, str]:
+    """The encoder and decoder paths an in-process engine ran (one for the whole run: `make_engine` waited for the
+    encoder's measurement); nothing for a backend asked over HTTP."""
+    if engine is None:
+        return {}
+    out = {"decoder": engine.decoder_kind if isinstance(engine, PathChoosing) else "eager"}
+    out["encoder"] = engine.encoder_kind if isinstance(engine, EncoderChoosing) else "eager"
+    return out
 
 
 def _run_adapted(config: Configuration, groups: list, settings: Settings, shared: dict[str, dict[str, Any]],

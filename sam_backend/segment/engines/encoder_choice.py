@@ -17,6 +17,7 @@ ready. Check images: up to 3 photos of `SAM_CHECK_IMAGES` (a folder), else the s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIN_MASK_IOU = 0.99
+MEASURE_LIMIT_S = 900.0  # a background measurement still running after this is abandoned (eager serves)
 MIN_MEASURED_SIDE = 512  # `auto` measures encoders of this input side and up (every published SAM is 1024)
 
 
@@ -290,13 +292,15 @@ def _write_verdict(path: Path, verdict: Verdict) -> None:
                     path, exc)
 
 
-def measure_in_background(engine: SamEngine, checkpoint: Path, vfile: Path, images_dir: Path | None
-                          ) -> threading.Thread:
-    """Measure every path in a child process at low CPU priority; when it has written `vfile`, switch `engine`
-    to the chosen path. Returns the thread that waits for it."""
+def measure_in_background(engine: SamEngine, checkpoint: Path, vfile: Path, images_dir: Path | None,
+                          limit_s: float = MEASURE_LIMIT_S) -> threading.Thread:
+    """Measure every path in a child process, at the lowest CPU priority and on one core (`_lower_priority`);
+    when it has written `vfile`, switch `engine` to the chosen path. A child still running after `limit_s` is
+    killed and the measurement abandoned (logged; eager serves, and the next start measures again). Returns the
+    thread that waits for it: `join()` it to drive the measurement to its end."""
     cmd = [sys.executable, "-m", "sam_backend.segment.engines.encoder_choice", "--checkpoint", str(checkpoint),
            "--engine-id", engine.engine_id, "--precision", engine.precision, "--out", str(vfile),
-           "--threads", str(torch.get_num_threads())]
+           "--threads", "1"]
     if images_dir is not None:
         cmd += ["--images", str(images_dir)]
 
@@ -306,9 +310,13 @@ def measure_in_background(engine: SamEngine, checkpoint: Path, vfile: Path, imag
         try:
             setup = functools.partial(_lower_priority, os.getpid(), _prctl())
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  text=True, preexec_fn=setup, check=False, timeout=1800)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            log.warning("the encoder measurement did not finish (%s); images use the eager encoder", exc)
+                                  text=True, preexec_fn=setup, check=False, timeout=limit_s)
+        except subprocess.TimeoutExpired:  # `run` has killed the child
+            log.warning("the encoder measurement was abandoned after %.0f s (a loaded machine?); images use the "
+                        "eager encoder, and the next start measures again", limit_s)
+            return
+        except OSError as exc:
+            log.warning("the encoder measurement could not start (%s); images use the eager encoder", exc)
             return
         verdict = Verdict.read(vfile, engine.engine_id)
         if proc.returncode != 0 or verdict is None:
@@ -337,8 +345,12 @@ def _prctl() -> Any:
 def _lower_priority(parent: int, prctl: Any) -> None:
     """In the measuring child, before it runs: the lowest CPU priority (it and the compiler it starts yield to clicks
     and encodes), and death with the process that started it (Linux `PR_SET_PDEATHSIG`): a backend stopped or
-    replaced mid-measurement leaves no child compiling for minutes on the next one's cores."""
+    replaced mid-measurement leaves no child compiling for minutes on the next one's cores. It runs on one core, the
+    last this process may use, so the other is left to clicks whatever the compiler starts."""
     os.nice(19 - os.nice(0))
+    with contextlib.suppress(AttributeError, OSError):  # not Linux
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[-1]})
     if prctl is not None:
         prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:  # the parent died before that: nobody waits for this measurement

@@ -34,8 +34,10 @@ def download_check(model_type: str) -> Callable[[Path], None] | None:
     return check
 
 
-def make_engine(settings: Settings) -> Engine:
-    """Build the engine the settings name (loads weights: call it off the request path)."""
+def make_engine(settings: Settings, settle_encoder: bool = False) -> Engine:
+    """Build the engine the settings name (loads weights: call it off the request path). With `settle_encoder`, a
+    first start's encoder measurement (`SAM_ENCODER=auto`) is waited for, so that the engine runs one encoder path
+    from its first encode to its last (`evaluate`: the same command gives the same figures)."""
     if settings.engine == "grabcut":
         from sam_backend.segment.engines.grabcut import GrabCutEngine
 
@@ -55,6 +57,10 @@ def make_engine(settings: Settings) -> Engine:
                        settings.check_images)
     if settings.engine == "sam":
         choose_encoder(engine, settings.encoder, settings.checkpoint_path, settings.check_images)
+        if settle_encoder and engine.encoder_tuning is not None:
+            log.warning("waiting for the image encoder's measurement (one-off for these weights on this machine), so "
+                        "that the whole run uses one encoder path")
+            engine.encoder_tuning.join()
     elif settings.encoder not in ("auto", "eager"):
         log.warning("SAM_ENCODER=%s applies to the sam engine only; SAM 2.1 encodes eagerly", settings.encoder)
     return engine
