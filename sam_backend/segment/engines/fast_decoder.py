@@ -37,7 +37,7 @@ from sam_backend.fileio import write_atomic
 log = logging.getLogger(__name__)
 
 # Bump when a graph module's inputs, outputs or computation change: old cached exports are then ignored.
-GRAPH_VERSION = "g1"
+GRAPH_VERSION = "g2"  # g2: SAM's decoder graph laid out for a CPU (`SamDecoderGraph`)
 MIN_IOU = 0.999
 
 
