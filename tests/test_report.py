@@ -329,3 +329,14 @@ def test_metrics_count_prompts_per_accepted_object_by_label(tmp_path):
     assert f'sam_accepted_object_prompts_bucket{{label="{LABEL}",le="1.0"}} 0.0' in metrics
     assert f'sam_accepted_objects_total{{label="{LABEL}",made="hand"}} 1.0' in metrics
     assert f'sam_accepted_objects_total{{label="{LABEL}",made="backend"}} 1.0' in metrics
+
+
+def test_a_hostile_label_is_text_on_the_page_and_in_the_plot():
+    """A label is the team's text: `$…$` is not matplotlib's mathtext (an unbalanced one made the plot raise) and
+    markup is escaped in the tables."""
+    label = "<script>alert(1)</script> $x^{$"
+    rows = [row(1, 1, label, 0, A, [(20, 30, 1)])]
+    data = report_data(match(rows, [task(1, ([region(A, label)], 10, False))]), 1, None, [], adapt=False)
+    page = render(data, [40.0])
+    assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert page.count("data:image/png;base64,") == 2

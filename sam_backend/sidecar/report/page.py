@@ -66,7 +66,8 @@ def clicks_plot(data: dict[str, Any]) -> str:
         clicks = [c for _t, c in points]
         running = [sorted(clicks[max(0, i - WINDOW + 1):i + 1])[len(clicks[max(0, i - WINDOW + 1):i + 1]) // 2]
                    for i in range(len(clicks))]
-        ax.plot([t for t, _c in points], running, marker="o", markersize=3, label=label)
+        ax.plot([t for t, _c in points], running, marker="o", markersize=3,
+                label=label.replace("$", r"\$"))  # a label is text, never matplotlib's mathtext
     for version in data.get("by_version") or []:
         if version["version"] and version["went_live"]:
             when = datetime.fromisoformat(version["went_live"])
