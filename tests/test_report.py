@@ -189,6 +189,19 @@ def test_an_empty_project_says_so(tmp_path):
     assert missing.exit_code != 0 and "does not exist" in missing.output
     bad = CliRunner(env=env).invoke(main, ["report", "--project", "3", "--since", "yesterday", "--quiet"])
     assert bad.exit_code != 0 and "--since: expected a date" in bad.output
+    _log_one(tmp_path / "logged.db")
+    down = CliRunner(env=dict(env, SAM_METADATA_DB=str(tmp_path / "logged.db"))).invoke(
+        main, ["report", "--project", "3", "--quiet"])
+    assert down.exit_code != 0 and "Traceback" not in down.output and "project 3" in down.output  # LS unreachable
+
+
+def _log_one(db) -> None:
+    """A sidecar with one interaction of project 3."""
+    from sam_backend.sidecar.records import Interaction
+    from sam_backend.sidecar.store import Store
+
+    Store(db).record(Interaction("img", {"points": [[1, 1, 1]], "box": None}, A, project="3", task_id=1,
+                                 label="Object", latency_ms=5.0))
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from sam_backend.fileio import write_atomic
 from sam_backend.sidecar.report.figures import report_data
 from sam_backend.sidecar.report.objects import match, parse_time, since
 from sam_backend.sidecar.report.page import render
@@ -90,10 +91,14 @@ def build_report(project: int, out: Path, db: str | Path, url: str | None, api_k
               disable=not progress) as bar:
         matched = since(match(rows, tasks, max_pixels or DEFAULT_MAX_PIXELS, progress=lambda: bar.update()), when)
     data = report_data(matched, project, when, stored, adapt)
-    out.mkdir(parents=True, exist_ok=True)
+    page = render(data, [s.latency_ms for _label, s in matched.answers if s.latency_ms is not None])
     json_path, html_path = out / "report.json", out / "report.html"
-    json_path.write_text(json.dumps(data, indent=1))
-    html_path.write_text(render(data, [s.latency_ms for _label, s in matched.answers if s.latency_ms is not None]))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(json_path, json.dumps(data, indent=1).encode())
+        write_atomic(html_path, page.encode())
+    except OSError as exc:
+        raise ReportError(f"cannot write the report into {out}: {exc.strerror or exc}") from None
     log.info("report of project %s: %d objects, %d hand-drawn, %d answers (%s)", project,
              data["totals"]["objects"], data["totals"]["hand_drawn"], data["totals"]["answers"],
              datetime.now(timezone.utc).isoformat(timespec="seconds"))
