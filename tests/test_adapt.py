@@ -659,3 +659,49 @@ def test_learning_encodes_never_push_an_annotators_embedding_out(tmp_path):
     learn("p1.png", engine), learn("p2.png", engine)
     assert (engine.engine_id, annotator.sha256) in clicks and clicks.stats().entries == 1
     assert learn.own.stats().entries == 2
+
+
+def test_an_adapted_version_runs_on_the_base_decoder_path_and_a_newer_one_is_built_off_the_click_path(
+        mobile_sam_checkpoint, tmp_path):
+    """An adapted decoder runs on the base's decoder path (here ONNX Runtime: its own graph, whose masks match its own
+    eager decoder), so an adapted project clicks as fast as the base. A newer version published while one serves is
+    built on a thread of its own: the click that finds it is answered by the serving version, and the newer one
+    serves once built (driven to its end with `settle`, not a clock)."""
+    from sam_backend.segment.engines.factory import make_engine
+    from sam_backend.segment.prompts import ObjectPrompt
+    from sam_backend.segment.simulator import iou
+    from sam_backend.serving.adapt_versions import Versions, weights_of
+    from sam_backend.sidecar.learning import LearningStore
+    from sam_backend.sidecar.store import Store
+
+    settings = Settings.from_env({"SAM_CHECKPOINT": str(mobile_sam_checkpoint), "SAM_DECODER": "onnx",
+                                  "SAM_ENCODER": "eager", "SAM_PRECISION": "fp32",
+                                  "SAM_METADATA_DB": str(tmp_path / "s.db")})
+    base = make_engine(settings)
+    assert base.decoder_kind == "onnx"
+    store = LearningStore(Store(tmp_path / "s.db"), tmp_path / "locks")
+    decoder = A.adapted_decoder(base)
+    with torch.no_grad():
+        for name, p in decoder.named_parameters():
+            if name.startswith(A.TRAINABLE):
+                p.add_(torch.randn_like(p) * 1e-3, alpha=1.0)  # a learnt decoder: not the released one
+    state = {n: p.detach() for n, p in decoder.named_parameters() if n.startswith(A.TRAINABLE)}
+    packed = A.pack_version(state, {"weights": weights_of(base)})
+    store.publish("3", weights_of(base), packed, {"trained_on": 4}, keep=3)
+    versions = Versions(store, sync_s=0.0)
+    first = versions.engine_for("3", base)
+    assert first.adapter_version == "p3-v1" and first.decoder_kind == "onnx"
+    image, mask = real_photo("GrabCut", PHOTO)
+    embedding = base.embed(image)
+    x, y, _ = first_click(mask)
+    prompt = ObjectPrompt(np.array([[x, y]]), np.array([1]), None, "o", None, None, (mask.shape[1], mask.shape[0]))
+    fast = first.predict_with(first.fast_decoder, embedding, prompt)
+    slow = first.predict_with(None, embedding, prompt)
+    assert iou(fast.best_mask, slow.best_mask) >= 0.999 and fast.best == slow.best
+    assert not np.array_equal(slow.low_res_logits, base.predict_with(None, embedding, prompt).low_res_logits)
+
+    store.publish("3", weights_of(base), packed, {"trained_on": 9}, keep=3)
+    assert versions.engine_for("3", base) is first  # answered by v1 while v2 is built
+    versions.settle()
+    second = versions.engine_for("3", base)
+    assert second.adapter_version == "p3-v2" and second.decoder_kind == "onnx" and versions.number("3") == 2

@@ -5,6 +5,11 @@ Every replica serves the same decoder for a version name: names come from the da
 replica looks for a newer version at most every `SYNC_S` per project, on that project's next click, so a
 publication reaches every replica within `SYNC_S` of its next click. A version learnt on other weights, or whose
 bytes cannot be read, is not served (the base model is).
+
+A version's decoder runs on the base's decoder path (`SAM_DECODER`: an ONNX Runtime graph of the adapted weights,
+exported in memory and checked against their own eager decoder), so an adapted project clicks as fast as the base.
+A project's first version is built where it is first needed; a newer one is built on a thread of its own while the
+previous one serves, and swapped in when ready: no click waits for a graph export.
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sam_backend.segment.adapt import AdaptError, adapted_decoder, unpack_version
+from sam_backend.segment.engines import PathChoosing
 from sam_backend.sidecar.learning import LearningStore
 
 log = logging.getLogger(__name__)
@@ -51,6 +57,7 @@ class Versions:
         self.served: dict[str, Served] = {}
         self._lock = threading.Lock()
         self._down_until = float("-inf")  # time.monotonic() before which the database is not asked
+        self._building: dict[str, threading.Thread] = {}  # projects whose newer version is built off the click path
 
     @property
     def down(self) -> bool:
@@ -63,45 +70,92 @@ class Versions:
         return served.engine if served.engine is not None else base
 
     def refresh(self, project: str, base: Any, force: bool = False) -> Served:
-        """Look for a newer version (at most every `sync_s`, unless `force`) and build it on `base`."""
+        """Look for a newer version (at most every `sync_s`, unless `force`) and build it on `base`. A project's
+        first version (and a `force`d refresh, from a background thread) is built here; a newer one, while another
+        serves, is built on a thread of its own and swapped in when it is ready, so no click waits for its graph.
+        Returns what serves now (a copy: a later swap does not change it)."""
         with self._lock:
             served = self.served.setdefault(project, Served())
             now = time.monotonic()
             stale = served.engine is not None and served.engine.engine_id != base.engine_id
             if not (force or stale or now - served.checked >= self.sync_s) or (self.down and not force):
-                return served
+                return replace(served)
             served.checked = now
             weights = weights_of(base)
             try:
                 newest = self.store.newest(project, weights)
-                if newest is not None and (newest != served.number or stale or served.engine is None):
-                    found = self.store.version(project, weights, newest)
-                    if found is not None and self._build(served, base, found.number, found.data, found.info,
-                                                         project):
-                        self.on_built(project)
             except Exception as exc:  # the database is down: clicks keep what they have, without asking for a while
-                self._down_until = time.monotonic() + DOWN_S
-                log.warning("project %s: newest version cannot be read (%s); clicks keep version %s", project,
-                            str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__,
-                            served.number or "base")
-            return served
+                self._failed(project, served, exc)
+                return replace(served)
+            if newest is None or not (newest != served.number or stale or served.engine is None):
+                return replace(served)
+            if served.engine is not None and not (stale or force):  # an upgrade: built off the click path
+                if project not in self._building:
+                    thread = threading.Thread(target=self._upgrade, args=(project, base, weights, newest),
+                                              daemon=True, name=f"version-{project}")
+                    self._building[project] = thread
+                    thread.start()
+                return replace(served)
+            self._install(project, served, self._build(project, base, weights, newest))
+            return replace(served)
 
-    @staticmethod
-    def _build(served: Served, base: Any, number: int, data: bytes, info: dict[str, Any], project: str) -> bool:
+    def _upgrade(self, project: str, base: Any, weights: str, number: int) -> None:
         try:
-            state, meta = unpack_version(data)
+            built = self._build(project, base, weights, number)
+            with self._lock:
+                self._install(project, self.served[project], built)
+        finally:
+            with self._lock:
+                self._building.pop(project, None)
+
+    def settle(self) -> None:
+        """Wait until no newer version is being built (a call that drives the upgrades to their end)."""
+        while True:
+            with self._lock:
+                threads = list(self._building.values())
+            if not threads:
+                return
+            for thread in threads:
+                thread.join()
+
+    def _install(self, project: str, served: Served, built: tuple[Any, int, dict[str, Any]] | None) -> None:
+        if built is not None:
+            served.engine, served.number, served.info = built
+            log.info("project %s: clicks use adapted version %s (%s decoder)", project, served.number,
+                     served.engine.decoder_kind)
+            self.on_built(project)
+
+    def _failed(self, project: str, served: Served, exc: Exception) -> None:
+        self._down_until = time.monotonic() + DOWN_S
+        log.warning("project %s: newest version cannot be read (%s); clicks keep version %s", project,
+                    str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__,
+                    served.number or "base")
+
+    def _build(self, project: str, base: Any, weights: str, number: int
+               ) -> tuple[Any, int, dict[str, Any]] | None:
+        """Version `number` of `project` built on `base`: `(engine, number, info)`, or None where it cannot be used.
+        Its decoder runs on the path the base's runs (`SAM_DECODER`: its own graph, checked against its own eager
+        decoder as the base's was); where that graph is refused, eager."""
+        try:
+            found = self.store.version(project, weights, number)
+        except Exception as exc:
+            self._failed(project, self.served[project], exc)
+            return None
+        if found is None:
+            return None
+        try:
+            state, meta = unpack_version(found.data)
         except AdaptError as exc:
-            log.error("project %s: version %s cannot be used (%s); clicks keep version %s", project, number, exc,
-                      served.number or "base")
-            return False
-        if meta.get("weights") != weights_of(base):
-            log.warning("project %s: version %s was learnt on other weights (%s, serving %s); clicks keep version %s",
-                        project, number, meta.get("weights"), weights_of(base), served.number or "base")
-            return False
-        served.engine = base.with_mask_decoder(adapted_decoder(base, state), f"p{project}-v{number}")
-        served.number, served.info = number, info
-        log.info("project %s: clicks use adapted version %s", project, number)
-        return True
+            log.error("project %s: version %s cannot be used (%s); clicks keep their version", project, number, exc)
+            return None
+        if meta.get("weights") != weights:
+            log.warning("project %s: version %s was learnt on other weights (%s, serving %s); clicks keep their "
+                        "version", project, number, meta.get("weights"), weights)
+            return None
+        engine = base.with_mask_decoder(adapted_decoder(base, state), f"p{project}-v{number}")
+        if isinstance(base, PathChoosing) and base.decoder_kind != "eager":
+            engine.use_decoder(base.decoder_kind)
+        return engine, number, found.info
 
     def number(self, project: str | None) -> int | None:
         """The version this replica serves for `project` (None: the base model)."""
