@@ -664,9 +664,10 @@ def test_learning_encodes_never_push_an_annotators_embedding_out(tmp_path):
 def test_an_adapted_version_runs_on_the_base_decoder_path_and_a_newer_one_is_built_off_the_click_path(
         mobile_sam_checkpoint, tmp_path):
     """An adapted decoder runs on the base's decoder path (here ONNX Runtime: its own graph, whose masks match its own
-    eager decoder), so an adapted project clicks as fast as the base. A newer version published while one serves is
-    built on a thread of its own: the click that finds it is answered by the serving version, and the newer one
-    serves once built (driven to its end with `settle`, not a clock)."""
+    eager decoder), so an adapted project clicks as fast as the base. A version published while the project is served
+    (by the base, then by v1) is built on a thread of its own: the click that finds it is answered by what served,
+    and the new version serves once built (driven to its end with `settle`, not a clock). The first click after a
+    start builds in place (`..._survives_a_restart`)."""
     from sam_backend.segment.engines.factory import make_engine
     from sam_backend.segment.prompts import ObjectPrompt
     from sam_backend.segment.simulator import iou
@@ -687,8 +688,11 @@ def test_an_adapted_version_runs_on_the_base_decoder_path_and_a_newer_one_is_bui
                 p.add_(torch.randn_like(p) * 1e-3, alpha=1.0)  # a learnt decoder: not the released one
     state = {n: p.detach() for n, p in decoder.named_parameters() if n.startswith(A.TRAINABLE)}
     packed = A.pack_version(state, {"weights": weights_of(base)})
-    store.publish("3", weights_of(base), packed, {"trained_on": 4}, keep=3)
     versions = Versions(store, sync_s=0.0)
+    assert versions.engine_for("3", base) is base  # no version yet: the base serves
+    store.publish("3", weights_of(base), packed, {"trained_on": 4}, keep=3)
+    assert versions.engine_for("3", base) is base  # v1 is built on a thread of its own; the base goes on serving
+    versions.settle()
     first = versions.engine_for("3", base)
     assert first.adapter_version == "p3-v1" and first.decoder_kind == "onnx"
     image, mask = real_photo("GrabCut", PHOTO)

@@ -8,8 +8,9 @@ bytes cannot be read, is not served (the base model is).
 
 A version's decoder runs on the base's decoder path (`SAM_DECODER`: an ONNX Runtime graph of the adapted weights,
 exported in memory and checked against their own eager decoder), so an adapted project clicks as fast as the base.
-A project's first version is built where it is first needed; a newer one is built on a thread of its own while the
-previous one serves, and swapped in when ready: no click waits for a graph export.
+At start, the versions the database holds are built in the background once the engine is loaded (`Adapters.start`);
+a project's first look builds its version where it is needed; every later version is built on a thread of its own
+while what served goes on serving, and swapped in when ready: no click waits for a graph export after that.
 """
 
 from __future__ import annotations
@@ -70,12 +71,14 @@ class Versions:
         return served.engine if served.engine is not None else base
 
     def refresh(self, project: str, base: Any, force: bool = False) -> Served:
-        """Look for a newer version (at most every `sync_s`, unless `force`) and build it on `base`. A project's
-        first version (and a `force`d refresh, from a background thread) is built here; a newer one, while another
-        serves, is built on a thread of its own and swapped in when it is ready, so no click waits for its graph.
+        """Look for a newer version (at most every `sync_s`, unless `force`) and build it on `base`. At a project's
+        first look in this process (and on a `force`d refresh, from a background thread) it is built here, so the
+        first click after a start gets the version; later, a newer version is built on a thread of its own while
+        what served goes on serving, and swapped in when ready: no click waits for its graph.
         Returns what serves now (a copy: a later swap does not change it)."""
         with self._lock:
             served = self.served.setdefault(project, Served())
+            first_look = served.checked == float("-inf")  # this process has not served the project yet
             now = time.monotonic()
             stale = served.engine is not None and served.engine.engine_id != base.engine_id
             if not (force or stale or now - served.checked >= self.sync_s) or (self.down and not force):
@@ -89,7 +92,7 @@ class Versions:
                 return replace(served)
             if newest is None or not (newest != served.number or stale or served.engine is None):
                 return replace(served)
-            if served.engine is not None and not (stale or force):  # an upgrade: built off the click path
+            if not (first_look or stale or force):  # a click that has an engine to run: built off its path
                 if project not in self._building:
                     thread = threading.Thread(target=self._upgrade, args=(project, base, weights, newest),
                                               daemon=True, name=f"version-{project}")

@@ -120,6 +120,20 @@ class Adapters:
             log.warning("learning: the sidecar database cannot be read (%s)", type(exc).__name__)
             projects = []
         self.trainer.start(projects)
+        if projects:
+            threading.Thread(target=self._prebuild, args=(projects,), daemon=True, name="versions-prebuild").start()
+
+    def _prebuild(self, projects: list[str]) -> None:
+        """Build the projects' served versions as soon as the engine is loaded (their graphs included), so that the
+        first clicks after a start find them built."""
+        base = self._base()
+        if base is None or self.versions is None or not isinstance(base, Adaptable):
+            return
+        for project in projects:
+            try:
+                self.versions.refresh(project, base, force=True)
+            except Exception as exc:  # never fatal: the project's next click looks again
+                log.warning("project %s: its version could not be built at start (%s)", project, type(exc).__name__)
 
     def stop(self) -> None:
         if self.trainer is not None:
