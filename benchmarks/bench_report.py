@@ -35,8 +35,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None, help="Copy the report folder here.")
     args = parser.parse_args()
 
-    from team_script import mixed_plans, png, run_team, scene
-    from test_integration_labelstudio import backend_for
+    from team_script import annotate_project, mixed_plans
 
     from sam_backend.commands.bench import cpu_info
     from sam_backend.labelstudio.process import LabelStudio
@@ -46,21 +45,10 @@ def main() -> None:
         ls = LabelStudio(tmp_path / "ls", "admin@example.com", "bench-Passw0rd").start()
         try:
             plans = mixed_plans(args.objects)
-            scenes = [scene(seed) for seed in range(max(p.task for p in plans) + 1)]
-            backend = backend_for(ls, tmp_path)
             started = time.perf_counter()
-            try:
-                project = ls.create_project("report bench", (ROOT / "label_config" /
-                                                             "points-and-boxes-brush.xml").read_text())
-                task_ids = ls.upload(project, {f"t{k}.png": png(image) for k, (image, _m) in enumerate(scenes)})
-                ml = ls.add_ml_backend(project, backend.url)
-                run_team(ls, ml, task_ids, [masks for _image, masks in scenes], plans)
-                backend.recorder.flush()
-            finally:
-                backend.stop()
+            project, ls_env = annotate_project(ls, tmp_path, plans)
             scripted_s = time.perf_counter() - started
-            env = dict(os.environ, SAM_METADATA_DB=str(tmp_path / "sidecar.db"), LABEL_STUDIO_URL=ls.url,
-                       LABEL_STUDIO_API_KEY=ls.pat)
+            env = dict(os.environ, **ls_env)
             times = []
             for _ in range(args.repeats):
                 t0 = time.perf_counter()
@@ -76,7 +64,8 @@ def main() -> None:
     outcomes = Counter(p.outcome for p in plans)
     made = [p for p in plans if p.outcome in ("as_answered", "painted")]
     print(json.dumps({
-        "cpu": cpu_info(), "objects_scripted": len(plans), "tasks": len(scenes), "outcomes": dict(outcomes),
+        "cpu": cpu_info(), "objects_scripted": len(plans), "tasks": max(p.task for p in plans) + 1,
+        "outcomes": dict(outcomes),
         "requests_scripted": sum(len(p.prompts) for p in plans), "scripting_s": round(scripted_s, 1),
         "report_s_median": round(statistics.median(times), 2), "report_s": [round(t, 2) for t in times],
         "page_kb": round(page_kb, 1),

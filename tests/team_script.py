@@ -156,3 +156,23 @@ def mixed_plans(objects: int, seed: int = 0) -> list[Plan]:
             prompts = () if outcome == "hand" else prompt_sets[int(rng.integers(len(prompt_sets)))]
             plans.append(Plan(task, label, prompts, outcome))
     return plans
+
+
+def annotate_project(ls, tmp_path, plans: list[Plan]) -> tuple[int, dict[str, str]]:
+    """A project of `points-and-boxes-brush.xml` annotated by the scripted team through a backend (GrabCut engine, in
+    this process, its sidecar in `tmp_path`); returns the project id and the environment `sam-backend report` needs."""
+    from conftest import ROOT
+    from test_integration_labelstudio import backend_for
+
+    scenes = [scene(seed) for seed in range(max(p.task for p in plans) + 1)]
+    backend = backend_for(ls, tmp_path)
+    try:
+        project = ls.create_project("team", (ROOT / "label_config" / "points-and-boxes-brush.xml").read_text())
+        task_ids = ls.upload(project, {f"t{k}.png": png(image) for k, (image, _m) in enumerate(scenes)})
+        ml = ls.add_ml_backend(project, backend.url)
+        run_team(ls, ml, task_ids, [masks for _image, masks in scenes], plans)
+        backend.recorder.flush()
+    finally:
+        backend.stop()
+    return project, {"SAM_METADATA_DB": str(tmp_path / "sidecar.db"), "LABEL_STUDIO_URL": ls.url,
+                     "LABEL_STUDIO_API_KEY": ls.pat}

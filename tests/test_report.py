@@ -213,32 +213,10 @@ def ls(tmp_path_factory):
     server.stop()
 
 
-def scripted_project(ls, tmp_path, plans):
-    """A project annotated through the backend (GrabCut engine) by the scripted team; returns the project id and
-    the CLI environment that reads its sidecar."""
-    from conftest import ROOT
-    from team_script import png, run_team, scene
-    from test_integration_labelstudio import backend_for
-
-    tasks = max(p.task for p in plans) + 1
-    scenes = [scene(seed) for seed in range(tasks)]
-    backend = backend_for(ls, tmp_path)
-    try:
-        project = ls.create_project("report", (ROOT / "label_config" / "points-and-boxes-brush.xml").read_text())
-        task_ids = ls.upload(project, {f"t{k}.png": png(image) for k, (image, _m) in enumerate(scenes)})
-        ml = ls.add_ml_backend(project, backend.url)
-        run_team(ls, ml, task_ids, [masks for _image, masks in scenes], plans)
-        backend.recorder.flush()
-    finally:
-        backend.stop()
-    return project, {"SAM_METADATA_DB": str(tmp_path / "sidecar.db"), "LABEL_STUDIO_URL": ls.url,
-                     "LABEL_STUDIO_API_KEY": ls.pat}
-
-
 @pytest.mark.integration
 def test_report_of_a_scripted_team_through_label_studio(ls, tmp_path):
     from click.testing import CliRunner
-    from team_script import Plan
+    from team_script import Plan, annotate_project
 
     from sam_backend.commands.cli import main
 
@@ -248,7 +226,7 @@ def test_report_of_a_scripted_team_through_label_studio(ls, tmp_path):
              Plan(1, "Background object", ("click",), "rejected"),
              Plan(2, "Object", ("click",), "hand"), Plan(2, "Background object", ("box",), "as_answered"),
              Plan(3, "Object", ("click",), "deleted"), Plan(4, "Object", ("click", "click"), "cancelled")]
-    project, env = scripted_project(ls, tmp_path, plans)
+    project, env = annotate_project(ls, tmp_path, plans)
     result = CliRunner(env=env).invoke(main, ["report", "--project", str(project), "-o", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "r" / "report.json").read_text())
