@@ -25,6 +25,9 @@ production, and the figures are the ones a client of Label Studio sees (medians)
 - `never_seen_click_ls_s`: a click on a photo the backend has never seen (fetch, encode, decode);
 - `cached_click_ls_s`, `cached_box_ls_s`, `switch_click_ls_s`, `click_after_open_ls_s`: as above on photos;
 - `cached_click_while_encoding_ls_s`: clicks on a cached photo while another photo encodes;
+- `adapted_click_ls_s` / `adapted_click_direct_s` / `adapted_stages_ms`: the same cached photo in a second project that
+  learns from the team (`SAM_ADAPT=true` on the restarted backend; a version of its decoder is put in the sidecar
+  before the restart), its clicks alternating with the first project's released-decoder clicks;
 - `next_task_click_ls_s` / `next_task_hits`: the annotator opens a task, works `--pace` seconds (10), then clicks on
   the next task, never opened: with SAM_PREFETCH_NEXT its image is already encoded (the sidecar says hit or not);
   `next_task_click_direct_s`: the same first click on a next task posted to the backend itself;
@@ -297,6 +300,27 @@ def ls_floor(ls: LabelStudio, project: int, task: int, result: list[dict], body:
     return statistics.median(times)
 
 
+def publish_version(env: dict[str, str], db: Path, project: int, locks: Path) -> None:
+    """A version of the mask decoder for `project` in the sidecar `db`, learnt on the weights the server loads (the
+    released decoder's heads, nudged: the arithmetic of a learnt one, whatever its masks)."""
+    import torch
+
+    from sam_backend.segment import adapt
+    from sam_backend.segment.engines.sam import SamEngine
+    from sam_backend.serving.adapt_versions import weights_of
+    from sam_backend.sidecar.learning import LearningStore
+    from sam_backend.sidecar.store import open_sidecar
+
+    engine = SamEngine.from_settings(Settings.from_env({**env, "SAM_ENCODER": "eager"}))
+    decoder = adapt.adapted_decoder(engine)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        state = {n: p + 1e-3 * torch.randn_like(p) for n, p in decoder.named_parameters()
+                 if n.startswith(adapt.TRAINABLE)}
+    data = adapt.pack_version(state, {"weights": weights_of(engine), "project": str(project)})
+    LearningStore(open_sidecar(db), locks).publish(str(project), weights_of(engine), data, {"trained_on": 0}, keep=3)
+
+
 def real_bench(args: argparse.Namespace) -> dict:
     """The figures of the module docstring with real weights and photos (see there)."""
     photos = sorted(p for p in args.photos.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
@@ -324,10 +348,17 @@ def real_bench(args: argparse.Namespace) -> dict:
             ready_first = server.wait_ready()
             server.wait_until(lambda h: h.get("encoder") != "measuring", timeout_s=1800)
             server.stop()
+            # A second project, learning from the team (SAM_ADAPT), with a version of its decoder in the sidecar: its
+            # clicks run the adapted decoder; the first project's, the released one.
+            adapted_project = ls.create_project("bench adapted", config)
+            [adapted_task] = ls.upload(adapted_project, {photos[0].name: photos[0].read_bytes()})
+            publish_version(env, db, adapted_project, Path(tmp) / "locks")
+            env = {**env, "SAM_ADAPT": "true", "SAM_ADAPTER_DIR": str(Path(tmp) / "locks")}
             server = ServerProcess(env, Path(tmp) / "backend.log")  # the restart: graphs and verdicts cached
             ready = server.wait_ready()
             health = server.health()
             ml = ls.add_ml_backend(project, server.url)
+            ml_adapted = ls.add_ml_backend(adapted_project, server.url)
 
             def click(task: int, result: list[dict]) -> float:
                 t0 = time.perf_counter()
@@ -340,6 +371,15 @@ def real_bench(args: argparse.Namespace) -> dict:
             def point(task: int) -> list[dict]:
                 return [percent_keypoint(50, 50, size_of[task])]
 
+            size_of[adapted_task] = size_of[tasks[0]]
+            adapted = []  # a cached click of the adapted project, alternating with the base project's
+            for _ in range(args.clicks):
+                click(tasks[0], point(tasks[0]))
+                t0 = time.perf_counter()
+                answer = ls.interactive(ml_adapted, adapted_task, point(adapted_task))
+                adapted.append(time.perf_counter() - t0)
+                if "-adapted-" not in answer.get("data", {}).get("model_version", ""):
+                    raise RuntimeError(f"the adapted project's click was not adapted: {json.dumps(answer)[:300]}")
             box = [rect(25, 25, 50, 50)]
             fresh = iter(tasks[6:])
             never_seen = [click(t, point(t)) for t in tasks[2:6]]
@@ -349,15 +389,18 @@ def real_bench(args: argparse.Namespace) -> dict:
             switch = [click(tasks[i % 2], point(tasks[i % 2])) for i in range(args.clicks)]
             body = {"tasks": [ls.task(tasks[0])], "label_config": config, "project": f"{project}.0",
                     "params": {"context": {"result": point(tasks[0])}}}
-            direct, stages = [], {}
+            direct, stages, adapted_direct, adapted_stages = [], {}, [], {}
+            adapted_body = {"tasks": [ls.task(adapted_task)], "label_config": config,
+                            "project": f"{adapted_project}.0", "params": {"context": {"result": point(adapted_task)}}}
             with requests.Session() as http:
                 for _ in range(args.clicks):
-                    t0 = time.perf_counter()
-                    resp = http.post(server.url + "/predict", json=body, timeout=60)
-                    direct.append(time.perf_counter() - t0)
-                    resp.raise_for_status()
-                    stages = {k: float(v) for k, v in (p.split(";dur=") for p in
-                                                       resp.headers["Server-Timing"].split(", "))}
+                    for sent, times, last in ((body, direct, stages), (adapted_body, adapted_direct, adapted_stages)):
+                        t0 = time.perf_counter()
+                        resp = http.post(server.url + "/predict", json=sent, timeout=60)
+                        times.append(time.perf_counter() - t0)
+                        resp.raise_for_status()
+                        last.update({k: float(v) for k, v in (p.split(";dur=") for p in
+                                                              resp.headers["Server-Timing"].split(", "))})
 
                 def open_task(task: int) -> None:
                     opened = {"tasks": [ls.task(task)], "label_config": config, "project": f"{project}.0",
@@ -412,6 +455,8 @@ def real_bench(args: argparse.Namespace) -> dict:
         "cached_box_ls_s": round(med(boxes), 4), "switch_click_ls_s": round(med(switch), 4),
         "click_after_open_ls_s": round(med(after_open), 3),
         "cached_click_while_encoding_ls_s": round(med(while_encoding), 4) if while_encoding else None,
+        "adapted_click_ls_s": round(med(adapted), 4), "adapted_click_direct_s": round(med(adapted_direct), 4),
+        "adapted_stages_ms": adapted_stages,
         "next_task_click_ls_s": round(med(next_task), 4), "next_task_hits": f"{sum(hits)}/{len(hits)}",
         "next_task_click_direct_s": round(med(next_direct), 4),
         "peak_rss_mb": rss, "stages_ms": stages,
