@@ -162,10 +162,8 @@ def encoder_precisions(engine: Engine, image: np.ndarray, prompts: list[ObjectPr
                        ) -> dict[str, Any]:
     """The eager encoder in fp32 and (where the CPU runs it natively) bf16: median seconds, and the bf16 masks'
     IoU against fp32 ones over `prompts`."""
-    tunable = isinstance(engine, PathChoosing)
-    plain = engine.with_encoder(None) if isinstance(engine, EncoderChoosing) else engine  # the eager encoder
-    fp32 = plain.with_precision("fp32") if tunable else engine
-    bf16 = plain.with_precision("bf16") if tunable and engine.bf16_native else None
+    fp32 = _eager(engine, "fp32")
+    bf16 = _eager(engine, "bf16") if isinstance(engine, PathChoosing) and engine.bf16_native else None
     log.info("warming up %s", engine.engine_id)
     for variant in (fp32, bf16):
         if variant is not None:
@@ -188,6 +186,12 @@ def encoder_precisions(engine: Engine, image: np.ndarray, prompts: list[ObjectPr
             "bf16_over_fp32": None if encoder_bf16 is None else round(encoder_bf16 / encoder_fp32, 3)}
 
 
+def _eager(engine: Engine, precision: str) -> Engine:
+    """The same weights with the eager image encoder in `precision` (an engine that cannot choose: itself)."""
+    plain = engine.with_encoder(None) if isinstance(engine, EncoderChoosing) else engine
+    return plain.with_precision(precision) if isinstance(engine, PathChoosing) else plain
+
+
 def cached_clicks(engine: Engine, image: np.ndarray, prompts: list[ObjectPrompt], refine_settings: RefineSettings,
                   repeats: int, click_repeats: int) -> dict[str, Any]:
     """A first click on a new image (encode + decode + refine), a click on a cached image, and the baseline that
@@ -206,8 +210,7 @@ def cached_clicks(engine: Engine, image: np.ndarray, prompts: list[ObjectPrompt]
     first_click = _median(lambda: click(bench_image(width, height, next(seeds)), prompts[0]), repeats)
     click(image, prompts[0])
     repeat_click = _median(lambda: [click(image, p) for p in prompts], click_repeats) / len(prompts)
-    plain = engine.with_encoder(None) if isinstance(engine, EncoderChoosing) else engine
-    fp32 = plain.with_precision("fp32") if isinstance(engine, PathChoosing) else engine
+    fp32 = _eager(engine, "fp32")
 
     def reembed_click() -> None:
         pred = fp32.predict(fp32.embed(image), prompts[0])

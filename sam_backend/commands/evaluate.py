@@ -44,7 +44,8 @@ from sam_backend.config import Settings
 from sam_backend.errors import ClientError
 from sam_backend.labelstudio.brush import decode_brush
 from sam_backend.labelstudio.context import keypoint_result
-from sam_backend.segment.engines import Adaptable, EncoderChoosing, Engine, PathChoosing
+from sam_backend.segment.engines import Adaptable, Engine
+from sam_backend.segment.engines import paths_of as engine_paths
 from sam_backend.segment.prompts import PromptError
 from sam_backend.segment.simulator import first_click, iou, mean_iou_curve, next_click, noc
 
@@ -334,9 +335,8 @@ def paths_of(engine: Engine | None) -> dict[str, str]:
     encoder's measurement); nothing for a backend asked over HTTP."""
     if engine is None:
         return {}
-    out = {"decoder": engine.decoder_kind if isinstance(engine, PathChoosing) else "eager"}
-    out["encoder"] = engine.encoder_kind if isinstance(engine, EncoderChoosing) else "eager"
-    return out
+    encoder, decoder = engine_paths(engine)
+    return {"encoder": encoder, "decoder": decoder}
 
 
 def _run_adapted(config: Configuration, groups: list, settings: Settings, shared: dict[str, dict[str, Any]],

@@ -69,8 +69,8 @@ class Intake:
                 skipped.append((None, Skip("unverified", f"{notice.action}: Label Studio holds no annotation "
                                            f"{annotation}; not learnt from")))
             try:
-                before = self.store.regions_of(annotation)
-                removed += self.store.replace_annotation(annotation, confirmed.masks)
+                before = self.store.replace_regions(annotation, confirmed.masks)
+                removed += len(before)
             except Exception as exc:  # the sidecar database cannot be written: Label Studio keeps the truth
                 skipped.append((confirmed.project, Skip("store_failed", f"annotation {annotation}: the sidecar "
                                                         f"database refused it ({type(exc).__name__}); not learnt "

@@ -37,7 +37,7 @@ class ImageEmbeddings:
         self.encoder, self.tier, self.metrics, self.fetched = encoder, tier, metrics, fetched
 
     def get(self, url: str, engine: Engine, priority: int = CLICK, started: float | None = None
-                  ) -> tuple[str, Embedding, bool]:
+            ) -> tuple[str, Embedding, bool]:
         """`(image sha256, embedding, cache hit)`; a known URL with a cached embedding is not fetched again. A click
         waits at most `SAM_CLICK_DEADLINE_S` (counted from `started`, `time.monotonic()`, default now) for an
         encode, then gets `StillEncoding` (503) while it goes on."""
@@ -72,9 +72,7 @@ class ImageEmbeddings:
             embedding = future.result(timeout=max(0.0, left))
         except FutureTimeout:
             self.metrics.click_deadline.inc()
-            left_s = self.encoder.seconds_left(key)
-            when = "time left not known yet" if left_s is None else f"about {left_s:.0f} s left"
-            raise StillEncoding(f"image still encoding ({when}): click again") from None
+            raise StillEncoding.left("image still encoding", self.encoder.seconds_left(key)) from None
         self.metrics.click_wait.observe(time.monotonic() - t0)
         return loaded.sha256, embedding, hit
 

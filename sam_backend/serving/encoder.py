@@ -38,6 +38,12 @@ class StillEncoding(ClientError):
 
     default_status = 503
 
+    @classmethod
+    def left(cls, what: str, left_s: float | None) -> StillEncoding:
+        """`<what> (about N s left): click again`, N the estimate (`time left not known yet` without one)."""
+        when = "time left not known yet" if left_s is None else f"about {left_s:.0f} s left"
+        return cls(f"{what} ({when}): click again")
+
 
 class PriorityGate:
     """A lock whose waiters are served by (priority, arrival); `promote(key)` lifts a waiter (or a

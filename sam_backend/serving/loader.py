@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sam_backend.fileio import write_atomic
-from sam_backend.segment.engines import EncoderChoosing, Engine, EngineError, PathChoosing
+from sam_backend.segment.engines import EncoderChoosing, Engine, EngineError, paths_of
 from sam_backend.serving.encoder import StillEncoding
 
 log = logging.getLogger(__name__)
@@ -105,9 +105,8 @@ class EngineHolder:
         engine = self._engine
         if engine is None:
             return None
-        if not isinstance(engine, EncoderChoosing):
-            return "eager"
-        tuning, kind = engine.encoder_tuning, engine.encoder_kind
+        kind = paths_of(engine)[0]
+        tuning = engine.encoder_tuning if isinstance(engine, EncoderChoosing) else None
         return "measuring" if tuning is not None and tuning.is_alive() and kind == "eager" else kind
 
     @property
@@ -115,9 +114,7 @@ class EngineHolder:
         """The decoder path clicks run (`onnx`, `compile`, `eager`; see `SAM_DECODER`), None before the engine
         is loaded."""
         engine = self._engine
-        if engine is None:
-            return None
-        return engine.decoder_kind if isinstance(engine, PathChoosing) else "eager"
+        return None if engine is None else paths_of(engine)[1]
 
     def for_click(self, deadline_s: float, on_deadline: Callable[[], object] = lambda: None) -> Engine:
         """The engine for a click: while it loads, a click waits at most `deadline_s` (`SAM_CLICK_DEADLINE_S`), then
@@ -125,9 +122,7 @@ class EngineHolder:
         engine = self.wait(deadline_s)
         if engine is None:
             on_deadline()
-            left_s = self.seconds_left()
-            when = "time left not known yet" if left_s is None else f"about {left_s:.0f} s left"
-            raise ModelLoading(f"model loading ({when}): click again")
+            raise ModelLoading.left("model loading", self.seconds_left())
         return engine
 
     def seconds_left(self) -> float | None:

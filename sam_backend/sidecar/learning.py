@@ -56,6 +56,15 @@ class Training:
     retry_at: float = 0.0
 
 
+def _json_object(text: str | None) -> dict[str, Any] | None:
+    """A stored JSON object, or None where the text is empty, torn or not an object."""
+    try:
+        found = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return found if isinstance(found, dict) else None
+
+
 def _project_key(project: str) -> int:
     """A project id as the integer half of an advisory lock key; `ValueError` for anything but a positive id."""
     key = positive_id(project)
@@ -81,9 +90,14 @@ class LearningStore:
     def replace_annotation(self, annotation_id: int, masks: list[MaskRecord]) -> int:
         """Make `masks` the rows of annotation `annotation_id` (in any project: Label Studio's ids are global);
         returns how many rows it had before."""
+        return len(self.replace_regions(annotation_id, masks))
+
+    def replace_regions(self, annotation_id: int, masks: list[MaskRecord]) -> set[str]:
+        """`replace_annotation`, returning the region ids the annotation held before (read in the same
+        transaction: which of `masks` are new)."""
         with self.db.transaction() as run:
-            before = run(self._sql("SELECT COUNT(*) FROM accepted_masks WHERE annotation_id = ?"),
-                         (annotation_id,))[0][0]
+            before = {r[0] for r in run(self._sql("SELECT region FROM accepted_masks WHERE annotation_id = ?"),
+                                        (annotation_id,))}
             run(self._sql("DELETE FROM accepted_masks WHERE annotation_id = ?"), (annotation_id,))
             now = utc_now()
             for r in masks:
@@ -91,12 +105,7 @@ class LearningStore:
                               "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
                     (r.project, r.annotation_id, r.region, r.task_id, r.image_url, r.label, r.height, r.width,
                      r.counts, now))
-        return int(before)
-
-    def regions_of(self, annotation_id: int) -> set[str]:
-        """The region ids an annotation's rows hold now (before a `replace_annotation`: which regions are new)."""
-        rows = self.db.query(self._sql("SELECT region FROM accepted_masks WHERE annotation_id = ?"), (annotation_id,))
-        return {r[0] for r in rows}
+        return before
 
     def masks(self, project: str) -> list[MaskRecord]:
         """A project's accepted masks, oldest first."""
@@ -149,11 +158,7 @@ class LearningStore:
         if not rows:
             return None
         data, info = rows[0]
-        try:
-            meta = json.loads(info)
-        except ValueError:
-            meta = {}
-        return Version(project, weights, number, bytes(data), meta if isinstance(meta, dict) else {})
+        return Version(project, weights, number, bytes(data), _json_object(info) or {})
 
     def numbers(self, project: str, weights: str) -> list[int]:
         """The numbers of the versions kept, oldest first."""
@@ -166,15 +171,8 @@ class LearningStore:
         `weights`, `info` (what it was learnt from, its held-out scores) and `created_at` (when it went live)."""
         rows = self.db.query(self._sql("SELECT version, weights, info, created_at FROM adapter_versions "
                                        "WHERE project = ? ORDER BY created_at, version"), (project,))
-        out = []
-        for number, weights, info, created in rows:
-            try:
-                meta = json.loads(info)
-            except ValueError:
-                meta = {}
-            out.append({"version": int(number), "weights": weights, "info": meta if isinstance(meta, dict) else {},
-                        "created_at": created})
-        return out
+        return [{"version": int(number), "weights": weights, "info": _json_object(info) or {}, "created_at": created}
+                for number, weights, info, created in rows]
 
     # -- trainings --------------------------------------------------------------------------------------------
     def training(self, project: str, weights: str) -> Training:
@@ -183,11 +181,7 @@ class LearningStore:
         if not rows:
             return Training()
         attempted, last, failures, retry_at = rows[0]
-        try:
-            attempt = json.loads(last) if last else None
-        except ValueError:
-            attempt = None
-        return Training(int(attempted), attempt if isinstance(attempt, dict) else None, int(failures), float(retry_at))
+        return Training(int(attempted), _json_object(last), int(failures), float(retry_at))
 
     def set_training(self, project: str, weights: str, training: Training) -> None:
         with self.db.transaction() as run:

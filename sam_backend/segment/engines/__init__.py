@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from sam_backend.segment.prompts import ObjectPrompt
 
 __all__ = ["Adaptable", "Embedding", "EncoderChoosing", "Engine", "EngineError", "EngineId", "MaskPrediction",
-           "PathChoosing", "check_image"]
+           "PathChoosing", "check_image", "paths_of"]
 
 class EngineError(RuntimeError):
     """The engine cannot be built or cannot run (missing checkpoint, wrong weights, bad device)."""
@@ -178,6 +178,12 @@ class Adaptable(Protocol):
     def with_mask_decoder(self, decoder: Any, version: str | None, fallback: bool = True) -> Any:
         """The same engine (same `engine_id`) with another mask decoder."""
         ...
+
+
+def paths_of(engine: Engine) -> tuple[str, str]:
+    """`(encoder path, decoder path)` an engine runs now; `eager` for what it cannot choose."""
+    return (engine.encoder_kind if isinstance(engine, EncoderChoosing) else "eager",
+            engine.decoder_kind if isinstance(engine, PathChoosing) else "eager")
 
 
 STROKE_LOGIT = 8.0  # a brush stroke as a mask prompt: +8 where it lies, -8 elsewhere (SAM logits scale)

@@ -213,12 +213,13 @@ def measure_paths(engine: SamEngine, base: Path | None, kinds: tuple[str, ...], 
 
 def apply_verdict(engine: SamEngine, verdict: Verdict, base: Path, kind: str | None = None) -> str:
     """Put the verdict's chosen path (or `kind`, where it was accepted) into `engine`; returns the path in use."""
-    return _apply(engine, verdict, base, kind)[0]
+    return _apply(engine, verdict, base, kind) or "eager"
 
 
-def _apply(engine: SamEngine, verdict: Verdict, base: Path, kind: str | None = None) -> tuple[str, bool]:
-    """`apply_verdict`, and whether the accepted graph is stale (missing, or not the file measured: it must be
-    measured again, and is never loaded)."""
+def _apply(engine: SamEngine, verdict: Verdict, base: Path, kind: str | None = None, remove_stale: bool = False
+           ) -> str | None:
+    """`apply_verdict`; None where the accepted graph is stale (missing, or not the file measured): it is never
+    loaded, and with `remove_stale` removed, so that measuring again exports it anew."""
     want = kind or verdict.chosen
     result = verdict.result(want)
     engine.use_encoder(None)
@@ -226,18 +227,20 @@ def _apply(engine: SamEngine, verdict: Verdict, base: Path, kind: str | None = N
         if result is not None and not result.accepted:
             log.warning("SAM_ENCODER=%s refused on this machine (%s); images use the eager encoder", want,
                         result.reason)
-        return "eager", False
+        return "eager"
     path = encoder_file(base, want, engine.precision, engine.engine_id)
     if not graph_is_measured(path, result):
-        return "eager", True
+        if remove_stale:
+            path.unlink(missing_ok=True)
+        return None
     try:
         engine.use_encoder(load_encoder(want, path, engine.precision))
     except Exception as exc:  # a graph that cannot be loaded here: eager still works
         log.warning("encoder graph %s cannot be loaded (%s); images use the eager encoder", want, exc)
-        return "eager", False
+        return "eager"
     log.info("images use the %s encoder (%s): %.3f s per image against %.3f s fp32 eager, masks IoU %.4f",
              want, result.precision, result.seconds or 0, verdict.fp32_eager_s, result.iou or 0)
-    return want, False
+    return want
 
 
 def graph_is_measured(path: Path, result: PathResult) -> bool:
@@ -267,18 +270,15 @@ def choose_encoder(engine: SamEngine, kind: str, checkpoint: Path, images_dir: P
     if kind == "auto":
         if engine.device.type != "cpu" or engine.model.image_encoder.img_size < MIN_MEASURED_SIDE:
             return "eager"  # a GPU, or a small test model, runs the eager encoder fast
-        if verdict is not None:
-            used, stale = _apply(engine, verdict, base)
-            if not stale:
-                return used
-            encoder_file(base, verdict.chosen, engine.precision, engine.engine_id).unlink(missing_ok=True)
+        used = _apply(engine, verdict, base, remove_stale=True) if verdict is not None else None
+        if used is not None:
+            return used
         engine.encoder_tuning = measure_in_background(engine, checkpoint, vfile, images_dir)
         return "eager"
-    if verdict is not None and verdict.result(kind) is not None:
-        used, stale = _apply(engine, verdict, base, kind)
-        if not stale:
-            return used
-        encoder_file(base, kind, engine.precision, engine.engine_id).unlink(missing_ok=True)
+    named = verdict is not None and verdict.result(kind) is not None
+    used = _apply(engine, verdict, base, kind, remove_stale=True) if named else None
+    if used is not None:
+        return used
     verdict = measure_paths(engine, base, (kind,), check_images(images_dir), progress=True)
     _write_verdict(vfile, verdict)
     return apply_verdict(engine, verdict, base, kind)

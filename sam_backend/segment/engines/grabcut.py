@@ -27,7 +27,10 @@ class GrabCutEngine:
         self.iterations = iterations
         self.window_frac = window_frac
         self.id = EngineId("grabcut", str(max_side), str(iterations))
-        self.engine_id = self.id.format()
+
+    @property
+    def engine_id(self) -> str:
+        return self.id.format()
 
     def embed(self, image: np.ndarray) -> Embedding:
         """Downscale `(H, W, 3) uint8 RGB` to at most `max_side`; BGR for OpenCV.

@@ -10,7 +10,8 @@ with fp32 eager ones (mean mask IoU ≥ 0.99, `encoder_choice`), so one image is
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import functools
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,13 @@ class EngineId:
         model, _, weights = weights_id.partition("/")
         return cls(family, model, weights or "unknown", precision)
 
-    def format(self) -> str:
+    @functools.cached_property
+    def _text(self) -> str:
+        """The text form (computed once: it keys every click's cache lookups)."""
         return "/".join(p for p in (self.family, self.model, self.weights, self.precision) if p)
+
+    def format(self) -> str:
+        return self._text
 
     __str__ = format
 
@@ -47,6 +53,3 @@ class EngineId:
     def weights_key(self) -> str:
         """`<family>/<model>/<weights>`: what learnt from these weights stays valid for, whatever the precision."""
         return f"{self.family}/{self.model}/{self.weights}"
-
-    def with_(self, **changes: str) -> EngineId:
-        return replace(self, **changes)

@@ -229,7 +229,7 @@ class SamEngine(TorchEngine):
     def __init__(self, model: Sam, *, device: torch.device, precision: str, weights_id: str) -> None:
         self.model = model.to(device).eval()
         self.device = device
-        self.id = EngineId.of("sam", weights_id, precision)
+        self._identity = EngineId.of("sam", weights_id, precision)
         self.transform = ResizeLongestSide(self.model.image_encoder.img_size)
         self._encode_lock = threading.Lock()  # one encode at a time bounds peak memory
 

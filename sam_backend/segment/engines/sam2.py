@@ -146,7 +146,7 @@ class Sam2Engine(TorchEngine):
 
         self.model = model.to(device).eval()
         self.device = device
-        self.id = EngineId.of("sam2", weights_id, precision)
+        self._identity = EngineId.of("sam2", weights_id, precision)
         self.transforms = SAM2Transforms(resolution=self.model.image_size, mask_threshold=0.0)
         self._encode_lock = threading.Lock()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -92,7 +93,7 @@ class TorchEngine:
 
     model: torch.nn.Module
     device: torch.device
-    id: EngineId  # its family, model, weights and precision (`engine_id` is its text)
+    _identity: EngineId  # its family, model, weights and precision (`engine_id` is its text)
     fast_decoder: FastDecoder | None = None  # None: the eager prompt encoder + mask decoder
     fast_encoder: FastEncoder | None = None  # None: the eager image encoder (see `segment.engines.encoder_choice`)
     encoder_tuning: threading.Thread | None = None  # the background measurement of the encoder paths, if one runs
@@ -112,19 +113,24 @@ class TorchEngine:
                    weights_id=f"{model_type}/random{seed}")
 
     @property
+    def id(self) -> EngineId:
+        """What this engine is, with the encoder path it runs now (`encoder_kind`)."""
+        return replace(self._identity, encoder=self.encoder_kind)
+
+    @property
     def engine_id(self) -> str:
-        """`id`'s text: what embeddings, graphs and verdicts are keyed by."""
-        return self.id.format()
+        """`id`'s text: what embeddings, graphs and verdicts are keyed by (the encoder path is not in it)."""
+        return self._identity.format()
 
     @property
     def precision(self) -> str:
         """The image encoder's precision (`fp32`, `bf16`)."""
-        return self.id.precision
+        return self._identity.precision
 
     @property
     def architecture_name(self) -> str:
         """The model the weights hold (`vit_b`, `vit_t`, `sam2.1_hiera_tiny`, …)."""
-        return self.id.model
+        return self._identity.model
 
     @property
     def bf16_native(self) -> bool:
@@ -141,7 +147,7 @@ class TorchEngine:
     def with_precision(self: T, precision: str) -> T:
         """The same weights with another encoder precision (`fp32` or `bf16`)."""
         other = self.clone()
-        other.id = self.id.with_(precision=resolve_precision(precision, self.device))
+        other._identity = replace(self._identity, precision=resolve_precision(precision, self.device))
         return other
 
     def with_encoder(self: T, encoder: FastEncoder | None) -> T:
@@ -155,7 +161,6 @@ class TorchEngine:
         on the path it began with (`embed` reads the path once). The background measurement switches a live engine
         with this."""
         self.fast_encoder = encoder
-        self.id = self.id.with_(encoder=encoder.kind if encoder is not None else "eager")
 
     @property
     def encoder_kind(self) -> str:
@@ -181,7 +186,7 @@ class TorchEngine:
     def decoder_cache(self, checkpoint: Path) -> Path:
         """Where the exported decoder graph of this engine's weights is kept: next to `checkpoint`, keyed by
         the weights' digest (in the engine id) and the graph version."""
-        weights = self.id.weights
+        weights = self._identity.weights
         return checkpoint.with_name(f"{checkpoint.name}.decoder-{GRAPH_VERSION}-{weights}.onnx")
 
     def use_decoder(self, kind: str = "auto", cache: Path | None = None, check_images: Path | None = None) -> str:

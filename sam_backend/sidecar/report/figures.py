@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from sam_backend.sidecar.report.objects import Matched, Step, TeamObject, parse_time, version_of
+from sam_backend.sidecar.report.objects import Matched, Step, TeamObject, parse_time
 
 
 def percentile(values: Iterable[float | None], q: float) -> float | None:
@@ -52,17 +52,13 @@ def _grouped(matched: Matched, key_object: Callable[[TeamObject], Any], key_answ
     return {k: figures(objects.get(k, []), answers.get(k, [])) for k in keys}
 
 
-def _version_of_answer(step: Step) -> int:
-    return version_of(step.model_version)
-
-
 def versions(matched: Matched, stored: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per decoder version that answered (0: the base model): when it went live (its stored time, else its first
     answer), the held-out score it was accepted with (while the sidecar still keeps it), and its figures."""
-    by_version = _grouped(matched, lambda o: o.version, lambda _label, s: _version_of_answer(s))
+    by_version = _grouped(matched, lambda o: o.version, lambda _label, s: s.version)
     first: dict[int, datetime] = {}
     for _label, step in matched.answers:
-        number = _version_of_answer(step)
+        number = step.version
         first[number] = min(first.get(number, step.at), step.at)
     kept = {int(v["version"]): v for v in stored}
     out = []

@@ -64,6 +64,11 @@ class Step:
     latency_ms: float | None
     model_version: str | None
 
+    @property
+    def version(self) -> int:
+        """The adapted decoder version that answered (0: the base model)."""
+        return version_of(self.model_version)
+
     def to_json(self) -> dict[str, Any]:
         return {"row": self.row_id, "kind": self.kind, "at": self.at.isoformat(), "latency_ms": self.latency_ms,
                 "model_version": self.model_version}
@@ -104,7 +109,7 @@ class TeamObject:
     @property
     def version(self) -> int:
         """The adapted decoder version that gave the last answer (0: the base model)."""
-        return version_of(self.steps[-1].model_version) if self.steps else 0
+        return self.steps[-1].version if self.steps else 0
 
     @property
     def day(self) -> str:
@@ -177,14 +182,14 @@ def _runs(rows: list[_Row]) -> list[list[_Row]]:
     return runs
 
 
+def _step(item: _Row, before: Mapping[str, Any] | None) -> Step:
+    """One row as a step of its object (`before`: the object's previous prompt, None for its first)."""
+    return Step(int(item.row["id"]), _kind(item.row.get("prompt") or {}, before), item.at, item.row.get("latency_ms"),
+                item.row.get("model_version"))
+
+
 def _steps(run: list[_Row]) -> list[Step]:
-    out, before = [], None
-    for item in run:
-        prompt = item.row.get("prompt") or {}
-        out.append(Step(int(item.row["id"]), _kind(prompt, before), item.at, item.row.get("latency_ms"),
-                        item.row.get("model_version")))
-        before = prompt
-    return out
+    return [_step(item, run[k - 1].row.get("prompt") or {} if k else None) for k, item in enumerate(run)]
 
 
 def region_rle(region: Mapping[str, Any], max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
@@ -229,7 +234,7 @@ def _rows_by_object(rows: Iterable[Mapping[str, Any]], out: Matched) -> dict[tup
             out.skipped.append(f"interaction {row.get('id')}: unreadable created_at {row.get('created_at')!r}")
             continue
         item = _Row(dict(row), at, _row_rle(row))
-        out.answers.append((row.get("label"), _steps([item])[0]))
+        out.answers.append((row.get("label"), _step(item, None)))
         task = positive_id(row.get("task_id"))
         if task is not None:
             grouped[(task, row.get("label"))].append(item)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import statistics
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +21,16 @@ _COLUMNS = (("objects", "objects"), ("hand_drawn", "hand-drawn"), ("clicks_media
             ("clicks_p90", "clicks (p90)"), ("accepted_as_answered", "accepted as answered"),
             ("iou_with_last_answer_mean", "IoU with last answer"), ("seconds_to_accept_median", "s to accept (median)"),
             ("answers", "answers"), ("answer_ms_median", "answer ms (median)"), ("answer_ms_p95", "answer ms (p95)"))
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot drawing off screen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    return plt
 
 
 def _png(fig: Any) -> str:
@@ -50,11 +61,7 @@ def _table(rows: list[dict[str, Any]], keys: tuple[tuple[str, str], ...]) -> str
 
 def clicks_plot(data: dict[str, Any]) -> str:
     """Clicks per object over time, one line per label, version changes marked: base64 PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 3.6))
     by_label: dict[str, list[tuple[datetime, int]]] = {}
     for obj in data["objects"]:
@@ -64,8 +71,7 @@ def clicks_plot(data: dict[str, Any]) -> str:
     for label, points in sorted(by_label.items()):
         points.sort()
         clicks = [c for _t, c in points]
-        running = [sorted(clicks[max(0, i - WINDOW + 1):i + 1])[len(clicks[max(0, i - WINDOW + 1):i + 1]) // 2]
-                   for i in range(len(clicks))]
+        running = [statistics.median_high(clicks[max(0, i - WINDOW + 1):i + 1]) for i in range(len(clicks))]
         ax.plot([t for t, _c in points], running, marker="o", markersize=3,
                 label=label.replace("$", r"\$"))  # a label is text, never matplotlib's mathtext
     for version in data.get("by_version") or []:
@@ -86,11 +92,7 @@ def clicks_plot(data: dict[str, Any]) -> str:
 
 def answers_plot(latencies_ms: list[float]) -> str:
     """The backend's answer times (ms), a histogram: base64 PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 3.0))
     ax.hist(latencies_ms or [0.0], bins=40, color="#4a7fb5")
     ax.set_xlabel("answer time (ms, the backend's own)")
