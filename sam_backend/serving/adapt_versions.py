@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sam_backend.segment.adapt import AdaptError, adapted_decoder, unpack_version
 from sam_backend.segment.engines import PathChoosing
 from sam_backend.sidecar.learning import LearningStore
 
@@ -139,6 +138,8 @@ class Versions:
         """Version `number` of `project` built on `base`: `(engine, number, info)`, or None where it cannot be used.
         Its decoder runs on the path the base's runs (`SAM_DECODER`: its own graph, checked against its own eager
         decoder as the base's was); where that graph is refused, eager."""
+        from sam_backend.segment.adapt import AdaptError, adapted_decoder, unpack_version
+
         try:
             found = self.store.version(project, weights, number)
         except Exception as exc:

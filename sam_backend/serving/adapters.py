@@ -70,7 +70,7 @@ class Activity:
 
 class Adapters:
     """Learning from accepted masks, as the backend sees it (see the module docstring). Collaborators: the engine
-    holder (`engine.wait`, `engine.peek`), the embeddings' caches and encoder, clicks in flight, prewarm's queue and
+    holder (`engine.full`, `engine.peek`), the embeddings' caches and encoder, clicks in flight, prewarm's queue and
     the metrics — passed in, never the backend itself."""
 
     def __init__(self, settings: Settings, *, engine: Any, metrics: Any, activity: Activity,
@@ -182,7 +182,7 @@ class Adapters:
     def _base(self) -> Any:
         """The loaded engine (waiting for its load), or None where it cannot be loaded."""
         try:
-            return self.engine.wait(None)
+            return self.engine.full(None)
         except Exception as exc:  # EngineError: clicks say why; learning waits for the next webhook
             log.warning("learning from accepted masks waits for the model (%s)", exc)
             return None
@@ -196,6 +196,11 @@ class Adapters:
         if base is not self._checked[0]:
             self._checked = (base, isinstance(base, Adaptable))
         return self._checked[1]
+
+    def may_adapt(self, project: str | None) -> bool:
+        """Whether a click of `project` may run an adapted decoder (learning on, a Label Studio project): it then
+        needs the full engine (a torch-free start's engine cannot adapt)."""
+        return self.versions is not None and positive_id(project) is not None
 
     def engine_for(self, project: str | None, base: Any) -> Any:
         """The engine a click of `project` runs: its adapted version, else `base`."""

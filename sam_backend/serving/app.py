@@ -252,7 +252,8 @@ def _operations(app: Flask, backend: SamBackend) -> None:
                             "engine_ready": backend.engine.ready, "adapt": {"enabled": backend.adapters.enabled}})
         return jsonify({"status": "UP", "model_class": "SamBackend", "model_version": backend.model_version,
                         "model": backend.engine.state, "model_load_s_left": _rounded(backend.engine.seconds_left()),
-                        "model_load_s": _rounded(backend.engine.load_s),
+                        "model_load_s": _rounded(backend.engine.load_s), "ready_s": _rounded(backend.engine.ready_s),
+                        "model_stage": backend.engine.stage,
                         "engine_ready": backend.engine.ready, "engine_error": backend.engine.error,
                         "decoder": backend.engine.decoder_kind, "encoder": backend.engine.encoder_kind,
                         "store": None if backend.store is None else {"kind": backend.store.kind,

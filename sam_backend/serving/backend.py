@@ -32,6 +32,7 @@ from sam_backend.segment.checkpoints import graph_base
 from sam_backend.segment.embedding import Embedding
 from sam_backend.segment.engines import Engine
 from sam_backend.segment.engines.factory import make_engine
+from sam_backend.segment.engines.onnx_sam import quick_engine
 from sam_backend.segment.prompts import ObjectPrompt
 from sam_backend.segment.refine import clamp_to_box, refine
 from sam_backend.serving.adapt_trainer import LearningEmbeddings
@@ -66,7 +67,9 @@ class SamBackend:
         the shared tier behind the cache (default: the one `SAM_EMBEDDING_STORE` names, if any)."""
         self.settings = settings
         self.engine = EngineHolder(engine_factory or (lambda: make_engine(settings)),
-                                   _load_times(settings) if engine_factory is None else None)
+                                   _load_times(settings) if engine_factory is None else None,
+                                   quick=(lambda: quick_engine(settings))
+                                   if engine_factory is None and settings.quick_start else None)
         self.cache = cache if cache is not None else EmbeddingCache(settings.cache_mb * 1024 * 1024)
         self.store = store if store is not None else open_store(settings.embedding_store,
                                                                  settings.embedding_store_mb * 2**20)
@@ -180,7 +183,8 @@ class SamBackend:
                       ) -> dict[str, Any]:
         t0 = time.perf_counter()
         started = time.monotonic()
-        base = self.engine.for_click(self.settings.click_deadline_s, self.metrics.click_deadline.inc)
+        base = self.engine.for_click(self.settings.click_deadline_s, self.metrics.click_deadline.inc,
+                                     full=self.adapters.may_adapt(project))
         engine = self.adapters.engine_for(project, base)  # the project's adapted decoder, if it has one
         results = context.get("result") if isinstance(context, Mapping) else None
         first = results[0] if isinstance(results, list) and results and isinstance(results[0], Mapping) else {}

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from sam_backend.segment.prompts import ObjectPrompt
 
 __all__ = ["Adaptable", "Embedding", "EncoderChoosing", "Engine", "EngineError", "EngineId", "MaskPrediction",
-           "PathChoosing", "check_image", "paths_of"]
+           "NamesPaths", "PathChoosing", "check_image", "paths_of"]
 
 class EngineError(RuntimeError):
     """The engine cannot be built or cannot run (missing checkpoint, wrong weights, bad device)."""
@@ -180,10 +180,18 @@ class Adaptable(Protocol):
         ...
 
 
+@runtime_checkable
+class NamesPaths(Protocol):
+    """Says which image-encoder and decoder paths it runs (`eager`, `onnx`, `aoti`, `compile`): the torch engines
+    and the torch-free start (`onnx_sam`)."""
+
+    encoder_kind: str
+    decoder_kind: str
+
+
 def paths_of(engine: Engine) -> tuple[str, str]:
-    """`(encoder path, decoder path)` an engine runs now; `eager` for what it cannot choose."""
-    return (engine.encoder_kind if isinstance(engine, EncoderChoosing) else "eager",
-            engine.decoder_kind if isinstance(engine, PathChoosing) else "eager")
+    """`(encoder path, decoder path)` an engine runs now; `eager` for an engine that does not say."""
+    return (engine.encoder_kind, engine.decoder_kind) if isinstance(engine, NamesPaths) else ("eager", "eager")
 
 
 STROKE_LOGIT = 8.0  # a brush stroke as a mask prompt: +8 where it lies, -8 elsewhere (SAM logits scale)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import logging
 import os
 import signal
@@ -29,7 +28,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,13 +36,14 @@ import torch
 
 from sam_backend.fileio import write_atomic
 from sam_backend.segment.checkpoints import graph_base, sha256_file
-from sam_backend.segment.engines.fast_encoder import (
-    ENCODER_GRAPH_VERSION,
-    FAST_KINDS,
+from sam_backend.segment.engines.fast_encoder import FAST_KINDS, export_encoder, load_encoder
+from sam_backend.segment.engines.graph_files import (
+    PathResult,
+    Verdict,
     encoder_file,
-    export_encoder,
-    load_encoder,
+    graph_is_measured,
     machine_key,
+    verdict_file,
 )
 from sam_backend.segment.engines.ids import EngineId
 from sam_backend.segment.samples import check_images
@@ -59,58 +58,6 @@ log = logging.getLogger(__name__)
 MIN_MASK_IOU = 0.99
 MEASURE_LIMIT_S = 900.0  # a background measurement still running after this is abandoned (eager serves)
 MIN_MEASURED_SIDE = 512  # `auto` measures encoders of this input side and up (every published SAM is 1024)
-
-
-@dataclass
-class PathResult:
-    """One encoder path on this machine: median seconds per encode; the mean and lowest IoU of its masks against
-    fp32 eager ones over `prompts` annotator-like prompts (`annotator_prompts`)."""
-
-    kind: str
-    precision: str
-    accepted: bool
-    seconds: float | None = None
-    iou: float | None = None
-    min_iou: float | None = None
-    prompts: int = 0
-    reason: str = ""
-    sha256: str = ""  # the graph file measured (its SHA-256): only that file is ever loaded for this path
-
-
-@dataclass
-class Verdict:
-    """Every path measured for one engine on one machine, and the one chosen (`eager` where none is faster)."""
-
-    engine_id: str
-    machine: str
-    chosen: str
-    fp32_eager_s: float
-    images: int
-    paths: list[PathResult] = field(default_factory=list)
-    version: str = ENCODER_GRAPH_VERSION
-
-    def result(self, kind: str) -> PathResult | None:
-        return next((p for p in self.paths if p.kind == kind), None)
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=1).encode()
-
-    @classmethod
-    def read(cls, path: Path, engine_id: str) -> Verdict | None:
-        """The verdict in `path` for `engine_id` on this machine, or None (missing, torn, another engine or CPU)."""
-        try:
-            raw = json.loads(path.read_text())
-            verdict = cls(**{**raw, "paths": [PathResult(**p) for p in raw.get("paths", [])]})
-        except (OSError, ValueError, TypeError):
-            return None
-        if (verdict.engine_id, verdict.machine, verdict.version) != (engine_id, machine_key(),
-                                                                   ENCODER_GRAPH_VERSION):
-            return None
-        return verdict
-
-
-def verdict_file(base: Path, precision: str) -> Path:
-    return base.with_name(f"{base.name}.encoder-{ENCODER_GRAPH_VERSION}-{precision}-{machine_key()}.json")
 
 
 def annotator_prompts(reference: SamEngine, embedding: Embedding, size: tuple[int, int]) -> list[ObjectPrompt]:
@@ -241,21 +188,6 @@ def _apply(engine: SamEngine, verdict: Verdict, base: Path, kind: str | None = N
     log.info("images use the %s encoder (%s): %.3f s per image against %.3f s fp32 eager, masks IoU %.4f",
              want, result.precision, result.seconds or 0, verdict.fp32_eager_s, result.iou or 0)
     return want
-
-
-def graph_is_measured(path: Path, result: PathResult) -> bool:
-    """Whether `path` holds the very bytes `result` measured (its SHA-256); a graph swapped, torn or of an older
-    verdict is never loaded (a compiled graph is a shared library: loading it runs its code). Logged where not."""
-    if not path.is_file():
-        log.warning("encoder graph %s cannot be loaded (it is missing); images use the eager encoder", path)
-        return False
-    digest = sha256_file(path)
-    if not result.sha256 or digest != result.sha256:
-        log.warning("encoder graph %s is not the file that was measured (SHA-256 %s, measured %s); it is not loaded: "
-                    "images use the eager encoder and the paths are measured again", path, digest[:12],
-                    (result.sha256 or "none")[:12])
-        return False
-    return True
 
 
 def choose_encoder(engine: SamEngine, kind: str, checkpoint: Path, images_dir: Path | None) -> str:

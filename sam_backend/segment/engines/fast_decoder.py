@@ -33,12 +33,12 @@ import torch
 
 from sam_backend.config import DECODERS
 from sam_backend.fileio import write_atomic
+from sam_backend.segment.engines.graph_files import DECODER_GRAPH_VERSION, MIN_DECODER_IOU
 
 log = logging.getLogger(__name__)
 
-# Bump when a graph module's inputs, outputs or computation change: old cached exports are then ignored.
-GRAPH_VERSION = "g2"  # g2: SAM's decoder graph laid out for a CPU (`SamDecoderGraph`)
-MIN_IOU = 0.999
+GRAPH_VERSION = DECODER_GRAPH_VERSION
+MIN_IOU = MIN_DECODER_IOU
 
 
 class FastDecoder(Protocol):

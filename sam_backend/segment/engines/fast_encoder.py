@@ -20,8 +20,6 @@ Runtime versions, CPU model and flags): compiled code for one CPU is never loade
 from __future__ import annotations
 
 import copy
-import hashlib
-import importlib.metadata
 import io
 import logging
 import os
@@ -33,12 +31,12 @@ from typing import Protocol
 import torch
 
 from sam_backend.fileio import write_atomic
-from sam_backend.segment.cpu import CpuInfo, cpu_info
-from sam_backend.segment.engines.ids import EngineId
+from sam_backend.segment.engines.graph_files import ENCODER_GRAPH_VERSION, encoder_file, machine_key
 
 log = logging.getLogger(__name__)
 
-ENCODER_GRAPH_VERSION = "e2"
+__all__ = ["ENCODER_GRAPH_VERSION", "FAST_KINDS", "AotiEncoder", "FastEncoder", "OnnxEncoder", "encoder_file",
+           "export_encoder", "load_encoder", "machine_key"]
 FAST_KINDS = ("onnx", "aoti")
 
 
@@ -49,27 +47,6 @@ class FastEncoder(Protocol):
     precision: str
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor: ...
-
-
-def machine_key() -> str:
-    """12 hex digits naming what a compiled graph depends on: torch and ONNX Runtime versions, CPU model and flags."""
-    parts = [torch.__version__]
-    try:
-        parts.append(importlib.metadata.version("onnxruntime"))
-    except importlib.metadata.PackageNotFoundError:
-        parts.append("no-ort")
-    cpu = cpu_info()
-    parts += [v for v in (cpu.model, cpu.flags) if v is not None] if cpu != CpuInfo() else ["no-cpuinfo"]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
-
-
-def encoder_file(base: Path, kind: str, precision: str, engine_id: str) -> Path:
-    """Where the `kind` graph of the checkpoint `base` is kept: beside it, named by the weights' digest (from
-    `engine_id`), the graph version, precision and machine, so a graph of other weights is never picked up."""
-    suffix = "onnx" if kind == "onnx" else "pt2"
-    precision = "fp32" if kind == "onnx" else precision
-    return base.with_name(f"{base.name}.encoder-{ENCODER_GRAPH_VERSION}-{EngineId.parse(engine_id).weights}-{kind}-"
-                          f"{precision}-{machine_key()}.{suffix}")
 
 
 class OnnxEncoder:

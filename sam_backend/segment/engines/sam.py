@@ -32,15 +32,20 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
 from sam_backend.config import MOBILE_SAM
-from sam_backend.segment.checkpoints import expected_sha256
+from sam_backend.segment.checkpoints import checked_file_id, expected_sha256
 from sam_backend.segment.embedding import Embedding
-from sam_backend.segment.engines import EngineError, MaskPrediction, check_image, stroke_logits
+from sam_backend.segment.engines import EngineError, MaskPrediction, check_image
 from sam_backend.segment.engines.fast_decoder import FastDecoder
 from sam_backend.segment.engines.ids import EngineId
 from sam_backend.segment.engines.mobile_sam import build_mobile_sam, is_mobile_sam
+from sam_backend.segment.engines.sam_inputs import (
+    graph_feed,
+    prompt_arrays,
+    upsample_mask,
+    wants_candidates,
+)
 from sam_backend.segment.engines.torch_engine import (
     TorchEngine,
-    checked_file_id,
     load_state_dict,
     resolve_device,
     resolve_precision,
@@ -312,58 +317,46 @@ class SamEngine(TorchEngine):
         if embedding.engine_id != self.engine_id:
             raise EngineError(f"embedding from {embedding.engine_id} given to {self.engine_id}")
         original = embedding.image_size.shape
-        input_size = tuple(embedding.meta["input_size"])
-        multimask = prev_logits is None and prompt.box is None and prompt.stroke is None and len(prompt.points) == 1
-        points, box, mask_input = self.prompt_tensors(embedding, prompt, prev_logits)
+        size = tuple(embedding.meta["input_size"])
+        multimask = wants_candidates(prompt, prev_logits)
         if decoder is None:
+            points, box, mask_input = self.prompt_tensors(embedding, prompt, prev_logits)
             with torch.inference_mode():
                 sparse, dense = self.model.prompt_encoder(points=points, boxes=box, masks=mask_input)
                 low_res, iou = self.model.mask_decoder(
                     image_embeddings=self._features(embedding), image_pe=self.model.prompt_encoder.get_dense_pe(),
                     sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask)
         else:
-            low_res, iou = decoder(self._graph_inputs(embedding, points, box, mask_input))
+            low_res, iou = decoder(self._graph_inputs(embedding, *self.prompt_arrays(embedding, prompt, prev_logits)))
             chosen = slice(1, None) if multimask else slice(0, 1)  # as `MaskDecoder.forward` chooses
             low_res, iou = low_res[:, chosen], iou[:, chosen]
-        model = self.model
+        logits = low_res[0].float().cpu().numpy()
+        side, threshold = self.model.image_encoder.img_size, self.model.mask_threshold
 
         def upsample(i: int) -> np.ndarray:  # only the mask the answer needs goes to full resolution
-            with torch.inference_mode():
-                up = model.postprocess_masks(low_res[:, i:i + 1], input_size, original) > model.mask_threshold
-            return up[0, 0].cpu().numpy()
+            return upsample_mask(logits[i], size, original, side, threshold)
 
-        return MaskPrediction(None, iou[0].float().cpu().numpy(), low_res[0].float().cpu().numpy(), upsample)
+        return MaskPrediction(None, iou[0].float().cpu().numpy(), logits, upsample)
+
+    def prompt_arrays(self, embedding: Embedding, prompt: ObjectPrompt, prev_logits: np.ndarray | None = None
+                      ) -> tuple[np.ndarray | None, ...]:
+        """`sam_inputs.prompt_arrays` for this model: `(points (N, 2), labels (N,), box (4,), mask input (1, 1, 256,
+        256))` in the encoder's input frame, each None where the prompt has none."""
+        return prompt_arrays(prompt, embedding.image_size.shape, tuple(embedding.meta["input_size"]),
+                             self.model.image_encoder.img_size, self.model.prompt_encoder.image_embedding_size[0],
+                             prev_logits)
 
     def prompt_tensors(self, embedding: Embedding, prompt: ObjectPrompt, prev_logits: np.ndarray | None = None
                        ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None, torch.Tensor | None]:
-        """The prompt encoder's inputs in the encoder's input frame: `(points ((1, N, 2) float, (1, N) int) or None,
-        box (1, 4) float or None, mask input (1, 1, 256, 256) float or None)`; the mask input is `prev_logits`, else
-        a scribble resized and padded as the image was."""
-        original = embedding.image_size.shape
-        points = box = mask_input = None
-        if len(prompt.points) > 0:
-            coords = self.transform.apply_coords(prompt.points, original)
-            points = (torch.as_tensor(coords, dtype=torch.float, device=self.device)[None],
-                      torch.as_tensor(prompt.labels, dtype=torch.int, device=self.device)[None])
-        if prompt.box is not None:
-            box = torch.as_tensor(self.transform.apply_boxes(prompt.box, original), dtype=torch.float,
-                                  device=self.device)[None]
-        if prev_logits is not None:
-            expected = tuple(4 * s for s in self.model.prompt_encoder.image_embedding_size)
-            logits = np.asarray(prev_logits, dtype=np.float32)
-            if logits.shape[-2:] != expected:
-                raise EngineError(f"prev_logits: expected {expected}, got {logits.shape}")
-            mask_input = torch.as_tensor(logits.reshape(1, 1, *expected), device=self.device)
-        elif prompt.stroke is not None:  # the scribble, resized and padded as the image was, as the mask prompt
-            import cv2
+        """The eager prompt encoder's inputs: `(points ((1, N, 2) float, (1, N) int) or None, box (1, 4) float or
+        None, mask input (1, 1, 256, 256) float or None)` (see `prompt_arrays`)."""
+        points, labels, box, mask_input = self.prompt_arrays(embedding, prompt, prev_logits)
 
-            h_in, w_in = embedding.meta["input_size"]
-            frame = np.zeros((self.transform.target_length,) * 2, bool)
-            frame[:h_in, :w_in] = cv2.resize(prompt.stroke.astype(np.uint8), (w_in, h_in),
-                                             interpolation=cv2.INTER_NEAREST) > 0
-            low = stroke_logits(frame, tuple(4 * s for s in self.model.prompt_encoder.image_embedding_size))
-            mask_input = torch.as_tensor(low[None, None], device=self.device)
-        return points, box, mask_input
+        def tensor(a: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(a, device=self.device)
+
+        return (None if points is None else (tensor(points)[None], tensor(labels)[None]),
+                None if box is None else tensor(box)[None], None if mask_input is None else tensor(mask_input))
 
     # -- adapted decoders (`sam_backend.segment.adapt`) ------------------------------------------------------------
     adapter_version: str | None = None  # None: the decoder as released
@@ -409,23 +402,14 @@ class SamEngine(TorchEngine):
         other.adapter_version = version
         return other
 
-    def _graph_inputs(self, embedding: Embedding, points: tuple[torch.Tensor, torch.Tensor] | None,
-                      box: torch.Tensor | None, mask_input: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """`SamDecoderGraph`'s inputs, in the order the eager prompt encoder lays its tokens out: the points,
-        then the box corners (labels 2, 3) or, without a box, a padding point (label -1)."""
-        coords = [points[0]] if points is not None else []
-        labels = [points[1].float()] if points is not None else []
-        if box is not None:
-            coords.append(box.reshape(1, 2, 2))
-            labels.append(torch.tensor([[2.0, 3.0]], device=self.device))
-        else:
-            coords.append(torch.zeros(1, 1, 2, device=self.device))
-            labels.append(torch.tensor([[-1.0]], device=self.device))
-        low = tuple(4 * s for s in self.model.prompt_encoder.image_embedding_size)
-        return {"image_embeddings": self._features(embedding), "point_coords": torch.cat(coords, dim=1),
-                "point_labels": torch.cat(labels, dim=1),
-                "mask_input": mask_input if mask_input is not None else torch.zeros(1, 1, *low, device=self.device),
-                "has_mask_input": torch.ones(1, device=self.device) * float(mask_input is not None)}
+    def _graph_inputs(self, embedding: Embedding, points: np.ndarray | None, labels: np.ndarray | None,
+                      box: np.ndarray | None, mask_input: np.ndarray | None) -> dict[str, torch.Tensor]:
+        """`SamDecoderGraph`'s inputs (`sam_inputs.graph_feed`) as tensors on the device."""
+        grid = self.model.prompt_encoder.image_embedding_size[0]
+        feed = graph_feed(np.zeros(0, np.float32), points, labels, box, mask_input, grid)
+        tensors = {k: torch.as_tensor(v, device=self.device) for k, v in feed.items()}
+        tensors["image_embeddings"] = self._features(embedding)
+        return tensors
 
     def decoder_graph(self) -> tuple[torch.nn.Module, dict[str, torch.Tensor], Embedding]:
         """`SamDecoderGraph` of these weights, example inputs, and an embedding of random features."""
@@ -436,8 +420,8 @@ class SamEngine(TorchEngine):
         side = self.model.image_encoder.img_size
         size = ImageSize(side, side * 3 // 4)
         embedding = Embedding(self.engine_id, size, {"image_embed": features}, {"input_size": [size.height, side]})
-        example = self._graph_inputs(embedding, (torch.tensor([[[side / 3, side / 4]]], device=self.device),
-                                                 torch.ones(1, 1, dtype=torch.int, device=self.device)), None, None)
+        example = self._graph_inputs(embedding, np.array([[side / 3, side / 4]], np.float32), np.ones(1, np.int32),
+                                     None, None)
         return SamDecoderGraph(self.model).eval(), example, embedding
 
     def _features(self, embedding: Embedding) -> torch.Tensor:

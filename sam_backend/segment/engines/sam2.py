@@ -24,14 +24,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from sam_backend.segment.checkpoints import expected_sha256
+from sam_backend.segment.checkpoints import checked_file_id, expected_sha256
 from sam_backend.segment.embedding import Embedding
 from sam_backend.segment.engines import EngineError, MaskPrediction, check_image, stroke_logits
 from sam_backend.segment.engines.fast_decoder import FastDecoder
 from sam_backend.segment.engines.ids import EngineId
 from sam_backend.segment.engines.torch_engine import (
     TorchEngine,
-    checked_file_id,
     load_state_dict,
     resolve_device,
     resolve_precision,

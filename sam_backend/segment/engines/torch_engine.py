@@ -3,7 +3,6 @@ weights for timing, another precision of the same weights, and the byte form of 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from dataclasses import replace
@@ -16,14 +15,14 @@ import torch
 from sam_backend.segment.cpu import cpu_info
 from sam_backend.segment.embedding import Embedding, pack, unpack
 from sam_backend.segment.engines import EngineError, MaskPrediction
-from sam_backend.segment.engines.fast_decoder import (
-    GRAPH_VERSION,
-    MIN_IOU,
-    FastDecoder,
-    build_fast_decoder,
-    resolve_decoder,
-)
+from sam_backend.segment.engines.fast_decoder import MIN_IOU, FastDecoder, build_fast_decoder, resolve_decoder
 from sam_backend.segment.engines.fast_encoder import FastEncoder
+from sam_backend.segment.engines.graph_files import (
+    decoder_file,
+    decoder_verdict_file,
+    read_decoder_verdict,
+    write_decoder_verdict,
+)
 from sam_backend.segment.engines.ids import EngineId
 
 if TYPE_CHECKING:
@@ -67,25 +66,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision
     return "bf16" if bf16_native(device) else "fp32"
-
-
-def checked_file_id(path: Path, expected_sha256: str | None, *, label: str, model_type: str,
-                    unverified: str) -> str:
-    """A checkpoint file's identity for the engine id: its verified SHA-256, else a digest of path, size and mtime
-    (logged as `unverified`). `EngineError` names the download command where the file is missing, and the
-    digests where it does not verify."""
-    from sam_backend.segment.checkpoints import ChecksumError, verify_checkpoint
-
-    if not path.is_file():
-        raise EngineError(f"{label} checkpoint not found at {path}. Run `sam-backend download {model_type}` to fetch "
-                          "and verify it, or set SAM_ENGINE=grabcut to label without weights.")
-    try:
-        digest = verify_checkpoint(path, expected_sha256) if expected_sha256 else None
-    except ChecksumError as exc:
-        raise EngineError(str(exc)) from None
-    if digest is None:
-        log.warning("no known SHA-256 for %s: %s", path, unverified)
-    return digest or path_id(path)
 
 
 class TorchEngine:
@@ -186,8 +166,7 @@ class TorchEngine:
     def decoder_cache(self, checkpoint: Path) -> Path:
         """Where the exported decoder graph of this engine's weights is kept: next to `checkpoint`, keyed by
         the weights' digest (in the engine id) and the graph version."""
-        weights = self._identity.weights
-        return checkpoint.with_name(f"{checkpoint.name}.decoder-{GRAPH_VERSION}-{weights}.onnx")
+        return decoder_file(checkpoint, self._identity.weights)
 
     def use_decoder(self, kind: str = "auto", cache: Path | None = None, check_images: Path | None = None) -> str:
         """Run clicks through the `kind` decoder (`auto`, `onnx`, `compile`, `eager`); returns the kind in use.
@@ -302,50 +281,6 @@ class TorchEngine:
         return Embedding(stored.engine_id, stored.image_size, features, stored.meta)
 
 
-def decoder_verdict_file(graph: Path) -> Path:
-    return graph.with_name(graph.name + ".json")
-
-
-def _graph_digest(graph: Path) -> str | None:
-    try:
-        return hashlib.sha256(graph.read_bytes()).hexdigest()
-    except OSError:
-        return None
-
-
-def read_decoder_verdict(graph: Path | None, engine_id: str) -> dict | None:
-    """The kept verdict on `graph` for `engine_id` (`{"accepted", "iou", ...}`), or None where there is none, it
-    is torn, or the graph's bytes are not the ones it was given for."""
-    import json
-
-    if graph is None or not graph.is_file():
-        return None
-    try:
-        verdict = json.loads(decoder_verdict_file(graph).read_text())
-        if verdict.get("engine_id") != engine_id or verdict.get("graph_sha256") != _graph_digest(graph):
-            return None
-        return {"accepted": bool(verdict["accepted"]), "iou": float(verdict["iou"])}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
-def write_decoder_verdict(graph: Path | None, engine_id: str, iou: float) -> None:
-    """Keep the verdict on `graph` beside it (skipped where the place cannot be written)."""
-    import json
-
-    from sam_backend.fileio import write_atomic
-
-    digest = _graph_digest(graph) if graph is not None else None
-    if digest is None:
-        return
-    data = {"engine_id": engine_id, "graph_sha256": digest, "iou": round(iou, 5), "accepted": iou >= MIN_IOU,
-            "min_iou": MIN_IOU}
-    try:
-        write_atomic(decoder_verdict_file(graph), json.dumps(data).encode())
-    except OSError as exc:
-        log.warning("could not keep the decoder verdict beside %s (%s)", graph, exc)
-
-
 def load_state_dict(path: Path) -> object:
     """`torch.load(weights_only=True)`, memory-mapped where the file format allows it."""
     try:
@@ -361,8 +296,3 @@ def load_state_dict(path: Path) -> object:
             f"refused to load {path}: expected a plain tensor checkpoint "
             f"({exc.__class__.__name__}: {first})"
         ) from None
-
-
-def path_id(path: Path) -> str:
-    stat = path.stat()
-    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
