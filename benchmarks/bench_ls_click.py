@@ -384,6 +384,7 @@ def real_bench(args: argparse.Namespace) -> dict:
             env = {**env, "SAM_ADAPT": "true", "SAM_ADAPTER_DIR": str(Path(tmp) / "locks")}
             server = ServerProcess(env, Path(tmp) / "backend.log")  # the restart: graphs and verdicts cached
             ready = server.wait_ready()
+            server.wait_until(lambda h: h.get("model_stage") == "full")  # the rows below: the full engine's paths
             health = server.health()
             ml = ls.add_ml_backend(project, server.url)
             ml_adapted = ls.add_ml_backend(adapted_project, server.url)
