@@ -103,6 +103,12 @@ def test_the_quick_engine_serves_until_the_full_one_is_built():
     assert holder.stage == "full" and holder.peek() is full and holder.for_click(0.05, full=True) is full
     assert holder.load_s >= holder.ready_s
 
+    blocked = threading.Event()
+    first = EngineHolder(lambda: blocked.wait(60) and full, quick=lambda: quick)
+    assert first.get() is quick  # prewarm's `get` is served by the quick engine, not held for the full load
+    blocked.set()
+    assert first.full(None) is full
+
 
 def test_a_failed_quick_start_loads_the_full_engine_and_a_failed_full_load_keeps_the_quick_one(caplog):
     full = GrabCutEngine()

@@ -163,10 +163,10 @@ class EngineHolder:
         if current() is not None:
             return current()
         if self.error is not None and self.loading_since is None:
-            self._load()
-            return current()
-        self.start()
-        event.wait(timeout_s)
+            self._load()  # a failed load is tried again
+        else:
+            self.start()
+            event.wait(timeout_s)
         if current() is not None:
             return current()
         if self.error is not None and self.loading_since is None:
@@ -174,12 +174,15 @@ class EngineHolder:
         return None
 
     def get(self) -> Engine:
-        """The engine serving now (building it first where none is); `EngineError` saying why where it cannot."""
-        if self._engine is None:
-            self._load()
-        if self._engine is None:
+        """The engine serving now, waiting for the load where none serves yet (the quick engine where there is one,
+        without waiting for the full one); `EngineError` saying why where it cannot be built."""
+        engine = self.wait(None)
+        if engine is None:  # a retry of a failed load is running: it ends with an engine or an error
+            with self._lock:
+                engine = self._engine
+        if engine is None:
             raise EngineError(self.error or "the engine is not loaded")
-        return self._engine
+        return engine
 
     def _load(self) -> None:
         """Build the quick engine (where one is given and can be had), then the full one; `EngineError` where
@@ -189,6 +192,8 @@ class EngineHolder:
                 return
             self.loading_since = started = time.monotonic()
             self._done.clear()
+            if self._engine is None:
+                self._serving.clear()
             try:
                 if self._engine is None and self._quick is not None:
                     self._serve_quick(started)
