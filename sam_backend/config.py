@@ -82,6 +82,7 @@ class Settings:
     decoder: str = "auto"  # the click's decoder path: auto | onnx | compile | eager (segment.engines.fast_decoder)
     encoder: str = "auto"  # the image encoder's path: auto | onnx | aoti | eager (segment.engines.encoder_choice)
     check_images: Path | None = None  # SAM_CHECK_IMAGES: photos the fast paths are checked on at first start
+    quick_start: bool = True  # SAM_QUICK_START: serve from the cached ONNX graphs while torch loads (`onnx_sam`)
     cache_mb: int = 1024
     # SAM_EMBEDDING_STORE: redis://… or file:///… (serving.stores); not in repr: a URL may carry a password
     embedding_store: str | None = field(default=None, repr=False)
@@ -105,7 +106,6 @@ class Settings:
     click_deadline_s: float = 80.0  # answer a click still waiting for its encode before Label Studio's 100 s
     # SAM_ADAPT: learn each project's mask decoder from its accepted masks (serving.adapters, segment.adapt)
     adapt: bool = False
-    quick_start: bool = True  # SAM_QUICK_START: serve from the cached ONNX graphs while torch loads (`onnx_sam`)
     adapter_dir: Path = Path("adapters")  # SAM_ADAPTER_DIR: the SQLite trainers' lock files (one host)
     adapt_min_masks: int = 5  # SAM_ADAPT_MIN_MASKS: accepted masks before the first training (≥ 5: one held out)
     adapt_every: int = 5  # SAM_ADAPT_EVERY: new accepted masks before training again

@@ -24,7 +24,8 @@ from sam_backend.segment.engines.encoder_choice import (
     verdict_file,
 )
 from sam_backend.segment.engines.factory import make_engine
-from sam_backend.segment.engines.fast_encoder import encoder_file, export_encoder
+from sam_backend.segment.engines.fast_encoder import export_encoder
+from sam_backend.segment.engines.graph_files import encoder_file
 from sam_backend.segment.engines.sam import SamEngine
 from sam_backend.segment.prompts import ObjectPrompt
 from sam_backend.segment.samples import check_images

@@ -32,6 +32,14 @@ class CpuInfo:
         return bool(self.flag_set & NATIVE_BF16)
 
 
+def precision_on_cpu(precision: str) -> str:
+    """`auto` → `bf16` where this CPU runs it natively (`CpuInfo.native_bf16`), else `fp32`; a named precision as
+    given (torch's engines resolve a GPU's themselves: `engines.torch_engine.resolve_precision`)."""
+    if precision != "auto":
+        return precision
+    return "bf16" if cpu_info().native_bf16 else "fp32"
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_info() -> CpuInfo:
     """This machine's CPU (an empty `CpuInfo` where /proc/cpuinfo cannot be read)."""

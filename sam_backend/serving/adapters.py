@@ -204,7 +204,7 @@ class Adapters:
 
     def engine_for(self, project: str | None, base: Any) -> Any:
         """The engine a click of `project` runs: its adapted version, else `base`."""
-        if self.versions is None or positive_id(project) is None or not self._adaptable(base):
+        if not self.may_adapt(project) or not self._adaptable(base):
             return base
         return self.versions.engine_for(str(project), base)
 
@@ -214,7 +214,7 @@ class Adapters:
         return base_version if number is None else f"{base_version}-adapted-p{project}-v{number}"
 
     def _number(self, project: str | None) -> int | None:
-        if self.versions is None or positive_id(project) is None:
+        if not self.may_adapt(project):
             return None
         base = self.engine.peek()
         if self._adaptable(base):

@@ -33,12 +33,9 @@ import torch
 
 from sam_backend.config import DECODERS
 from sam_backend.fileio import write_atomic
-from sam_backend.segment.engines.graph_files import DECODER_GRAPH_VERSION, MIN_DECODER_IOU
+from sam_backend.segment.engines.graph_files import ort_session
 
 log = logging.getLogger(__name__)
-
-GRAPH_VERSION = DECODER_GRAPH_VERSION
-MIN_IOU = MIN_DECODER_IOU
 
 
 class FastDecoder(Protocol):
@@ -73,22 +70,13 @@ class OnnxDecoder:
 
     def __init__(self, graph: torch.nn.Module, example: dict[str, torch.Tensor], *, cache: Path | None = None,
                  threads: int | None = None, dynamic: tuple[str, ...] = ("point_coords", "point_labels")) -> None:
-        import onnxruntime as ort
-
         self.names = list(example)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        # No busy-waiting in ONNX Runtime's worker threads: spinning threads slowed the stages after the decoder
-        # (upsampling in torch, refinement) and the image encoder; measured side by side, a whole click took
-        # 54.8 ms without spinning and 62.6 ms with it, the decoder alone 33.2 and 35.4 ms.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        threads = threads or torch.get_num_threads()
         self.session = None
         self.from_cache = False  # whether the graph was read from `cache` (else exported by this call)
         if cache is not None and cache.is_file():
             try:
-                self.session = ort.InferenceSession(str(cache), options, providers=["CPUExecutionProvider"])
+                self.session = ort_session(cache, threads)
                 if [i.name for i in self.session.get_inputs()] != self.names:
                     raise ValueError(f"inputs {[i.name for i in self.session.get_inputs()]}, expected {self.names}")
                 self.from_cache = True
@@ -100,7 +88,7 @@ class OnnxDecoder:
             model = export_onnx(graph, example, dynamic)
             if cache is not None:
                 _write_atomic(cache, model)
-            self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+            self.session = ort_session(model, threads)
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         feed = {k: inputs[k].detach().to("cpu", torch.float32).contiguous().numpy() for k in self.names}

@@ -31,12 +31,10 @@ from typing import Protocol
 import torch
 
 from sam_backend.fileio import write_atomic
-from sam_backend.segment.engines.graph_files import ENCODER_GRAPH_VERSION, encoder_file, machine_key
+from sam_backend.segment.engines.graph_files import ort_session
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENCODER_GRAPH_VERSION", "FAST_KINDS", "AotiEncoder", "FastEncoder", "OnnxEncoder", "encoder_file",
-           "export_encoder", "load_encoder", "machine_key"]
 FAST_KINDS = ("onnx", "aoti")
 
 
@@ -56,14 +54,7 @@ class OnnxEncoder:
     precision = "fp32"
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads leave the CPU free
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = ort_session(path, threads or torch.get_num_threads())
         self.input = self.session.get_inputs()[0].name
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -33,16 +33,18 @@ from sam_backend.segment.engines.graph_files import (
     decoder_verdict_file,
     encoder_file,
     graph_is_measured,
+    ort_session,
     read_decoder_verdict,
     verdict_file,
 )
 from sam_backend.segment.engines.ids import EngineId
 from sam_backend.segment.engines.sam_inputs import (
+    answer,
     encoder_pixels,
-    graph_feed,
+    graph_candidates,
     prompt_arrays,
+    prompt_feed,
     resize_longest,
-    upsample_mask,
     wants_candidates,
 )
 from sam_backend.segment.geometry import ImageSize
@@ -52,17 +54,6 @@ if TYPE_CHECKING:
     from sam_backend.segment.prompts import ObjectPrompt
 
 log = logging.getLogger(__name__)
-
-
-def _session(path: Path, threads: int):  # noqa: ANN202 - onnxruntime's InferenceSession
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads leave the CPU free
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 class OnnxSamEngine:
@@ -77,8 +68,8 @@ class OnnxSamEngine:
         threads = threads or len(os.sched_getaffinity(0))
         self.id = replace(identity, encoder="onnx")
         self.engine_id = identity.format()
-        self.encoder = _session(encoder_graph, threads)
-        self.decoder = _session(decoder_graph, threads)
+        self.encoder = ort_session(encoder_graph, threads)
+        self.decoder = ort_session(decoder_graph, threads)
         shape = self.encoder.get_inputs()[0].shape  # (1, 3, S, S)
         self.side = shape[-1] if isinstance(shape[-1], int) else 1024
         out = self.encoder.get_outputs()[0].shape  # (1, C, g, g)
@@ -105,16 +96,11 @@ class OnnxSamEngine:
             raise EngineError(f"embedding from {embedding.engine_id} given to {self.engine_id}")
         original = embedding.image_size.shape
         size = tuple(embedding.meta["input_size"])
-        arrays = prompt_arrays(prompt, original, size, self.side, self.grid, prev_logits)
-        feed = graph_feed(np.asarray(embedding.features["image_embed"], np.float32), *arrays, self.grid)
+        feed = prompt_feed(*prompt_arrays(prompt, original, size, self.side, self.grid, prev_logits), self.grid)
+        feed["image_embeddings"] = np.ascontiguousarray(embedding.features["image_embed"], dtype=np.float32)
         logits, scores = self.decoder.run(None, {k: feed[k] for k in self._names})
-        chosen = slice(1, None) if wants_candidates(prompt, prev_logits) else slice(0, 1)
-        logits, scores = logits[0, chosen], scores[0, chosen]
-
-        def upsample(i: int) -> np.ndarray:
-            return upsample_mask(logits[i], size, original, self.side)
-
-        return MaskPrediction(None, scores.astype(np.float32), logits.astype(np.float32), upsample)
+        chosen = graph_candidates(wants_candidates(prompt, prev_logits))
+        return answer(logits[0, chosen], scores[0, chosen], size, original, self.side)
 
     def dump(self, embedding: Embedding, compact: bool = False) -> bytes:
         """As `TorchEngine.dump`: float32 features, float16 where `compact`."""
@@ -166,7 +152,7 @@ def _not_applicable(settings: Settings) -> str | None:
 def _graphs(settings: Settings) -> tuple[EngineId, Path, Path] | str:
     """`(engine id, encoder graph, decoder graph)`, each graph the very file its verdict accepted; else why not."""
     from sam_backend.segment.checkpoints import checked_file_id, expected_sha256, graph_base
-    from sam_backend.segment.cpu import cpu_info
+    from sam_backend.segment.cpu import precision_on_cpu
 
     checkpoint = settings.checkpoint_path
     weights = checked_file_id(checkpoint, expected_sha256(settings), label="SAM", model_type=settings.model_type,
@@ -174,8 +160,7 @@ def _graphs(settings: Settings) -> tuple[EngineId, Path, Path] | str:
     base = graph_base(checkpoint)
     decoder_graph = decoder_file(base, weights)
     model = settings.model_type if settings.checkpoint is None else _model_of(decoder_graph)
-    precision = settings.precision if settings.precision != "auto" else (
-        "bf16" if cpu_info().native_bf16 else "fp32")  # `resolve_precision` on a CPU
+    precision = precision_on_cpu(settings.precision)
     identity = EngineId("sam", model or "", weights, precision)
     verdict = Verdict.read(verdict_file(base, precision), identity.format())
     result = verdict.result("onnx") if verdict is not None else None

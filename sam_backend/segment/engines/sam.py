@@ -39,9 +39,10 @@ from sam_backend.segment.engines.fast_decoder import FastDecoder
 from sam_backend.segment.engines.ids import EngineId
 from sam_backend.segment.engines.mobile_sam import build_mobile_sam, is_mobile_sam
 from sam_backend.segment.engines.sam_inputs import (
-    graph_feed,
+    answer,
+    graph_candidates,
     prompt_arrays,
-    upsample_mask,
+    prompt_feed,
     wants_candidates,
 )
 from sam_backend.segment.engines.torch_engine import (
@@ -328,15 +329,10 @@ class SamEngine(TorchEngine):
                     sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask)
         else:
             low_res, iou = decoder(self._graph_inputs(embedding, *self.prompt_arrays(embedding, prompt, prev_logits)))
-            chosen = slice(1, None) if multimask else slice(0, 1)  # as `MaskDecoder.forward` chooses
+            chosen = graph_candidates(multimask)
             low_res, iou = low_res[:, chosen], iou[:, chosen]
-        logits = low_res[0].float().cpu().numpy()
-        side, threshold = self.model.image_encoder.img_size, self.model.mask_threshold
-
-        def upsample(i: int) -> np.ndarray:  # only the mask the answer needs goes to full resolution
-            return upsample_mask(logits[i], size, original, side, threshold)
-
-        return MaskPrediction(None, iou[0].float().cpu().numpy(), logits, upsample)
+        return answer(low_res[0].float().cpu().numpy(), iou[0].float().cpu().numpy(), size, original,
+                      self.model.image_encoder.img_size, self.model.mask_threshold)
 
     def prompt_arrays(self, embedding: Embedding, prompt: ObjectPrompt, prev_logits: np.ndarray | None = None
                       ) -> tuple[np.ndarray | None, ...]:
@@ -404,12 +400,11 @@ class SamEngine(TorchEngine):
 
     def _graph_inputs(self, embedding: Embedding, points: np.ndarray | None, labels: np.ndarray | None,
                       box: np.ndarray | None, mask_input: np.ndarray | None) -> dict[str, torch.Tensor]:
-        """`SamDecoderGraph`'s inputs (`sam_inputs.graph_feed`) as tensors on the device."""
+        """`SamDecoderGraph`'s inputs as tensors on the device: the embedding's features, `sam_inputs.prompt_feed`."""
         grid = self.model.prompt_encoder.image_embedding_size[0]
-        feed = graph_feed(np.zeros(0, np.float32), points, labels, box, mask_input, grid)
-        tensors = {k: torch.as_tensor(v, device=self.device) for k, v in feed.items()}
-        tensors["image_embeddings"] = self._features(embedding)
-        return tensors
+        feed = prompt_feed(points, labels, box, mask_input, grid)
+        return {"image_embeddings": self._features(embedding),
+                **{k: torch.as_tensor(v, device=self.device) for k, v in feed.items()}}
 
     def decoder_graph(self) -> tuple[torch.nn.Module, dict[str, torch.Tensor], Embedding]:
         """`SamDecoderGraph` of these weights, example inputs, and an embedding of random features."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sam_backend.segment.engines import stroke_logits
+from sam_backend.segment.engines import MaskPrediction, stroke_logits
 
 PIXEL_MEAN = np.array([123.675, 116.28, 103.53], np.float32)  # SAM's and MobileSAM's, RGB
 PIXEL_STD = np.array([58.395, 57.12, 57.375], np.float32)
@@ -86,10 +86,17 @@ def wants_candidates(prompt: object, prev_logits: np.ndarray | None) -> bool:
     return prev_logits is None and prompt.box is None and prompt.stroke is None and len(prompt.points) == 1
 
 
-def graph_feed(features: np.ndarray, points: np.ndarray | None, labels: np.ndarray | None, box: np.ndarray | None,
-               mask_input: np.ndarray | None, grid: int) -> dict[str, np.ndarray]:
-    """The decoder graph's inputs (`SamDecoderGraph`), in the order the eager prompt encoder lays its tokens out:
-    the points, then the box corners (labels 2, 3) or, without a box, a padding point (label -1)."""
+def graph_candidates(multimask: bool) -> slice:
+    """Which of the decoder graph's mask tokens answer (`MaskDecoder.forward`'s choice): the three ambiguous
+    candidates for a lone first click, else the first."""
+    return slice(1, None) if multimask else slice(0, 1)
+
+
+def prompt_feed(points: np.ndarray | None, labels: np.ndarray | None, box: np.ndarray | None,
+                mask_input: np.ndarray | None, grid: int) -> dict[str, np.ndarray]:
+    """The decoder graph's prompt inputs (`SamDecoderGraph`; its `image_embeddings` are the embedding's), in the
+    order the eager prompt encoder lays its tokens out: the points, then the box corners (labels 2, 3) or, without a
+    box, a padding point (label -1)."""
     coords = [points] if points is not None else []
     kinds = [labels.astype(np.float32)] if labels is not None else []
     if box is not None:
@@ -99,11 +106,22 @@ def graph_feed(features: np.ndarray, points: np.ndarray | None, labels: np.ndarr
         coords.append(np.zeros((1, 2), np.float32))
         kinds.append(np.array([NO_LABEL], np.float32))
     has_mask = mask_input is not None
-    return {"image_embeddings": np.ascontiguousarray(features, dtype=np.float32),
-            "point_coords": np.concatenate(coords).astype(np.float32)[None],
+    return {"point_coords": np.concatenate(coords).astype(np.float32)[None],
             "point_labels": np.concatenate(kinds)[None],
             "mask_input": mask_input if has_mask else np.zeros((1, 1, 4 * grid, 4 * grid), np.float32),
             "has_mask_input": np.array([float(has_mask)], np.float32)}
+
+
+def answer(logits: np.ndarray, scores: np.ndarray, size: tuple[int, int], original: tuple[int, int], side: int,
+           threshold: float = 0.0) -> MaskPrediction:
+    """The candidates `logits` `(K, 4g, 4g)` with their `scores` `(K,)` as a `MaskPrediction` whose masks are brought
+    to the photo on demand (`upsample_mask`): only the mask the answer needs goes to full resolution."""
+    logits = np.asarray(logits, np.float32)
+
+    def upsample(i: int) -> np.ndarray:
+        return upsample_mask(logits[i], size, original, side, threshold)
+
+    return MaskPrediction(None, np.asarray(scores, np.float32), logits, upsample)
 
 
 def upsample_mask(low_res: np.ndarray, size: tuple[int, int], original: tuple[int, int], side: int,

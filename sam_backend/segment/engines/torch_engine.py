@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import torch
 
-from sam_backend.segment.cpu import cpu_info
+from sam_backend.segment.cpu import cpu_info, precision_on_cpu
 from sam_backend.segment.embedding import Embedding, pack, unpack
 from sam_backend.segment.engines import EngineError, MaskPrediction
-from sam_backend.segment.engines.fast_decoder import MIN_IOU, FastDecoder, build_fast_decoder, resolve_decoder
+from sam_backend.segment.engines.fast_decoder import FastDecoder, build_fast_decoder, resolve_decoder
 from sam_backend.segment.engines.fast_encoder import FastEncoder
 from sam_backend.segment.engines.graph_files import (
+    MIN_DECODER_IOU,
     decoder_file,
     decoder_verdict_file,
     read_decoder_verdict,
@@ -63,8 +64,8 @@ def bf16_native(device: torch.device) -> bool:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """`auto` → `bf16` where the device runs it natively (`bf16_native`), else `fp32`."""
-    if precision != "auto":
-        return precision
+    if device.type == "cpu" or precision != "auto":
+        return precision_on_cpu(precision)
     return "bf16" if bf16_native(device) else "fp32"
 
 
@@ -183,7 +184,7 @@ class TorchEngine:
         verdict = read_decoder_verdict(cache, self.engine_id) if kind == "onnx" else None
         if verdict is not None and not verdict["accepted"]:
             log.warning("SAM_DECODER=%s was refused for these weights on this machine (masks IoU %.4f < %.3f, "
-                        "verdict in %s); clicks use the eager decoder", kind, verdict["iou"], MIN_IOU,
+                        "verdict in %s); clicks use the eager decoder", kind, verdict["iou"], MIN_DECODER_IOU,
                         decoder_verdict_file(cache))
             return "eager"
         try:
@@ -195,7 +196,7 @@ class TorchEngine:
                          verdict["iou"], decoder_verdict_file(cache))
                 return kind
             worst = self.decoder_agreement(candidate, embedding, check_images)
-            if worst < MIN_IOU and getattr(candidate, "from_cache", False):
+            if worst < MIN_DECODER_IOU and getattr(candidate, "from_cache", False):
                 log.warning("the cached decoder graph %s gives other masks than these weights (IoU %.4f); "
                             "exporting it again", cache, worst)  # a stale or tampered cached export
                 cache.unlink(missing_ok=True)
@@ -207,9 +208,9 @@ class TorchEngine:
             return "eager"
         if kind == "onnx":
             write_decoder_verdict(cache, self.engine_id, worst)
-        if worst < MIN_IOU:
+        if worst < MIN_DECODER_IOU:
             log.warning("SAM_DECODER=%s masks differ from eager ones (IoU %.4f < %.3f); clicks use the eager "
-                        "decoder", kind, worst, MIN_IOU)
+                        "decoder", kind, worst, MIN_DECODER_IOU)
             return "eager"
         self.fast_decoder = candidate
         log.info("clicks use the %s decoder (masks IoU %.4f against eager)", kind, worst)
@@ -217,13 +218,13 @@ class TorchEngine:
 
     def decoder_agreement(self, candidate: FastDecoder, embedding: Embedding, check_images: Path | None = None
                           ) -> float:
-        """`compare_decoder` on `embedding` (random features: no encode); where that falls below `MIN_IOU`, the
+        """`compare_decoder` on `embedding` (random features: no encode); where that falls below `MIN_DECODER_IOU`, the
         lowest verdict of the same table on this engine's own encodings of the check images (`SAM_CHECK_IMAGES`'
         photos, else the sample image). Trained weights put many low-res logits of random features right at the
         threshold, where float rounding flips pixels (MobileSAM's real weights: IoU 0.9972 on random features,
         1.0 on encoded photos), so images' features decide."""
         worst = self.compare_decoder(candidate, embedding)
-        if worst >= MIN_IOU:
+        if worst >= MIN_DECODER_IOU:
             return worst
         from sam_backend.segment.samples import check_images as load_check_images
 
