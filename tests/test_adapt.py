@@ -472,6 +472,73 @@ def test_evaluate_adapt_on_measures_the_rest_base_and_adapted(mobile_sam_checkpo
     assert result.exit_code != 0 and "no category has more than 3 objects" in result.output
 
 
+
+def test_evaluate_adapt_on_several_k_in_one_run(mobile_sam_checkpoint, tmp_path):
+    """`--adapt-on 2,3` on two categories of four GrabCut objects: the base runs once on the rest of K = 2; each K
+    learns and is measured on its own rest (two objects per category for K = 2, one for K = 3), its `adaptation.base`
+    is the base model's figures on exactly those objects, and adaptation_curve.csv has a row per K."""
+    import csv
+
+    from click.testing import CliRunner
+
+    from sam_backend.commands.cli import main
+    from sam_backend.commands.evalsets import load_objects
+    from sam_backend.segment.masks import mask_to_coco
+
+    folder = evalset("GrabCut")
+    objects = load_objects(folder, limit=8)
+    coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+    for i, obj in enumerate(objects):
+        h, w = obj.mask.shape
+        coco["images"].append({"id": i + 1, "file_name": obj.image, "width": w, "height": h})
+        coco["annotations"].append({"id": i + 1, "image_id": i + 1, "category_id": 1 + i // 4,
+                                    "segmentation": mask_to_coco(obj.mask)["segmentation"]})
+    data = tmp_path / "coco.json"
+    data.write_text(json.dumps(coco))
+    out = tmp_path / "out"
+    env = {"SAM_CHECKPOINT": str(mobile_sam_checkpoint), "SAM_PRECISION": "fp32", "SAM_ENCODER": "eager",
+           "SAM_ADAPT_STEPS": "4"}
+    result = CliRunner(env=env).invoke(main, ["evaluate", str(data), "--images", str(folder / "data_GT"),
+                                              "--adapt-on", "3,2", "--max-clicks", "3", "-o", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    name = "sam/vit_t/fp32/clicks"
+    assert set(summary) == {name, f"{name}/adapted@2", f"{name}/adapted@3"}
+    assert summary[name]["objects"] == summary[f"{name}/adapted@2"]["objects"] == 4
+    assert summary[f"{name}/adapted@3"]["objects"] == 2
+    rows = list(csv.DictReader((out / "per_object.csv").open()))
+    base_noc = {r["object"]: int(r["noc90"]) for r in rows if r["configuration"] == name}
+    for k, per_category in ((2, 2), (3, 1)):
+        learning = summary[f"{name}/adapted@{k}"]["adaptation"]
+        assert learning["k"] == k and learning["groups"] == 2
+        assert all(g["trained_on"] + g["held_out"] == k for g in learning["per_group"].values())
+        assert all(g["rss_growth_mb"] >= 0 for g in learning["per_group"].values())
+        measured = [r["object"] for r in rows if r["configuration"] == f"{name}/adapted@{k}"]
+        assert len(measured) == 2 * per_category
+        assert learning["base"]["objects"] == len(measured)
+        assert learning["base"]["noc90"] == pytest.approx(sum(base_noc[o] for o in measured) / len(measured),
+                                                          abs=1e-3)
+    curve = list(csv.DictReader((out / "adaptation_curve.csv").open()))
+    assert [int(r["k"]) for r in curve] == [2, 3]
+    assert [float(r["base_noc90"]) for r in curve] == [summary[f"{name}/adapted@{k}"]["adaptation"]["base"]["noc90"]
+                                                       for k in (2, 3)]
+    bad = CliRunner(env=env).invoke(main, ["evaluate", str(data), "--adapt-on", "2,x", "-o", str(out)])
+    assert bad.exit_code == 2 and "expected whole numbers separated by commas" in bad.output
+
+
+def test_peak_rss_sees_growth_below_an_earlier_peak():
+    """`PeakRss` measures a block's own growth: 150 MB touched inside it read as ~150 MB even after the process had
+    already peaked higher (where `ru_maxrss` would read no growth at all)."""
+    from sam_backend.commands.rss import PeakRss
+
+    big = np.ones(400 * 2**20, np.uint8)  # an earlier, higher peak
+    del big
+    with PeakRss(interval_s=60.0) as peak:  # sampled by the call below, not by the clock
+        block = np.ones(150 * 2**20, np.uint8)
+        peak.sample()
+        del block
+    assert 120 <= peak.growth_mb <= 260, peak.growth_mb
+
 def test_a_training_step_waits_while_a_click_is_in_flight():
     """`Activity.wait_idle` blocks a training step while a click is in flight and lets it go once clicks stop."""
     from sam_backend.serving.adapters import Activity

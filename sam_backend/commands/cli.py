@@ -23,6 +23,27 @@ def _settings() -> Settings:
         raise click.ClickException(str(exc)) from None
 
 
+class KList(click.ParamType):
+    """`--adapt-on`'s value: one K or several separated by commas (`5`, `3,5,10`), each at least 2."""
+
+    name = "K[,K...]"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> list[int]:
+        if isinstance(value, list):
+            return value
+        ks = []
+        for part in str(value).split(","):
+            try:
+                k = int(part.strip())
+            except ValueError:
+                self.fail(f"expected whole numbers separated by commas (3,5,10), got {value!r}", param, ctx)
+            if k < 2:
+                self.fail(f"each K must be at least 2 (one object learnt from, one more to judge), got {k}",
+                          param, ctx)
+            ks.append(k)
+        return ks
+
+
 @click.group()
 @click.option("-v", "--verbose", count=True, help="-v for INFO, -vv for DEBUG logging.")
 def main(verbose: int) -> None:
@@ -437,13 +458,14 @@ def precompute(project: int, backend_url: str, limit: int | None) -> None:
 @click.option("--limit", type=int, default=None, help="At most this many objects.")
 @click.option("--backend", "backend_url", default=None, help="Evaluate a running backend over HTTP instead.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
-@click.option("--adapt-on", "adapt_on", type=click.IntRange(min=2), default=None, metavar="K",
+@click.option("--adapt-on", "adapt_on", type=KList(), multiple=True, metavar="K[,K...]",
               help="Per category, learn from the first K objects as accepted masks (as SAM_ADAPT does), then measure "
-              "the rest with the base model and adapted (configurations ending in /adapted).")
+              "the rest with the base model and adapted (configurations ending in /adapted). Several K (3,5,10, or "
+              "the option repeated) run in one run: /adapted@K each, and adaptation_curve.csv.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def evaluate(data: Path, images: Path | None, engines: tuple[str, ...], model_types: tuple[str, ...],
              precisions: tuple[str, ...], no_refine: bool, no_logit_feedback: bool, plain: bool, protocol: str,
-             max_clicks: int, limit: int | None, backend_url: str | None, out: Path, adapt_on: int | None,
+             max_clicks: int, limit: int | None, backend_url: str | None, out: Path, adapt_on: tuple[list[int], ...],
              quiet: bool) -> None:
     """Clicks-to-quality (NoC@85/90, mIoU per click, refused prompts) with a plot, on a dataset folder (GrabCut's
     data_GT/boundary_GT, Berkeley's images/masks, DAVIS or COCO-MVal's img/gt), a Label Studio export or a COCO
@@ -486,7 +508,8 @@ def evaluate(data: Path, images: Path | None, engines: tuple[str, ...], model_ty
         from sam_backend.segment.adapt import AdaptConfig
 
         summary = evaluate(objects, configs, settings, out, max_clicks=max_clicks, backend_url=backend_url,
-                           progress=not quiet, adapt_on=adapt_on, adapt_config=AdaptConfig(steps=settings.adapt_steps))
+                           progress=not quiet, adapt_on=[k for ks in adapt_on for k in ks] or None,
+                           adapt_config=AdaptConfig(steps=settings.adapt_steps))
     except (EvaluateError, EngineError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(summary, indent=1))

@@ -19,6 +19,11 @@ backend): objects are grouped by category (COCO `categories`, a Label Studio exp
 in each group the first K are taken as the team's accepted masks and learnt from by the backend's own rule (every
 fifth held out, the version kept only where it does better there), then the rest are measured twice: with the base
 model and with the group's adapted one (`<configuration>/adapted`). The K objects are measured by neither.
+Several K (`--adapt-on 3,5,10`) learn and measure each K in the same run (`<configuration>/adapted@K`, and
+`adaptation_curve.csv`): the base model runs once on the rest of the smallest K, and each K is compared with it on
+its own rest (a category with no more than K objects has none and sits that K out). The learning's cost is each
+category's training and judging: `seconds_per_accepted_mask`, and `peak_rss_growth_mb`, the most resident memory
+one training added (sampled while it ran).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import logging
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -77,6 +82,7 @@ class ObjectRun:
     refused: int = 0  # prompts answered 422 (the previous mask stayed)
 
 
+Pairs = list[tuple[EvalObject, ObjectRun]]  # each measured object with its run, in order
 REFUSED = object()  # what an asker returns for a prompt refused with 422
 
 
@@ -207,16 +213,15 @@ def summarize(runs: list[ObjectRun], max_clicks: int, protocol: str) -> dict[str
     }
 
 
-def write_outputs(out: Path, objects: list[EvalObject], results: dict[str, tuple[dict, list[ObjectRun]]],
-                  max_clicks: int) -> None:
+def write_outputs(out: Path, results: dict[str, tuple[dict, Pairs]], max_clicks: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps({name: s for name, (s, _) in results.items()}, indent=1))
     with open(out / "per_object.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["configuration", "object", "image", "category", "noc85", "noc90",
                          *[f"iou@{k}" for k in range(1, max_clicks + 1)]])
-        for name, (_, runs) in results.items():
-            for obj, run in zip(objects, runs, strict=True):
+        for name, (_, pairs) in results.items():
+            for obj, run in pairs:
                 curve = mean_iou_curve([run.ious], max_clicks)
                 writer.writerow([name, obj.name, obj.image, obj.category, noc(run.ious, 0.85, max_clicks)[0],
                                  noc(run.ious, 0.90, max_clicks)[0], *[f"{v:.4f}" for v in curve]])
@@ -228,7 +233,7 @@ def write_outputs(out: Path, objects: list[EvalObject], results: dict[str, tuple
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     for name, (summary, _) in results.items():
         plain = "/plain" in name  # dashed, so a plain curve on top of the product's stays visible
-        adapted = name.endswith("/adapted")  # dotted with squares: the same model after learning
+        adapted = "/adapted" in name  # dotted with squares: the same model after learning
         ax.plot(range(1, len(summary["miou"]) + 1), summary["miou"], marker="s" if adapted else "x" if plain else "o",
                 markersize=3, linestyle=":" if adapted else "--" if plain else "-",
                 label=f"{name} (NoC@90 {summary['noc90']:.2f})")
@@ -237,7 +242,8 @@ def write_outputs(out: Path, objects: list[EvalObject], results: dict[str, tuple
     ax.set_ylim(0, 1)
     ax.set_xlim(1, max_clicks)
     ax.grid(alpha=0.3)
-    ax.set_title(f"mIoU vs clicks on {len(objects)} objects")
+    objects = max(summary["objects"] for summary, _ in results.values())
+    ax.set_title(f"mIoU vs clicks on {objects} objects")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "miou_vs_clicks.png")
@@ -265,9 +271,9 @@ class Adaptation:
 def adapt_group(settings: Settings, config: Configuration, shared: dict[str, Any], category: str,
                 accepted: list[EvalObject], adapt_config: Any) -> Adaptation:
     """Learn from `accepted` as the backend does (`segment.adapt.split_held_out`, `adapt`): embeddings through the
-    shared cache, the version kept only where it does better on its held-out objects."""
-    from dataclasses import replace
-
+    shared cache, the version kept only where it does better on its held-out objects. The record's `seconds` and
+    `rss_growth_mb` are the training's and judging's alone (the embeddings exist before, as in the backend)."""
+    from sam_backend.commands.rss import PeakRss
     from sam_backend.segment.adapt import Example, adapt, adapted_decoder, split_held_out, training_steps
 
     engine = config.engine
@@ -277,37 +283,57 @@ def adapt_group(settings: Settings, config: Configuration, shared: dict[str, Any
         _, embedding, _ = backend.embedding(obj.image, engine)
         examples.append(Example(embedding, obj.mask, obj.ignore, obj.name))
     train, held = split_held_out(examples)
-    outcome = adapt(engine, train, held, replace(adapt_config, steps=training_steps(len(train), adapt_config.steps)))
+    with PeakRss() as peak:
+        outcome = adapt(engine, train, held, replace(adapt_config, steps=training_steps(len(train),
+                                                                                           adapt_config.steps)))
     record = {"accepted": outcome.accepted, "trained_on": len(train), "held_out": len(held),
               "held_out_base": outcome.base.to_json() if outcome.base else None,
               "held_out_adapted": outcome.adapted.to_json() if outcome.adapted else None,
-              "seconds": round(outcome.seconds, 2), "steps": outcome.steps}
+              "seconds": round(outcome.seconds, 2), "steps": outcome.steps, "rss_growth_mb": round(peak.growth_mb),
+              **outcome.extra}
     log.info("%s: learnt from %d objects in %.1f s, %s", category, len(train), outcome.seconds,
              "kept" if outcome.accepted else "refused (no better on its held-out objects)")
     adapted = engine.with_mask_decoder(adapted_decoder(engine, outcome.state), category) if outcome.accepted else engine
     return Adaptation(category, adapted, record)
 
 
+
+def adapt_ks(adapt_on: int | Sequence[int] | None) -> list[int]:
+    """The K values of `--adapt-on` (one or several), ascending, each once."""
+    if adapt_on is None:
+        return []
+    return sorted({adapt_on} if isinstance(adapt_on, int) else set(adapt_on))
+
+
 def evaluate(objects: list[EvalObject], configs: list[Configuration], settings: Settings, out: Path,
              max_clicks: int = 20, backend_url: str | None = None, progress: bool = True,
-             adapt_on: int | None = None, adapt_config: Any = None) -> dict[str, Any]:
+             adapt_on: int | Sequence[int] | None = None, adapt_config: Any = None) -> dict[str, Any]:
     """Run every configuration on every object; write summary.json, per_object.csv, miou_vs_clicks.png. With
-    `adapt_on` (see the module docstring) every configuration also runs adapted (`<name>/adapted`) on the objects
-    after each category's first `adapt_on`."""
-    groups = None
-    if adapt_on is not None:
+    `adapt_on` (see the module docstring) every configuration also runs adapted on the objects after each category's
+    first K: `<name>/adapted` for one K, `<name>/adapted@K` for each of several (then adaptation_curve.csv too);
+    each adapted entry's `adaptation.base` is the base model on the same objects."""
+    ks = adapt_ks(adapt_on)
+    plans: dict[int, list] = {}
+    if ks:
         if backend_url or any(not isinstance(c.engine, Adaptable) for c in configs):
             raise EvaluateError("--adapt-on needs a SAM engine in this process (SAM_ENGINE=sam; not --backend, "
                                 "SAM 2.1 or GrabCut): it fine-tunes SAM's mask decoder")
-        groups = category_groups(objects, adapt_on)
-        if not groups:
-            raise EvaluateError(f"--adapt-on {adapt_on}: no category has more than {adapt_on} objects, so nothing is "
-                                "left to measure after learning")
-        objects = [obj for _, _, rest in groups for obj in rest]
-    results: dict[str, tuple[dict, list[ObjectRun]]] = {}
+        for k in ks:
+            groups = category_groups(objects, k)
+            if groups:
+                plans[k] = groups
+            else:
+                log.warning("--adapt-on %d: no category has more than %d objects, so nothing is left to measure "
+                            "after learning: K = %d is left out", k, k, k)
+        if not plans:
+            raise EvaluateError(f"--adapt-on {','.join(map(str, ks))}: no category has more than {ks[0]} objects, "
+                                "so nothing is left to measure after learning")
+        objects = [obj for _, _, rest in plans[min(plans)] for obj in rest]  # every K's rest is among these
+    results: dict[str, tuple[dict, Pairs]] = {}
     shared: dict[str, dict[str, Any]] = {}
-    adaptations: dict[str, list[Adaptation]] = {}  # per engine: clicks and box configurations learn once
-    bar = tqdm(total=len(objects) * len(configs) * (2 if groups else 1), unit="object", desc="evaluate",
+    adaptations: dict[str, list[Adaptation]] = {}  # per engine and K: clicks and box configurations learn once
+    adapted_objects = sum(len(rest) for groups in plans.values() for _, _, rest in groups)
+    bar = tqdm(total=(len(objects) + adapted_objects) * len(configs), unit="object", desc="evaluate",
                disable=not progress)
     try:
         for config in configs:
@@ -315,18 +341,21 @@ def evaluate(objects: list[EvalObject], configs: list[Configuration], settings: 
                 ask = http_asker(backend_url, settings)
             else:
                 ask = in_process_asker(settings, config, shared.setdefault(config.engine.engine_id, {}))
-            runs = []
+            pairs = []
             for i, obj in enumerate(objects):
-                runs.append(run_object(ask, obj, i + 1, config.protocol, max_clicks))
+                pairs.append((obj, run_object(ask, obj, i + 1, config.protocol, max_clicks)))
                 bar.update(1)
-            results[config.name] = (dict(summarize(runs, max_clicks, config.protocol), **paths_of(config.engine)),
-                                    runs)
-            if groups:
-                results[f"{config.name}/adapted"] = _run_adapted(config, groups, settings, shared, adaptations,
-                                                                 adapt_config, max_clicks, bar)
+            results[config.name] = (dict(summarize([r for _, r in pairs], max_clicks, config.protocol),
+                                         **paths_of(config.engine)), pairs)
+            for k, groups in plans.items():
+                name = f"{config.name}/adapted" + ("" if len(ks) == 1 else f"@{k}")
+                results[name] = _run_adapted(config, k, groups, settings, shared, adaptations, adapt_config,
+                                             max_clicks, bar, dict((id(o), r) for o, r in pairs))
     finally:
         bar.close()
-    write_outputs(out, objects, results, max_clicks)
+    write_outputs(out, results, max_clicks)
+    if len(ks) > 1:
+        write_curve(out / "adaptation_curve.csv", results)
     return {name: s for name, (s, _) in results.items()}
 
 
@@ -339,25 +368,34 @@ def paths_of(engine: Engine | None) -> dict[str, str]:
     return {"encoder": encoder, "decoder": decoder}
 
 
-def _run_adapted(config: Configuration, groups: list, settings: Settings, shared: dict[str, dict[str, Any]],
-                 adaptations: dict[str, list[Adaptation]], adapt_config: Any, max_clicks: int, bar: Any
-                 ) -> tuple[dict, list[ObjectRun]]:
-    """Each group's rest, measured with the group's adapted engine (learnt once per engine)."""
+def _brief(summary: dict[str, Any]) -> dict[str, Any]:
+    """The figures a learning curve compares: NoC@85/90, failures, mIoU after 1, 3 and 5 interactions."""
+    miou = summary["miou"]
+    return {"objects": summary["objects"], "noc85": summary["noc85"], "noc90": summary["noc90"],
+            "failures85": summary["failures85"], "failures90": summary["failures90"],
+            "miou1": miou[0] if miou else None, "miou3": miou[2] if len(miou) > 2 else None,
+            "miou5": miou[4] if len(miou) > 4 else None}
+
+
+def _run_adapted(config: Configuration, k: int, groups: list, settings: Settings, shared: dict[str, dict[str, Any]],
+                 adaptations: dict[str, list[Adaptation]], adapt_config: Any, max_clicks: int, bar: Any,
+                 base_runs: dict[int, ObjectRun]) -> tuple[dict, Pairs]:
+    """Each group's rest, measured with the group's adapted engine (learnt once per engine and K); `base_runs` (by
+    `id` of the object) give the base model's figures on the same objects."""
     import resource
 
     from sam_backend.segment.adapt import AdaptConfig
 
     engine_shared = shared.setdefault(config.engine.engine_id, {})
-    key = config.engine.engine_id + ("" if config.refine else "/plain")
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    key = f"{config.engine.engine_id}{'' if config.refine else '/plain'}@{k}"
     if key not in adaptations:
         adaptations[key] = []
         for category, accepted, _ in groups:
-            bar.set_postfix_str(f"learning {category}")
+            bar.set_postfix_str(f"learning {category} (K={k})")
             adaptations[key].append(adapt_group(settings, config, engine_shared, category, accepted,
                                                 adapt_config or AdaptConfig()))
         bar.set_postfix_str("")
-    runs: list[ObjectRun] = []
+    pairs: Pairs = []
     index = 0
     answers = Counter(adapted=0, released=0)  # which decoder answered this configuration's adapted clicks
     for adaptation, (_, _, rest) in zip(adaptations[key], groups, strict=True):
@@ -366,19 +404,46 @@ def _run_adapted(config: Configuration, groups: list, settings: Settings, shared
         answers.subtract(counts)  # an engine's counts span every configuration measured with it: this one's part
         for obj in rest:
             index += 1
-            runs.append(run_object(ask, obj, index, config.protocol, max_clicks))
+            pairs.append((obj, run_object(ask, obj, index, config.protocol, max_clicks)))
             bar.update(1)
         answers.update(counts)
-    summary = summarize(runs, max_clicks, config.protocol)
+    summary = summarize([r for _, r in pairs], max_clicks, config.protocol)
+    base = _brief(summarize([base_runs[id(o)] for o, _ in pairs], max_clicks, config.protocol))
     records = {a.category: a.record for a in adaptations[key]}
-    trained = sum(r["trained_on"] for r in records.values())
+    trained = sum(r["trained_on"] + r["held_out"] for r in records.values())
     seconds = sum(r["seconds"] for r in records.values())
     summary["adaptation"] = {
-        "k": len(groups[0][1]), "groups": len(records), "kept": sum(r["accepted"] for r in records.values()),
+        "k": k, "groups": len(records), "kept": sum(r["accepted"] for r in records.values()),
         "refused": sum(not r["accepted"] for r in records.values()), "seconds": round(seconds, 1),
-        "seconds_per_accepted_mask": round(seconds / max(1, trained + sum(r["held_out"] for r in records.values())),
-                                           2),
+        "seconds_per_accepted_mask": round(seconds / max(1, trained), 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "peak_rss_growth_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0),
+        "peak_rss_growth_mb": max((r["rss_growth_mb"] for r in records.values()), default=0),
+        "base": base, "adapted": _brief(summary),
+        "noc90_ratio": round(summary["noc90"] / base["noc90"], 3) if base["noc90"] else None,
         "clicks": dict(answers), "per_group": records}
-    return summary, runs
+    return summary, pairs
+
+
+CURVE_FIELDS = ["configuration", "k", "groups", "kept", "objects", "base_noc85", "adapted_noc85", "base_noc90",
+                "adapted_noc90", "noc90_ratio", "base_failures90", "adapted_failures90", "base_miou1",
+                "adapted_miou1", "base_miou3", "adapted_miou3", "base_miou5", "adapted_miou5",
+                "seconds_per_accepted_mask", "peak_rss_growth_mb"]
+
+
+def write_curve(path: Path, results: dict[str, tuple[dict, Pairs]]) -> None:
+    """One row per adapted configuration and K: base against adapted on the same objects, and what learning cost."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, CURVE_FIELDS)
+        writer.writeheader()
+        for name, (summary, _) in results.items():
+            a = summary.get("adaptation")
+            if not a:
+                continue
+            row = {"configuration": name, "k": a["k"], "groups": a["groups"], "kept": a["kept"],
+                   "objects": summary["objects"], "noc90_ratio": a["noc90_ratio"],
+                   "seconds_per_accepted_mask": a["seconds_per_accepted_mask"],
+                   "peak_rss_growth_mb": a["peak_rss_growth_mb"]}
+            for side in ("base", "adapted"):
+                for field_ in ("noc85", "noc90", "failures90", "miou1", "miou3", "miou5"):
+                    row[f"{side}_{field_}"] = a[side][field_]
+            writer.writerow(row)
