@@ -37,15 +37,18 @@ def test_every_fifth_accepted_mask_is_held_out_and_stays_held_out():
     assert set(held) <= set(more_held) and not set(more_held) & set(more_train)
 
 
-@pytest.mark.parametrize("new, old, better", [
-    ((2.0, 0, 0.80), (3.0, 0, 0.80), True),  # fewer clicks
-    ((2.0, 1, 0.90), (3.0, 0, 0.80), False),  # fewer clicks but a failure more: refused
-    ((3.0, 0, 0.85), (3.0, 0, 0.80), True),  # as many clicks, better mIoU
-    ((3.0, 0, 0.80), (3.0, 0, 0.80), False),  # no better: the current version stays
-    ((3.5, 0, 0.95), (3.0, 0, 0.80), False),  # more clicks
+@pytest.mark.parametrize("objects, new, old, kept", [
+    (1, (2.0, 0, 0.80), (3.0, 0, 0.80), True),  # fewer clicks
+    (1, (2.0, 1, 0.90), (3.0, 8, 0.80), True),  # fewer failed runs
+    (1, (2.0, 1, 0.90), (3.0, 0, 0.80), False),  # fewer clicks but a failed run more: refused
+    (1, (3.0, 0, 0.80), (3.0, 0, 0.80), True),  # as good: one object cannot tell them apart, the version is kept
+    (1, (4.9, 0, 0.95), (3.0, 0, 0.80), True),  # within the margin of one held-out object (2 clicks)
+    (1, (5.1, 0, 0.95), (3.0, 0, 0.80), False),  # beyond it
+    (4, (4.1, 0, 0.95), (3.0, 0, 0.80), False),  # four objects: the margin is 1 click
+    (4, (3.9, 0, 0.95), (3.0, 0, 0.80), True),
 ])
-def test_a_version_is_kept_only_where_it_does_better(new, old, better):
-    assert A.Scores(5, *new).better_than(A.Scores(5, *old)) is better
+def test_a_version_is_kept_unless_its_held_out_runs_say_it_is_worse(objects, new, old, kept):
+    assert A.Scores(objects, *new).kept_over(A.Scores(objects, *old)) is kept
 
 
 def test_version_bytes_round_trip_and_foreign_bytes_are_refused(tmp_path):
@@ -113,6 +116,22 @@ def test_fine_tuning_changes_only_the_decoder_heads_and_learns_the_object(mobile
     changed = {k for k, v in adapted.model.mask_decoder.state_dict().items() if not torch.equal(before[k], v)}
     assert changed and all(k.startswith(A.TRAINABLE) for k in changed)
 
+
+
+def test_a_version_of_an_earlier_release_with_more_learnt_parts_never_touches_the_released_decoder(
+        mobile_sam_engine):
+    """Versions stored by an earlier release also hold the tokens and the upscaling (they learnt then); loading one
+    copies those parts for the version instead of sharing them with the released decoder, whose weights stay equal."""
+    released = mobile_sam_engine.base_mask_decoder
+    before = {k: v.clone() for k, v in released.state_dict().items()}
+    old_parts = ("output_upscaling", "mask_tokens", "iou_token")
+    state = {n: p.detach() + 0.01 for n, p in released.named_parameters() if n.startswith(old_parts + A.TRAINABLE)}
+    assert any(n.startswith(old_parts) for n in state) and not any(n.startswith(old_parts) for n in
+                                                                     A.TRAINABLE)
+    decoder = A.adapted_decoder(mobile_sam_engine, state)
+    assert all(torch.equal(before[k], v) for k, v in released.state_dict().items())
+    assert torch.equal(decoder.output_upscaling[0].weight, state["output_upscaling.0.weight"])
+    assert decoder.transformer is released.transformer  # what no version changes is still shared
 
 def test_an_adapted_mask_that_misses_the_clicks_falls_back_to_the_released_decoder(mobile_sam_engine):
     """A learnt decoder that stops following the clicks (here: its hypernetworks zeroed, so it answers an empty mask)

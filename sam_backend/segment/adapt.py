@@ -43,9 +43,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# The decoder's parts that learn (prefixes of `MaskDecoder` parameter names); the two-way transformer stays as
-# released: see the README's "The model learns from the team" for what was measured with other choices.
-TRAINABLE = ("output_hypernetworks_mlps", "iou_prediction_head", "output_upscaling", "mask_tokens", "iou_token")
+# The decoder's parts that learn (prefixes of `MaskDecoder` parameter names): the per-candidate MLPs that turn a mask
+# token into the mask's weights, and the IoU head. The two-way transformer, the tokens and the upscaling stay as
+# released, so no gradient flows through them (a step costs ~33 ms on two cores instead of ~84 with the tokens and
+# upscaling learning) and they gave fewer clicks, not more: see the README's "The model learns from the team".
+TRAINABLE = ("output_hypernetworks_mlps", "iou_prediction_head")
 VERSION_FORMAT = 1
 
 
@@ -67,9 +69,11 @@ class AdaptConfig:
     weight_decay: float = 1e-4
     train_clicks: int = 8  # simulated clicks per object whose prompts are trained on
     random_clicks: int = 3  # extra first clicks at random points inside each object
-    rounds: int = 3  # the simulated runs are made again with the decoder being trained, this many times in all
+    rounds: int = 2  # the simulated runs are made again with the decoder being trained, this many times in all
     judge_clicks: int = 20  # the held-out protocol's click limit
     seed: int = 0
+    anchor: float = 0.0  # weight of the L2 pull of the trained tensors toward the released ones (sum of squares)
+    band: float = 0.0  # extra loss weight on the target's boundary band (low-res pixels within 2 of the edge)
 
 
 @dataclass
@@ -104,6 +108,9 @@ class TrainPrompt:
     multimask: bool
 
 
+JUDGE_MARGIN_CLICKS = 2.0  # see `Scores.kept_over`
+
+
 @dataclass(frozen=True)
 class Scores:
     """Held-out figures (see `score`): mean NoC@90 over the runs (a failure counts `judge_clicks`), failed runs, mean
@@ -114,13 +121,14 @@ class Scores:
     failures: int
     miou5: float
 
-    def better_than(self, other: Scores) -> bool:
-        """Fewer clicks, or as many and a higher mIoU; never more failures."""
-        if self.failures > other.failures:
+    def kept_over(self, base: Scores) -> bool:
+        """Whether a version with these scores replaces `base` (the scores of what serves now on the same held-out
+        runs): never more failed runs, and NoC@90 no more than `JUDGE_MARGIN_CLICKS / sqrt(objects)` above the
+        base's (one held-out object: 2 clicks, four: 1, the newest twenty: 0.45). A few objects are a noisy judge:
+        requiring a version to be strictly better on one object refused as many good versions as bad ones."""
+        if self.failures > base.failures:
             return False
-        if self.noc90 < other.noc90 - 1e-9:
-            return True
-        return abs(self.noc90 - other.noc90) <= 1e-9 and self.miou5 > other.miou5 + 1e-4
+        return self.noc90 <= base.noc90 + JUDGE_MARGIN_CLICKS / max(1, self.objects) ** 0.5 + 1e-9
 
     def to_json(self) -> dict[str, Any]:
         return {"objects": self.objects, "noc90": round(self.noc90, 3), "failures": self.failures,
@@ -272,7 +280,7 @@ def training_prompts(engine: SamEngine, examples: Sequence[Example], config: Ada
 
 # -- training ---------------------------------------------------------------------------------------------------
 
-def low_res_target(engine: SamEngine, example: Example) -> tuple[torch.Tensor, torch.Tensor]:
+def low_res_target(engine: SamEngine, example: Example, band: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """`(target, weight)`, each `(256, 256) float32`: the true mask resized and padded as the image was, area-averaged
     to the decoder's low-res frame; weight 0 on padding and on ignored pixels."""
     low = 4 * engine.model.prompt_encoder.image_embedding_size[0]
@@ -287,6 +295,11 @@ def low_res_target(engine: SamEngine, example: Example) -> tuple[torch.Tensor, t
                                                 interpolation=cv2.INTER_AREA)
     target = cv2.resize(frame, (low, low), interpolation=cv2.INTER_AREA)
     weight = (cv2.resize(valid, (low, low), interpolation=cv2.INTER_AREA) > 0.5).astype(np.float32)
+    if band:
+        hard = (target > 0.5).astype(np.uint8)
+        kernel = np.ones((5, 5), np.uint8)
+        edge = (cv2.dilate(hard, kernel) - cv2.erode(hard, kernel)) > 0
+        weight = weight * (1.0 + band * edge.astype(np.float32))
     return torch.from_numpy(target), torch.from_numpy(weight)
 
 
@@ -299,8 +312,9 @@ def adapted_decoder(engine: SamEngine, state: dict[str, torch.Tensor] | None = N
     that never learn (the two-way transformer: 3.3 M of MobileSAM's 4.1 M decoder parameters) are shared with the
     released decoder, not copied: a project's version costs the memory of its `TRAINABLE` tensors only."""
     base = engine.base_mask_decoder
+    learnt = TRAINABLE + tuple(state or ())  # a version of an earlier release may hold more parts: copied, not shared
     frozen = {id(child): child for name, child in base.named_children()
-              if not any(f"{name}.".startswith(prefix) or prefix.startswith(f"{name}.") for prefix in TRAINABLE)}
+              if not any(f"{name}.".startswith(prefix) or prefix.startswith(f"{name}.") for prefix in learnt)}
     decoder = copy.deepcopy(base, memo=frozen)
     if state:
         own = dict(decoder.named_parameters())
@@ -324,11 +338,12 @@ def _loss(logits: torch.Tensor, scores: torch.Tensor, target: torch.Tensor, weig
     total = weight.sum().clamp(min=1.0)
     bce = (F.binary_cross_entropy_with_logits(logits, target.expand_as(logits), reduction="none") * weight
            ).flatten(1).sum(1) / total
-    prob = torch.sigmoid(logits) * weight
-    dice = 1 - (2 * (prob * target).flatten(1).sum(1) + 1) / (prob.flatten(1).sum(1) + (target * weight).sum() + 1)
+    valid = (weight > 0).float()
+    prob = torch.sigmoid(logits) * valid
+    dice = 1 - (2 * (prob * target).flatten(1).sum(1) + 1) / (prob.flatten(1).sum(1) + (target * valid).sum() + 1)
     with torch.no_grad():
-        hard = (logits > 0).float() * weight
-        true = (target > 0.5).float() * weight
+        hard = (logits > 0).float() * valid
+        true = (target > 0.5).float() * valid
         inter, union = (hard * true).flatten(1).sum(1), ((hard + true) > 0).float().flatten(1).sum(1)
         true_iou = torch.where(union > 0, inter / union.clamp(min=1.0), torch.ones_like(union))
     mask_loss = bce + dice
@@ -345,15 +360,16 @@ def fine_tune(engine: SamEngine, examples: Sequence[Example], config: AdaptConfi
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     prompts = training_prompts(engine, examples, config, pause=pause)
-    targets = [low_res_target(engine, ex) for ex in examples]
+    targets = [low_res_target(engine, ex, config.band) for ex in examples]
     decoder = adapted_decoder(engine, start)
     params = []
     for name, p in decoder.named_parameters():
         if name.startswith(TRAINABLE):
             p.requires_grad_(True)
             params.append(p)
+    released = [p.detach().clone() for n, p in engine.base_mask_decoder.named_parameters() if n.startswith(TRAINABLE)]
     decoder.train()
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
     prompt_encoder = engine.model.prompt_encoder
     dense_pe = prompt_encoder.get_dense_pe().detach()
     features = [ex.embedding.features["image_embed"] for ex in examples]
@@ -381,6 +397,8 @@ def fine_tune(engine: SamEngine, examples: Sequence[Example], config: AdaptConfi
                                       multimask_output=item.multimask)
             target, weight = targets[item.example]
             loss = _loss(low_res[0].float(), scores[0].float(), target.to(engine.device), weight.to(engine.device))
+            if config.anchor:
+                loss = loss + config.anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, released, strict=True))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -392,7 +410,7 @@ def fine_tune(engine: SamEngine, examples: Sequence[Example], config: AdaptConfi
 def adapt(engine: SamEngine, train: Sequence[Example], held_out: Sequence[Example],
           config: AdaptConfig = AdaptConfig(), start: dict[str, torch.Tensor] | None = None,
           pause: Callable[[], None] | None = None, progress: Callable[[int, int], None] | None = None) -> Outcome:
-    """Fine-tune on `train`, then judge on `held_out` (base engine against adapted, `Scores.better_than`); with no
+    """Fine-tune on `train`, then judge on `held_out` (base engine against adapted, `Scores.kept_over`); with no
     held-out object the version is accepted untested (`evaluate --adapt-on` measures it on the rest)."""
     t0 = time.perf_counter()
     state = fine_tune(engine, train, config, start, pause, progress)
@@ -402,7 +420,7 @@ def adapt(engine: SamEngine, train: Sequence[Example], held_out: Sequence[Exampl
         candidate = engine.with_mask_decoder(adapted_decoder(engine, state), "candidate")
         base = score(engine, held_out, config.judge_clicks, pause=pause)
         adapted = score(candidate, held_out, config.judge_clicks, pause=pause)
-        accepted = adapted.better_than(base)
+        accepted = adapted.kept_over(base)
     return Outcome(state, base, adapted, accepted, len(train), time.perf_counter() - t0, config.steps)
 
 
