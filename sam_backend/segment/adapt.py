@@ -48,6 +48,7 @@ T = TypeVar("T")
 # released, so no gradient flows through them (a step costs ~33 ms on two cores instead of ~84 with the tokens and
 # upscaling learning) and they gave fewer clicks, not more: see the README's "The model learns from the team".
 TRAINABLE = ("output_hypernetworks_mlps", "iou_prediction_head")
+EARLIER_PARTS = TRAINABLE + ("output_upscaling", "mask_tokens", "iou_token")  # what learnt before: for comparisons
 VERSION_FORMAT = 1
 
 
@@ -72,6 +73,7 @@ class AdaptConfig:
     rounds: int = 2  # the simulated runs are made again with the decoder being trained, this many times in all
     judge_clicks: int = 20  # the held-out protocol's click limit
     seed: int = 0
+    parts: tuple[str, ...] = TRAINABLE  # prefixes of the decoder's parameter names that learn
     anchor: float = 0.0  # weight of the L2 pull of the trained tensors toward the released ones (sum of squares)
     band: float = 0.0  # extra loss weight on the target's boundary band (low-res pixels within 2 of the edge)
 
@@ -303,16 +305,13 @@ def low_res_target(engine: SamEngine, example: Example, band: float = 0.0) -> tu
     return torch.from_numpy(target), torch.from_numpy(weight)
 
 
-def trainable_names(decoder: torch.nn.Module) -> list[str]:
-    return [n for n, _ in decoder.named_parameters() if n.startswith(TRAINABLE)]
-
-
-def adapted_decoder(engine: SamEngine, state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+def adapted_decoder(engine: SamEngine, state: dict[str, torch.Tensor] | None = None,
+                    parts: tuple[str, ...] = TRAINABLE) -> torch.nn.Module:
     """A copy of `engine`'s mask decoder with `state` (a version's tensors) loaded over it, in eval mode. The parts
-    that never learn (the two-way transformer: 3.3 M of MobileSAM's 4.1 M decoder parameters) are shared with the
-    released decoder, not copied: a project's version costs the memory of its `TRAINABLE` tensors only."""
+    that never learn (the two-way transformer, the tokens, the upscaling: 3.4 M of MobileSAM's 4.1 M decoder
+    parameters) are shared with the released decoder, not copied: a version costs the memory of its `parts` only."""
     base = engine.base_mask_decoder
-    learnt = TRAINABLE + tuple(state or ())  # a version of an earlier release may hold more parts: copied, not shared
+    learnt = tuple(parts) + tuple(state or ())  # a version of an earlier release may hold more: copied, not shared
     frozen = {id(child): child for name, child in base.named_children()
               if not any(f"{name}.".startswith(prefix) or prefix.startswith(f"{name}.") for prefix in learnt)}
     decoder = copy.deepcopy(base, memo=frozen)
@@ -353,7 +352,7 @@ def _loss(logits: torch.Tensor, scores: torch.Tensor, target: torch.Tensor, weig
 def fine_tune(engine: SamEngine, examples: Sequence[Example], config: AdaptConfig = AdaptConfig(),
               start: dict[str, torch.Tensor] | None = None, pause: Callable[[], None] | None = None,
               progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
-    """Train `TRAINABLE` tensors of a copy of the decoder on `examples`; returns their state (CPU tensors).
+    """Train `config.parts` (`TRAINABLE`) of a copy of the decoder on `examples`; returns their state (CPU tensors).
     `pause()` runs before each step (the backend waits there while clicks are served); `progress(step, steps)`."""
     if not examples:
         raise AdaptError("examples: expected at least one accepted mask, got none")
@@ -361,13 +360,14 @@ def fine_tune(engine: SamEngine, examples: Sequence[Example], config: AdaptConfi
     rng = np.random.default_rng(config.seed)
     prompts = training_prompts(engine, examples, config, pause=pause)
     targets = [low_res_target(engine, ex, config.band) for ex in examples]
-    decoder = adapted_decoder(engine, start)
+    parts = tuple(config.parts)
+    decoder = adapted_decoder(engine, start, parts)
     params = []
     for name, p in decoder.named_parameters():
-        if name.startswith(TRAINABLE):
+        if name.startswith(parts):
             p.requires_grad_(True)
             params.append(p)
-    released = [p.detach().clone() for n, p in engine.base_mask_decoder.named_parameters() if n.startswith(TRAINABLE)]
+    released = [p.detach().clone() for n, p in engine.base_mask_decoder.named_parameters() if n.startswith(parts)]
     decoder.train()
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
     prompt_encoder = engine.model.prompt_encoder
@@ -404,7 +404,7 @@ def fine_tune(engine: SamEngine, examples: Sequence[Example], config: AdaptConfi
             optimizer.step()
             if progress is not None:
                 progress(step + 1, config.steps)
-    return {n: p.detach().cpu().clone() for n, p in decoder.named_parameters() if n.startswith(TRAINABLE)}
+    return {n: p.detach().cpu().clone() for n, p in decoder.named_parameters() if n.startswith(parts)}
 
 
 def adapt(engine: SamEngine, train: Sequence[Example], held_out: Sequence[Example],
