@@ -297,11 +297,14 @@ def test_accepted_masks_make_a_version_that_clicks_use_and_that_survives_a_resta
     assert again.get("/health").json["adapt"]["projects"]["7"]["version"] == 1
 
 
-def test_a_version_that_does_no_better_is_not_taken(mobile_sam_checkpoint, photos, tmp_path, ls):
+def test_a_refused_version_is_not_taken(mobile_sam_checkpoint, photos, tmp_path, ls, monkeypatch):
     """Four accepted masks that are a small disc around the object's deepest point (a team labelling a part) and a
-    fifth that is the whole object: the version learnt from the four does no better on the fifth, so it is refused:
-    no version stored, clicks keep the base model."""
+    fifth that is the whole object, judged by a judge no version can satisfy (a margin of -100 clicks, so that the
+    refusal does not hang on how close the disc version comes; the rule itself is tested above): the version is
+    refused, no version stored, clicks keep the base model, the refusal is counted."""
     from sam_backend.serving.app import create_app
+
+    monkeypatch.setattr(A, "JUDGE_MARGIN_CLICKS", -100.0)
 
     root, mask = photos
     client = create_app(_settings(mobile_sam_checkpoint, root, ls, tmp_path / "sidecar.db")).test_client()

@@ -17,7 +17,7 @@ interactions; an object that never reaches the IoU counts `max_clicks` and a fai
 `adapt_on=K` (`--adapt-on K`) measures learning from accepted masks (`segment.adapt`, as `SAM_ADAPT` runs it in the
 backend): objects are grouped by category (COCO `categories`, a Label Studio export's label, COCO-MVal's file names);
 in each group the first K are taken as the team's accepted masks and learnt from by the backend's own rule (every
-fifth held out, the version kept only where it does better there), then the rest are measured twice: with the base
+fifth held out, the version kept unless it does worse there), then the rest are measured twice: with the base
 model and with the group's adapted one (`<configuration>/adapted`). The K objects are measured by neither.
 Several K (`--adapt-on 3,5,10`) learn and measure each K in the same run (`<configuration>/adapted@K`, and
 `adaptation_curve.csv`): the base model runs once on the rest of the smallest K, and each K is compared with it on
@@ -271,7 +271,7 @@ class Adaptation:
 def adapt_group(settings: Settings, config: Configuration, shared: dict[str, Any], category: str,
                 accepted: list[EvalObject], adapt_config: Any) -> Adaptation:
     """Learn from `accepted` as the backend does (`segment.adapt.split_held_out`, `adapt`): embeddings through the
-    shared cache, the version kept only where it does better on its held-out objects. The record's `seconds` and
+    shared cache, the version kept unless it does worse on its held-out objects. The record's `seconds` and
     `rss_growth_mb` are the training's and judging's alone (the embeddings exist before, as in the backend)."""
     from sam_backend.commands.rss import PeakRss
     from sam_backend.segment.adapt import Example, adapt, adapted_decoder, split_held_out, training_steps

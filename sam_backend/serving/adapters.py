@@ -4,7 +4,7 @@ path. This module puts the rooms together and is what the backend and the app ta
 - **Intake** (`serving.adapt_intake`): a webhook names annotations; Label Studio, asked with the backend's own key,
   says what they hold; the sidecar database keeps it. Nothing a client posts is learnt unless Label Studio confirms it.
 - **Trainer** (`serving.adapt_trainer`): one background thread, nice 19, one trainer per project across replicas;
-  a version replaces the current one only where it does better on held-out masks.
+  a version replaces the current one unless it does worse on held-out masks (`Scores.kept_over`).
 - **Versions** (`serving.adapt_versions`): the newest version in the database is what every replica's clicks run.
 - **Truth** (`sidecar.learning`): accepted masks, versions and trainings in the sidecar database (SQLite on one host,
   PostgreSQL for replicas); `SAM_ADAPTER_DIR` holds only the SQLite trainers' lock files.
