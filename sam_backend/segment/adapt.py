@@ -74,8 +74,6 @@ class AdaptConfig:
     judge_clicks: int = 20  # the held-out protocol's click limit
     seed: int = 0
     parts: tuple[str, ...] = TRAINABLE  # prefixes of the decoder's parameter names that learn
-    anchor: float = 0.0  # weight of the L2 pull of the trained tensors toward the released ones (sum of squares)
-    band: float = 0.0  # extra loss weight on the target's boundary band (low-res pixels within 2 of the edge)
 
 
 @dataclass
@@ -282,7 +280,7 @@ def training_prompts(engine: SamEngine, examples: Sequence[Example], config: Ada
 
 # -- training ---------------------------------------------------------------------------------------------------
 
-def low_res_target(engine: SamEngine, example: Example, band: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def low_res_target(engine: SamEngine, example: Example) -> tuple[torch.Tensor, torch.Tensor]:
     """`(target, weight)`, each `(256, 256) float32`: the true mask resized and padded as the image was, area-averaged
     to the decoder's low-res frame; weight 0 on padding and on ignored pixels."""
     low = 4 * engine.model.prompt_encoder.image_embedding_size[0]
@@ -297,11 +295,6 @@ def low_res_target(engine: SamEngine, example: Example, band: float = 0.0) -> tu
                                                 interpolation=cv2.INTER_AREA)
     target = cv2.resize(frame, (low, low), interpolation=cv2.INTER_AREA)
     weight = (cv2.resize(valid, (low, low), interpolation=cv2.INTER_AREA) > 0.5).astype(np.float32)
-    if band:
-        hard = (target > 0.5).astype(np.uint8)
-        kernel = np.ones((5, 5), np.uint8)
-        edge = (cv2.dilate(hard, kernel) - cv2.erode(hard, kernel)) > 0
-        weight = weight * (1.0 + band * edge.astype(np.float32))
     return torch.from_numpy(target), torch.from_numpy(weight)
 
 
@@ -359,7 +352,7 @@ def fine_tune(engine: SamEngine, examples: Sequence[Example], config: AdaptConfi
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     prompts = training_prompts(engine, examples, config, pause=pause)
-    targets = [low_res_target(engine, ex, config.band) for ex in examples]
+    targets = [low_res_target(engine, ex) for ex in examples]
     parts = tuple(config.parts)
     decoder = adapted_decoder(engine, start, parts)
     params = []
@@ -367,7 +360,6 @@ def fine_tune(engine: SamEngine, examples: Sequence[Example], config: AdaptConfi
         if name.startswith(parts):
             p.requires_grad_(True)
             params.append(p)
-    released = [p.detach().clone() for n, p in engine.base_mask_decoder.named_parameters() if n.startswith(parts)]
     decoder.train()
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
     prompt_encoder = engine.model.prompt_encoder
@@ -397,8 +389,6 @@ def fine_tune(engine: SamEngine, examples: Sequence[Example], config: AdaptConfi
                                       multimask_output=item.multimask)
             target, weight = targets[item.example]
             loss = _loss(low_res[0].float(), scores[0].float(), target.to(engine.device), weight.to(engine.device))
-            if config.anchor:
-                loss = loss + config.anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, released, strict=True))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
