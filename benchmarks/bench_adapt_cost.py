@@ -21,13 +21,11 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from sam_backend.commands.bench import cpu_info
-from sam_backend.commands.evalsets import load_objects
+from sam_backend.commands.evalsets import image_root, load_objects
 from sam_backend.commands.rss import PeakRss
 from sam_backend.config import Settings
+from sam_backend.labelstudio.images import decode_image
 from sam_backend.segment.adapt import EARLIER_PARTS, AdaptConfig, Example, adapt, split_held_out, training_steps
 from sam_backend.segment.engines.factory import make_engine
 
@@ -52,13 +50,13 @@ def main() -> None:
     groups: dict[str, list] = {}
     for obj in load_objects(args.data):
         groups.setdefault(obj.category, []).append(obj)
-    root = args.data / "img" if (args.data / "img").is_dir() else args.data
+    root = image_root(args.data)
     seconds: dict[str, list[float]] = {name: [] for name in SETTINGS}
     growth: dict[str, list[float]] = {name: [] for name in SETTINGS}
     for category in args.category:
         objects = groups[category][: args.masks]
-        examples = [Example(engine.embed(np.asarray(Image.open(root / o.image).convert("RGB"))), o.mask, o.ignore,
-                            o.name) for o in objects]
+        examples = [Example(engine.embed(decode_image((root / o.image).read_bytes(), settings.max_image_pixels)),
+                            o.mask, o.ignore, o.name) for o in objects]
         train, held = split_held_out(examples)
         for _ in range(args.repeat):
             for name, config in SETTINGS.items():

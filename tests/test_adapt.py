@@ -448,6 +448,24 @@ def test_replicas_share_accepted_masks_and_versions_through_the_database(mobile_
 
 # -- evaluate --adapt-on ----------------------------------------------------------------------------------------------
 
+def _categories_coco(tmp_path: Path, per_category: int) -> tuple[Path, Path]:
+    """A COCO file of two categories (`a`, `b`) of `per_category` GrabCut objects each, and its images' folder."""
+    from sam_backend.commands.evalsets import load_objects
+    from sam_backend.segment.masks import mask_to_coco
+
+    folder = evalset("GrabCut")
+    objects = load_objects(folder, limit=2 * per_category)
+    coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+    for i, obj in enumerate(objects):
+        h, w = obj.mask.shape
+        coco["images"].append({"id": i + 1, "file_name": obj.image, "width": w, "height": h})
+        coco["annotations"].append({"id": i + 1, "image_id": i + 1, "category_id": 1 + i // per_category,
+                                    "segmentation": mask_to_coco(obj.mask)["segmentation"]})
+    data = tmp_path / "coco.json"
+    data.write_text(json.dumps(coco))
+    return data, folder / "data_GT"
+
+
 def test_evaluate_adapt_on_measures_the_rest_base_and_adapted(mobile_sam_checkpoint, tmp_path):
     """`evaluate --adapt-on 2` on a COCO file of two categories (GrabCut photos, three objects each): each category
     learns from its first two, the third is measured twice; summary.json has both configurations, the adapted one
@@ -455,24 +473,12 @@ def test_evaluate_adapt_on_measures_the_rest_base_and_adapted(mobile_sam_checkpo
     from click.testing import CliRunner
 
     from sam_backend.commands.cli import main
-    from sam_backend.segment.masks import mask_to_coco
 
-    folder = evalset("GrabCut")
-    from sam_backend.commands.evalsets import load_objects
-
-    objects = load_objects(folder, limit=6)
-    coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
-    for i, obj in enumerate(objects):
-        h, w = obj.mask.shape
-        coco["images"].append({"id": i + 1, "file_name": obj.image, "width": w, "height": h})
-        coco["annotations"].append({"id": i + 1, "image_id": i + 1, "category_id": 1 + i // 3,
-                                    "segmentation": mask_to_coco(obj.mask)["segmentation"]})
-    data = tmp_path / "coco.json"
-    data.write_text(json.dumps(coco))
+    data, images = _categories_coco(tmp_path, 3)
     out = tmp_path / "out"
     env = {"SAM_CHECKPOINT": str(mobile_sam_checkpoint), "SAM_PRECISION": "fp32", "SAM_ENCODER": "eager",
            "SAM_ADAPT_STEPS": "10"}
-    result = CliRunner(env=env).invoke(main, ["evaluate", str(data), "--images", str(folder / "data_GT"),
+    result = CliRunner(env=env).invoke(main, ["evaluate", str(data), "--images", str(images),
                                               "--adapt-on", "2", "--max-clicks", "5", "-o", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
@@ -489,7 +495,7 @@ def test_evaluate_adapt_on_measures_the_rest_base_and_adapted(mobile_sam_checkpo
     assert learning["kept"] == 2 and sum(learning["clicks"].values()) >= 2
     rows = (out / "per_object.csv").read_text().splitlines()
     assert len(rows) == 1 + 4
-    result = CliRunner(env=env).invoke(main, ["evaluate", str(data), "--images", str(folder / "data_GT"),
+    result = CliRunner(env=env).invoke(main, ["evaluate", str(data), "--images", str(images),
                                               "--adapt-on", "3", "-o", str(out), "--quiet"])
     assert result.exit_code != 0 and "no category has more than 3 objects" in result.output
 
@@ -504,23 +510,12 @@ def test_evaluate_adapt_on_several_k_in_one_run(mobile_sam_checkpoint, tmp_path)
     from click.testing import CliRunner
 
     from sam_backend.commands.cli import main
-    from sam_backend.commands.evalsets import load_objects
-    from sam_backend.segment.masks import mask_to_coco
 
-    folder = evalset("GrabCut")
-    objects = load_objects(folder, limit=8)
-    coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
-    for i, obj in enumerate(objects):
-        h, w = obj.mask.shape
-        coco["images"].append({"id": i + 1, "file_name": obj.image, "width": w, "height": h})
-        coco["annotations"].append({"id": i + 1, "image_id": i + 1, "category_id": 1 + i // 4,
-                                    "segmentation": mask_to_coco(obj.mask)["segmentation"]})
-    data = tmp_path / "coco.json"
-    data.write_text(json.dumps(coco))
+    data, images = _categories_coco(tmp_path, 4)
     out = tmp_path / "out"
     env = {"SAM_CHECKPOINT": str(mobile_sam_checkpoint), "SAM_PRECISION": "fp32", "SAM_ENCODER": "eager",
            "SAM_ADAPT_STEPS": "4"}
-    result = CliRunner(env=env).invoke(main, ["evaluate", str(data), "--images", str(folder / "data_GT"),
+    result = CliRunner(env=env).invoke(main, ["evaluate", str(data), "--images", str(images),
                                               "--adapt-on", "3,2", "--max-clicks", "3", "-o", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())

@@ -289,13 +289,11 @@ def adapt_group(settings: Settings, config: Configuration, shared: dict[str, Any
     record = {"accepted": outcome.accepted, "trained_on": len(train), "held_out": len(held),
               "held_out_base": outcome.base.to_json() if outcome.base else None,
               "held_out_adapted": outcome.adapted.to_json() if outcome.adapted else None,
-              "seconds": round(outcome.seconds, 2), "steps": outcome.steps, "rss_growth_mb": round(peak.growth_mb),
-              **outcome.extra}
+              "seconds": round(outcome.seconds, 2), "steps": outcome.steps, "rss_growth_mb": round(peak.growth_mb)}
     log.info("%s: learnt from %d objects in %.1f s, %s", category, len(train), outcome.seconds,
-             "kept" if outcome.accepted else "refused (no better on its held-out objects)")
+             "kept" if outcome.accepted else "refused (worse on its held-out objects)")
     adapted = engine.with_mask_decoder(adapted_decoder(engine, outcome.state), category) if outcome.accepted else engine
     return Adaptation(category, adapted, record)
-
 
 
 def adapt_ks(adapt_on: int | Sequence[int] | None) -> list[int]:
@@ -350,7 +348,7 @@ def evaluate(objects: list[EvalObject], configs: list[Configuration], settings: 
             for k, groups in plans.items():
                 name = f"{config.name}/adapted" + ("" if len(ks) == 1 else f"@{k}")
                 results[name] = _run_adapted(config, k, groups, settings, shared, adaptations, adapt_config,
-                                             max_clicks, bar, dict((id(o), r) for o, r in pairs))
+                                             max_clicks, bar, {id(o): r for o, r in pairs})
     finally:
         bar.close()
     write_outputs(out, results, max_clicks)
@@ -424,9 +422,9 @@ def _run_adapted(config: Configuration, k: int, groups: list, settings: Settings
     return summary, pairs
 
 
-CURVE_FIELDS = ["configuration", "k", "groups", "kept", "objects", "base_noc85", "adapted_noc85", "base_noc90",
-                "adapted_noc90", "noc90_ratio", "base_failures90", "adapted_failures90", "base_miou1",
-                "adapted_miou1", "base_miou3", "adapted_miou3", "base_miou5", "adapted_miou5",
+CURVE_FIGURES = ("noc85", "noc90", "failures90", "miou1", "miou3", "miou5")  # of `_brief`, base and adapted each
+CURVE_FIELDS = ["configuration", "k", "groups", "kept", "objects", "noc90_ratio",
+                *[f"{side}_{figure}" for figure in CURVE_FIGURES for side in ("base", "adapted")],
                 "seconds_per_accepted_mask", "peak_rss_growth_mb"]
 
 
@@ -439,11 +437,8 @@ def write_curve(path: Path, results: dict[str, tuple[dict, Pairs]]) -> None:
             a = summary.get("adaptation")
             if not a:
                 continue
-            row = {"configuration": name, "k": a["k"], "groups": a["groups"], "kept": a["kept"],
-                   "objects": summary["objects"], "noc90_ratio": a["noc90_ratio"],
-                   "seconds_per_accepted_mask": a["seconds_per_accepted_mask"],
-                   "peak_rss_growth_mb": a["peak_rss_growth_mb"]}
-            for side in ("base", "adapted"):
-                for field_ in ("noc85", "noc90", "failures90", "miou1", "miou3", "miou5"):
-                    row[f"{side}_{field_}"] = a[side][field_]
-            writer.writerow(row)
+            writer.writerow({"configuration": name, "objects": summary["objects"],
+                             **{f: a[f] for f in ("k", "groups", "kept", "noc90_ratio", "seconds_per_accepted_mask",
+                                                  "peak_rss_growth_mb")},
+                             **{f"{side}_{figure}": a[side][figure] for figure in CURVE_FIGURES
+                                for side in ("base", "adapted")}})

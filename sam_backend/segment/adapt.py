@@ -25,7 +25,7 @@ import io
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import cv2
@@ -146,7 +146,6 @@ class Outcome:
     trained_on: int
     seconds: float
     steps: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 HOLD_OUT_EVERY = 5  # every fifth accepted object (by arrival) is held out to judge a version
@@ -330,12 +329,11 @@ def _loss(logits: torch.Tensor, scores: torch.Tensor, target: torch.Tensor, weig
     total = weight.sum().clamp(min=1.0)
     bce = (F.binary_cross_entropy_with_logits(logits, target.expand_as(logits), reduction="none") * weight
            ).flatten(1).sum(1) / total
-    valid = (weight > 0).float()
-    prob = torch.sigmoid(logits) * valid
-    dice = 1 - (2 * (prob * target).flatten(1).sum(1) + 1) / (prob.flatten(1).sum(1) + (target * valid).sum() + 1)
+    prob = torch.sigmoid(logits) * weight
+    dice = 1 - (2 * (prob * target).flatten(1).sum(1) + 1) / (prob.flatten(1).sum(1) + (target * weight).sum() + 1)
     with torch.no_grad():
-        hard = (logits > 0).float() * valid
-        true = (target > 0.5).float() * valid
+        hard = (logits > 0).float() * weight
+        true = (target > 0.5).float() * weight
         inter, union = (hard * true).flatten(1).sum(1), ((hard + true) > 0).float().flatten(1).sum(1)
         true_iou = torch.where(union > 0, inter / union.clamp(min=1.0), torch.ones_like(union))
     mask_loss = bce + dice
