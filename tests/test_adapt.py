@@ -117,21 +117,21 @@ def test_fine_tuning_changes_only_the_decoder_heads_and_learns_the_object(mobile
     assert changed and all(k.startswith(A.TRAINABLE) for k in changed)
 
 
-
 def test_a_version_of_an_earlier_release_with_more_learnt_parts_never_touches_the_released_decoder(
         mobile_sam_engine):
     """Versions stored by an earlier release also hold the tokens and the upscaling (they learnt then); loading one
     copies those parts for the version instead of sharing them with the released decoder, whose weights stay equal."""
     released = mobile_sam_engine.base_mask_decoder
     before = {k: v.clone() for k, v in released.state_dict().items()}
-    old_parts = ("output_upscaling", "mask_tokens", "iou_token")
-    state = {n: p.detach() + 0.01 for n, p in released.named_parameters() if n.startswith(old_parts + A.TRAINABLE)}
+    old_parts = tuple(p for p in A.EARLIER_PARTS if p not in A.TRAINABLE)
+    state = {n: p.detach() + 0.01 for n, p in released.named_parameters() if n.startswith(A.EARLIER_PARTS)}
     assert any(n.startswith(old_parts) for n in state) and not any(n.startswith(old_parts) for n in
                                                                      A.TRAINABLE)
     decoder = A.adapted_decoder(mobile_sam_engine, state)
     assert all(torch.equal(before[k], v) for k, v in released.state_dict().items())
     assert torch.equal(decoder.output_upscaling[0].weight, state["output_upscaling.0.weight"])
     assert decoder.transformer is released.transformer  # what no version changes is still shared
+
 
 def test_an_adapted_mask_that_misses_the_clicks_falls_back_to_the_released_decoder(mobile_sam_engine):
     """A learnt decoder that stops following the clicks (here: its hypernetworks zeroed, so it answers an empty mask)

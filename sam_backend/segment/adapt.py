@@ -341,10 +341,11 @@ def _loss(logits: torch.Tensor, scores: torch.Tensor, target: torch.Tensor, weig
 
 
 def fine_tune(engine: SamEngine, examples: Sequence[Example], config: AdaptConfig = AdaptConfig(),
-              start: dict[str, torch.Tensor] | None = None, pause: Callable[[], None] | None = None,
-              progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
-    """Train `config.parts` (`TRAINABLE`) of a copy of the decoder on `examples`; returns their state (CPU tensors).
-    `pause()` runs before each step (the backend waits there while clicks are served); `progress(step, steps)`."""
+              pause: Callable[[], None] | None = None, progress: Callable[[int, int], None] | None = None
+              ) -> dict[str, torch.Tensor]:
+    """Train `config.parts` (`TRAINABLE`) of a copy of the released decoder on `examples`; returns their state (CPU
+    tensors). `pause()` runs before each step (the backend waits there while clicks are served);
+    `progress(step, steps)`."""
     if not examples:
         raise AdaptError("examples: expected at least one accepted mask, got none")
     torch.manual_seed(config.seed)
@@ -352,7 +353,7 @@ def fine_tune(engine: SamEngine, examples: Sequence[Example], config: AdaptConfi
     prompts = training_prompts(engine, examples, config, pause=pause)
     targets = [low_res_target(engine, ex) for ex in examples]
     parts = tuple(config.parts)
-    decoder = adapted_decoder(engine, start, parts)
+    decoder = adapted_decoder(engine, None, parts)
     params = []
     for name, p in decoder.named_parameters():
         if name.startswith(parts):
@@ -396,12 +397,12 @@ def fine_tune(engine: SamEngine, examples: Sequence[Example], config: AdaptConfi
 
 
 def adapt(engine: SamEngine, train: Sequence[Example], held_out: Sequence[Example],
-          config: AdaptConfig = AdaptConfig(), start: dict[str, torch.Tensor] | None = None,
-          pause: Callable[[], None] | None = None, progress: Callable[[int, int], None] | None = None) -> Outcome:
+          config: AdaptConfig = AdaptConfig(), pause: Callable[[], None] | None = None,
+          progress: Callable[[int, int], None] | None = None) -> Outcome:
     """Fine-tune on `train`, then judge on `held_out` (base engine against adapted, `Scores.kept_over`); with no
     held-out object the version is accepted untested (`evaluate --adapt-on` measures it on the rest)."""
     t0 = time.perf_counter()
-    state = fine_tune(engine, train, config, start, pause, progress)
+    state = fine_tune(engine, train, config, pause, progress)
     base = adapted = None
     accepted = True
     if held_out:

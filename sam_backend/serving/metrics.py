@@ -79,7 +79,7 @@ class Metrics:
         self.adapt_skipped = Counter("sam_adapt_skipped", "Accepted-mask input not learnt from, by reason",
                                      ["reason"], registry=self.registry)
         self.adapt_trainings = Counter("sam_adapt_trainings", "Trainings by result (accepted: a new version serves; "
-                                       "refused: no better on held-out masks; failed)", ["result"],
+                                       "refused: worse on held-out masks; failed)", ["result"],
                                        registry=self.registry)
         self.adapt_paused = Counter("sam_adapt_paused", "Training steps that waited for clicks or prewarm",
                                     registry=self.registry)
