@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from sam_backend.commands.bench import cpu_info
-from sam_backend.commands.evalsets import image_root, load_objects
+from sam_backend.commands.evalsets import by_category, image_root, load_objects
 from sam_backend.commands.rss import PeakRss
 from sam_backend.config import Settings
 from sam_backend.labelstudio.images import decode_image
@@ -47,9 +47,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     settings = Settings.from_env()
     engine = make_engine(settings, settle_encoder=True)
-    groups: dict[str, list] = {}
-    for obj in load_objects(args.data):
-        groups.setdefault(obj.category, []).append(obj)
+    groups = by_category(load_objects(args.data))
     root = image_root(args.data)
     seconds: dict[str, list[float]] = {name: [] for name in SETTINGS}
     growth: dict[str, list[float]] = {name: [] for name in SETTINGS}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,14 @@ LAYOUTS = (
 def image_root(path: Path, images: Path | None = None) -> Path | None:
     """The folder the image paths of `load_objects(path, images)` are relative to (None where they are URLs)."""
     return path / detect_layout(path).images if path.is_dir() else images
+
+
+def by_category(objects: Iterable[EvalObject]) -> dict[str, list[EvalObject]]:
+    """`objects` per category, categories in order of first appearance, objects in their order."""
+    groups: dict[str, list[EvalObject]] = {}
+    for obj in objects:
+        groups.setdefault(obj.category, []).append(obj)
+    return groups
 
 
 def load_objects(path: Path, images: Path | None = None, limit: int | None = None) -> list[EvalObject]:

@@ -44,7 +44,7 @@ import numpy as np
 import requests
 from tqdm import tqdm
 
-from sam_backend.commands.evalsets import EvalObject, EvaluateError
+from sam_backend.commands.evalsets import EvalObject, EvaluateError, by_category
 from sam_backend.config import Settings
 from sam_backend.errors import ClientError
 from sam_backend.labelstudio.brush import decode_brush
@@ -253,10 +253,7 @@ def write_outputs(out: Path, results: dict[str, tuple[dict, Pairs]], max_clicks:
 def category_groups(objects: list[EvalObject], k: int) -> list[tuple[str, list[EvalObject], list[EvalObject]]]:
     """`(category, its first k objects, the rest)` per category, in order of first appearance; a category with no
     more than k objects has nothing to measure and is left out."""
-    groups: dict[str, list[EvalObject]] = {}
-    for obj in objects:
-        groups.setdefault(obj.category, []).append(obj)
-    return [(name, objs[:k], objs[k:]) for name, objs in groups.items() if len(objs) > k]
+    return [(name, objs[:k], objs[k:]) for name, objs in by_category(objects).items() if len(objs) > k]
 
 
 @dataclass
@@ -437,8 +434,6 @@ def write_curve(path: Path, results: dict[str, tuple[dict, Pairs]]) -> None:
             a = summary.get("adaptation")
             if not a:
                 continue
-            writer.writerow({"configuration": name, "objects": summary["objects"],
-                             **{f: a[f] for f in ("k", "groups", "kept", "noc90_ratio", "seconds_per_accepted_mask",
-                                                  "peak_rss_growth_mb")},
-                             **{f"{side}_{figure}": a[side][figure] for figure in CURVE_FIGURES
-                                for side in ("base", "adapted")}})
+            row = {"configuration": name, "objects": summary["objects"],
+                   **{f"{side}_{figure}": a[side][figure] for figure in CURVE_FIGURES for side in ("base", "adapted")}}
+            writer.writerow({f: row[f] if f in row else a[f] for f in CURVE_FIELDS})  # the rest: `adaptation`'s own
