@@ -47,7 +47,7 @@ def _grow_half_pixel(poly: np.ndarray) -> np.ndarray:
     denom = 1.0 + np.sum(prev * normals, axis=1, keepdims=True)
     offset = np.where(denom > 1e-6, 0.5 * bisector / np.maximum(denom, 1e-6), 0.5 * normals)
     norm = np.linalg.norm(offset, axis=1, keepdims=True)
-    offset = np.where(norm > 1.0, offset / norm, offset)
+    offset = offset / np.maximum(norm, 1.0)  # at most one pixel out (x / 1.0 is x: shorter offsets unchanged)
     return p + offset
 
 
