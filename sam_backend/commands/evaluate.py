@@ -428,12 +428,11 @@ CURVE_FIELDS = ["configuration", "k", "groups", "kept", "objects", "noc90_ratio"
 def write_curve(path: Path, results: dict[str, tuple[dict, Pairs]]) -> None:
     """One row per adapted configuration and K: base against adapted on the same objects, and what learning cost."""
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, CURVE_FIELDS)
+        writer = csv.DictWriter(f, CURVE_FIELDS, extrasaction="ignore")  # a row offers every figure; these are kept
         writer.writeheader()
         for name, (summary, _) in results.items():
             a = summary.get("adaptation")
             if not a:
                 continue
-            row = {"configuration": name, "objects": summary["objects"],
-                   **{f"{side}_{figure}": a[side][figure] for figure in CURVE_FIGURES for side in ("base", "adapted")}}
-            writer.writerow({f: row[f] if f in row else a[f] for f in CURVE_FIELDS})  # the rest: `adaptation`'s own
+            sides = {f"{side}_{figure}": value for side in ("base", "adapted") for figure, value in a[side].items()}
+            writer.writerow({**a, **sides, "configuration": name, "objects": summary["objects"]})
